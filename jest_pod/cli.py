@@ -1,0 +1,44 @@
+"""The `jest-pod` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module with a `main(argv: list[str]) -> int`;
+they are imported lazily so that `jest-pod data ...` does not pay for JAX start-up
+it does not need.
+"""
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("jest_pod.train.main", "train a model from a config (uniform or JEST)"),
+    "data": ("jest_pod.data.cli", "ingest, build real offline data sets, tokenizer, reference cache"),
+    "eval": ("jest_pod.evaluators.cli", "evaluate a checkpoint: zero-shot and retrieval"),
+    "plot": ("jest_pod.plot", "draw learning curves of several runs"),
+    "bench": ("jest_pod.bench", "benchmarks: selection, step split, data pipeline"),
+    "demo": ("jest_pod.demo", "the end-to-end CPU demo: uniform vs JEST on real data"),
+    "sweep": ("jest_pod.sweep", "the small-scale reproduction of the paper's claims"),
+}
+
+
+def _usage() -> str:
+  lines = ["usage: jest-pod <command> [args...]", "", "commands:"]
+  lines += [f"  {name:<7} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+  lines += ["", "`jest-pod <command> --help` for a command's options."]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in SUBCOMMANDS:
+    print(f"jest-pod: unknown command {name!r}; choose one of: "
+          f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
+    return 2
+  module = importlib.import_module(SUBCOMMANDS[name][0])
+  return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: records on disk (ArrayRecord of tf.train.Example) -> Grain pipelines -> batches."""
