@@ -1,0 +1,68 @@
+"""Contrastive losses of a two-tower model, whole-batch and per pair.
+
+Sigmoid (SigLIP): ℓ(i, j) = −log σ(m_ij · (t · x_i·y_j + b)), m_ij = +1 iff i = j.
+The batch loss is Σ_ij ℓ(i, j) / n (SigLIP's normalisation by the batch size).
+Softmax (CLIP): mean of the image→text and text→image cross-entropies of t · X Yᵀ.
+
+Pair losses are also exposed blockwise (`sigmoid_pair_losses(..., row_offset, col_offset)`)
+so that selection can compute the same math on a [rows, c] block of a super-batch
+without building the N×N matrix (shared/DESIGN.md §2).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def sigmoid_pair_losses(zimg, ztxt, t, b, *, row_offset=0, col_offset=0):
+  """Per-pair sigmoid losses of a block.
+
+  Args:
+    zimg: [n, d] L2-normalised image embeddings (rows of the block).
+    ztxt: [m, d] L2-normalised text embeddings (columns of the block).
+    t, b: scalars, temperature (the scale, not its log) and bias.
+    row_offset, col_offset: global indices of the block's first row and column; a pair
+      is positive where row_offset + i == col_offset + j. May be traced.
+  Returns:
+    [n, m] float32 losses ℓ(i, j).
+  """
+  logits = t * (zimg @ ztxt.T) + b
+  rows = row_offset + jnp.arange(zimg.shape[0])[:, None]
+  cols = col_offset + jnp.arange(ztxt.shape[0])[None, :]
+  m = jnp.where(rows == cols, 1.0, -1.0)
+  return -jax.nn.log_sigmoid(m * logits).astype(jnp.float32)
+
+
+def sigmoid_loss(zimg, ztxt, t, b):
+  """SigLIP batch loss: Σ_ij ℓ(i, j) / n. zimg, ztxt: [n, d]. Returns a scalar."""
+  return jnp.sum(sigmoid_pair_losses(zimg, ztxt, t, b)) / zimg.shape[0]
+
+
+def softmax_logits(zimg, ztxt, t):
+  """[n, m] CLIP logits t · X Yᵀ."""
+  return t * (zimg @ ztxt.T)
+
+
+def softmax_per_example_losses(zimg, ztxt, t):
+  """[n] per-example CLIP losses: (CE image→text + CE text→image) / 2, positives on the diagonal.
+
+  The softmax loss does not decompose into pairs; this is its per-example form, the
+  analogue of the diagonal for independent selection.
+  """
+  logits = softmax_logits(zimg, ztxt, t)
+  i2t = jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
+  t2i = jax.nn.logsumexp(logits, axis=0) - jnp.diagonal(logits)
+  return (0.5 * (i2t + t2i)).astype(jnp.float32)
+
+
+def softmax_loss(zimg, ztxt, t):
+  """CLIP batch loss: mean over examples of the symmetric cross-entropy."""
+  return jnp.mean(softmax_per_example_losses(zimg, ztxt, t))
+
+
+def contrastive_loss(kind, zimg, ztxt, t, b):
+  """The batch loss named by config.loss: 'sigmoid' | 'softmax'."""
+  if kind == "sigmoid":
+    return sigmoid_loss(zimg, ztxt, t, b)
+  if kind == "softmax":
+    return softmax_loss(zimg, ztxt, t)
+  raise ValueError(f"config.loss={kind!r}: choose 'sigmoid' or 'softmax'")
