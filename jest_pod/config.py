@@ -1,0 +1,146 @@
+"""Config defaults and validation shared by every file in configs/.
+
+Config files stay thin (big_vision style `get_config(arg)`); the defaults and the
+checks that turn a typo into a clear message live here, once.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("uniform", "independent", "joint")
+SCORES = ("learnability", "hard_learner", "easy_reference")
+LOSSES = ("sigmoid", "softmax")
+SHARDING_RULES = ("replicate", "fsdp")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'runlocal,filter_ratio=0.9' → ConfigDict(runlocal=True, filter_ratio=0.9).
+
+  Each key must appear in `defaults` (whose type converts the value); a bare word sets
+  a bool flag.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is unknown; valid: {', '.join(defaults)}")
+    typ = type(defaults[key])
+    if not eq:
+      out[key] = True
+    elif typ is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = typ(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full set of fields with small, CPU-friendly defaults; configs override."""
+  from jest_pod.data import pipeline  # the input fields are the pipeline's contract
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256                  # B: examples trained on per step (global)
+  c.loss = "sigmoid"                  # sigmoid (SigLIP) | softmax (CLIP)
+
+  c.input = pipeline.default_input_config()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image_size = 32
+  c.model.embed_dim = 64
+  c.model.dtype = "float32"
+  c.model.image = dict(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=128)
+  c.model.text = dict(vocab_size=1000, max_len=16, width=64, depth=2, num_heads=2, mlp_dim=128)
+
+  c.optax = ml_collections.ConfigDict(dict(
+      lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=50, grad_clip=1.0,
+      end_lr_fraction=0.0))
+
+  # JEST (shared/DESIGN.md §1). method=uniform trains on the first B of each batch.
+  c.selection = ml_collections.ConfigDict(dict(
+      method="uniform", score="learnability", filter_ratio=0.8, n_chunks=16,
+      independent_method="topk",
+      reference="",                   # workdir or checkpoint dir of the frozen reference
+      reference_cache="",             # optional precomputed reference embeddings (by example id)
+  ))
+  # Flexi-JEST: score at a large patch, train split across patch sizes.
+  c.flexi = ml_collections.ConfigDict(dict(
+      score_patch_size=0,             # 0 = the model's base patch size
+      train_patch_sizes=(4,), train_fractions=(1.0,)))
+
+  # Device mesh: (name, size) with one size -1 = all remaining devices.
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ((".*", "replicate"),)
+
+  c.log_every = 10
+  c.ckpt_every = 100
+  c.keep_ckpts = 3
+  c.evals = ml_collections.ConfigDict()
+  return c
+
+
+def num_super_batch(config) -> int:
+  """N = B / (1 − f) for JEST methods, B for uniform (rounded to a multiple of 8)."""
+  b = config.batch_size
+  if config.selection.method == "uniform":
+    return b
+  n = b / (1.0 - config.selection.filter_ratio)
+  return int(round(n / 8.0)) * 8
+
+
+def _choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"config.{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def validate(config) -> None:
+  """Raise ValueError naming the key, the bad value and the valid choices."""
+  _choice("loss", config.loss, LOSSES)
+  s = config.selection
+  _choice("selection.method", s.method, METHODS)
+  _choice("selection.score", s.score, SCORES)
+  _choice("selection.independent_method", s.independent_method, ("topk", "sample"))
+  if not 0.0 <= s.filter_ratio < 1.0:
+    raise ValueError(f"config.selection.filter_ratio={s.filter_ratio} must be in [0, 1) "
+                     "(the paper uses 0.5, 0.8, 0.9)")
+  if s.method == "joint" and config.batch_size % s.n_chunks:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
+                     f"config.selection.n_chunks={s.n_chunks}")
+  if s.method != "uniform" and s.score != "hard_learner" and not (s.reference or s.reference_cache):
+    raise ValueError(f"config.selection.score={s.score!r} needs a reference model: set "
+                     "config.selection.reference=<workdir of a run of configs/reference.py>")
+  f = config.flexi
+  if len(f.train_patch_sizes) != len(f.train_fractions) or abs(sum(f.train_fractions) - 1) > 1e-6:
+    raise ValueError("config.flexi.train_patch_sizes and train_fractions must have the same "
+                     f"length and the fractions must sum to 1; got {f.train_patch_sizes}, "
+                     f"{f.train_fractions}")
+  size = config.model.image_size
+  for p in (*f.train_patch_sizes, f.score_patch_size or config.model.image.patch_size):
+    if size % p:
+      raise ValueError(f"patch size {p} (config.flexi) does not divide "
+                       f"config.model.image_size={size}")
+  for pattern, rule in config.sharding_rules:
+    _choice(f"sharding_rules[{pattern!r}]", rule, SHARDING_RULES)
+  if config.input.max_text_len > config.model.text["max_len"]:
+    raise ValueError(f"config.input.max_text_len={config.input.max_text_len} exceeds "
+                     f"config.model.text.max_len={config.model.text['max_len']}")
+  for name, ev in config.evals.items():
+    _choice(f"evals.{name}.type", ev.get("type"), ("zeroshot", "retrieval"))
+
+
+def sibling_config(this_file: str, name: str, arg: str | None, keys=None):
+  """get_config(arg) of another file in configs/ (configs are files, not a package).
+
+  `keys` keeps only those comma-separated arguments that the other config takes.
+  """
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+  spec = importlib.util.spec_from_file_location(f"jest_pod_config_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  parts = [p for p in (arg or "").split(",") if p]
+  if keys is not None:
+    parts = [p for p in parts if p.partition("=")[0] in keys]
+  return module.get_config(",".join(parts))

@@ -1,0 +1,136 @@
+"""Builders of real offline data sets from Debian packages (shared/DESIGN.md §5).
+
+`jest-pod data build NAME --output DIR [--limit N] [--overwrite]`, NAME in BUILDERS:
+  emoji          Noto Color Emoji rendered, caption = the emoji's English name
+  openclipart    openclipart PNGs, caption from the SVG twin's title/description/keywords
+  fashion_mnist  Fashion-MNIST, DIR/train and DIR/test, labelled, template captions
+  demo           the demo's web / curated / eval_fashion / eval_retrieval sets (demo.py)
+
+Each builder module has `PACKAGES` (Debian), `load(limit, workers) -> (examples, skipped)`
+and `build(output, limit=None, overwrite=False, workers=None, seed=0)`. A build whose output
+already holds a complete manifest with the same build arguments is a no-op.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import importlib
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+
+from jest_pod.data import ingest as ingest_lib
+from jest_pod.data import manifest as manifest_lib
+from jest_pod.data import records
+
+log = logging.getLogger(__name__)
+
+BUILDERS = {
+    "emoji": "jest_pod.data.builders.emoji",
+    "openclipart": "jest_pod.data.builders.openclipart",
+    "fashion_mnist": "jest_pod.data.builders.fashion_mnist",
+    "demo": "jest_pod.data.builders.demo",
+}
+MAX_SIDE = 64  # demo images are trained at 32x32; 64 leaves room for crops and bigger runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One in-memory example before encoding.
+
+  image: uint8 [H, W, 3] RGB, max(H, W) <= MAX_SIDE.
+  id: unique within its origin, e.g. "emoji/1f9d7-1f3fd"; `origin` is the clean source string.
+  """
+  id: str
+  image: np.ndarray
+  caption: str
+  origin: str
+  label: int | None = None
+
+
+def image_hash(image: np.ndarray) -> str:
+  """Exact pixel hash (shape + bytes) of a uint8 image: the identity used for disjointness."""
+  h = hashlib.sha1(str(image.shape).encode())
+  h.update(np.ascontiguousarray(image).tobytes())
+  return h.hexdigest()
+
+
+def decoded_hash(png_or_jpeg: bytes) -> str:
+  """image_hash of an encoded image as stored in a record."""
+  import io
+  return image_hash(np.asarray(Image.open(io.BytesIO(png_or_jpeg)).convert("RGB")))
+
+
+def build_args_match(output: str, build: dict) -> bool:
+  """True if `output` holds a complete data set built with exactly `build` arguments."""
+  try:
+    m = manifest_lib.read(output)
+  except manifest_lib.ManifestError:
+    return False
+  return m.get("build") == build
+
+
+def check_reuse(outputs: list[str], build: dict, overwrite: bool) -> bool:
+  """Decides whether a build can be skipped. Returns True to skip (all outputs complete).
+
+  Raises OutputNotEmptyError if an output holds something else and not `overwrite`.
+  """
+  if overwrite:
+    return False
+  if all(build_args_match(o, build) for o in outputs):
+    for o in outputs:
+      log.info("%s: complete data set with the same build arguments exists; nothing to do "
+               "(--overwrite rebuilds it)", o)
+    return True
+  for o in outputs:
+    if os.path.isdir(o) and os.listdir(o):
+      have = None
+      try:
+        have = manifest_lib.read(o).get("build")
+      except manifest_lib.ManifestError as e:
+        have = f"incomplete ({e})"
+      raise ingest_lib.OutputNotEmptyError(
+          f"output folder {o!r} is not empty and does not hold this build "
+          f"(wanted {build}, found {have}); pass --overwrite to rebuild it")
+  return False
+
+
+def write_examples(output: str, name: str, examples: list[Example], *, skipped: dict[str, int],
+                   build: dict, class_names: list[str] | None = None,
+                   sources: list[str] | None = None, shard_size: int = 4096,
+                   overwrite: bool = False) -> dict:
+  """Encodes `examples` (PNG) into `output` as a data set; returns the manifest.
+
+  sources: per-example source strings (default: each example's origin), e.g. "emoji:junk_image".
+  """
+  ingest_lib.prepare_output(output, overwrite=True if overwrite else False)
+  writer = ingest_lib.ShardWriter(output, name, shard_size)
+  try:
+    for i, ex in enumerate(examples):
+      src = sources[i] if sources is not None else ex.origin
+      png = ingest_lib.encode_image(Image.fromarray(ex.image), "PNG")
+      rec = records.Record(image=png, text=ex.caption, id=ex.id, source=src, label=ex.label)
+      writer.add(records.encode(rec), src)
+    m = writer.finish(skipped=skipped, image_max_side=MAX_SIDE, created_by=f"build {build['builder']}",
+                      class_names=class_names, build=build)
+  except BaseException:
+    writer.abort()
+    raise
+  log.info("%s: wrote %d examples to %s (sources %s, skipped %s)", name, m["num_examples"],
+           output, m["source_counts"], m["skipped"] or "none")
+  return m
+
+
+def counter(skips: list[str] | collections.Counter) -> dict[str, int]:
+  return dict(collections.Counter(skips))
+
+
+def build(name: str, output: str, **kwargs) -> list[dict]:
+  """Runs builder `name`; returns the manifests it wrote (or found)."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
+  return importlib.import_module(BUILDERS[name]).build(output, **kwargs)

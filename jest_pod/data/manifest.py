@@ -1,0 +1,184 @@
+"""`manifest.json`: what a data set folder holds (WORKSPACE_NOTES.md, "Data set folder").
+
+A data set folder is `DIR/manifest.json` + `DIR/<name>-NNNNN-of-NNNNN.array_record`.
+The manifest is written last and atomically, so a folder with a valid manifest is a
+complete data set, and a folder without one is not (a crash mid-ingest leaves no manifest).
+
+Fields (contract): `name, num_examples, shards [{file, num_records, sha256}], skipped
+{reason: n}, sources [str], source_counts {source: n}, class_names [str] (labelled sets),
+image_max_side, created_by`. Extra fields written here: `format`, `created_at`, `build`
+(the arguments that produced the set, so a rebuild can tell whether it is a no-op), and
+per shard `bytes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+MANIFEST = "manifest.json"
+FORMAT = "array_record/tf.train.Example (jest_pod.data.records)"
+REQUIRED = ("name", "num_examples", "shards", "skipped", "sources", "source_counts",
+            "image_max_side", "created_by")
+BUILD_HINT = ("build it with `jest-pod data ingest --input PATH --output {dir}` or "
+              "`jest-pod data build {{emoji,openclipart,fashion_mnist,demo}} --output {dir}`")
+
+
+class ManifestError(ValueError):
+  """A data set folder whose manifest is missing, unreadable or inconsistent."""
+
+
+def shard_name(name: str, index: int, count: int) -> str:
+  """The file name of shard `index` (0-based) of `count`."""
+  return f"{name}-{index:05d}-of-{count:05d}.array_record"
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def make(*, name: str, shards: list[dict], skipped: dict[str, int],
+         source_counts: dict[str, int], image_max_side: int, created_by: str,
+         class_names: list[str] | None = None, build: dict | None = None) -> dict:
+  """Assembles a manifest dict; `sources` is the sorted list of `source_counts` keys.
+
+  The order of `sources` is what `batch["source"]` integers index (pipeline contract),
+  so it must be deterministic: sorted.
+  """
+  m = {
+      "name": name,
+      "format": FORMAT,
+      "num_examples": int(sum(s["num_records"] for s in shards)),
+      "shards": shards,
+      "skipped": {k: int(v) for k, v in sorted(skipped.items()) if v},
+      "sources": sorted(source_counts),
+      "source_counts": {k: int(source_counts[k]) for k in sorted(source_counts)},
+      "image_max_side": int(image_max_side),
+      "created_by": created_by,
+      "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  }
+  if class_names is not None:
+    m["class_names"] = list(class_names)
+  if build is not None:
+    m["build"] = build
+  return m
+
+
+def write(data_dir: str, manifest: dict) -> str:
+  """Validates `manifest` against the files in `data_dir`, then writes it atomically.
+
+  Returns the manifest path. Temp file + fsync + os.replace: readers see the old
+  manifest, no manifest, or the new one, never a partial one.
+  """
+  validate(manifest, data_dir)
+  path = os.path.join(data_dir, MANIFEST)
+  fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=data_dir)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1, ensure_ascii=False)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  fsync_dir(data_dir)
+  return path
+
+
+def fsync_dir(path: str) -> None:
+  """Makes renames in `path` durable (a no-op where directories cannot be fsynced)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def read(data_dir: str, *, check_files: bool = True) -> dict:
+  """Reads and validates `data_dir/manifest.json`; raises ManifestError saying what to do."""
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.isdir(data_dir):
+    raise ManifestError(f"data set folder {data_dir!r} does not exist; "
+                        + BUILD_HINT.format(dir=data_dir))
+  if not os.path.exists(path):
+    raise ManifestError(f"no {MANIFEST} in {data_dir!r}: it is not a (complete) data set; "
+                        + BUILD_HINT.format(dir=data_dir))
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ManifestError(f"cannot read {path}: {e}; rebuild the data set with --overwrite") from e
+  validate(manifest, data_dir if check_files else None)
+  return manifest
+
+
+def validate(manifest: dict, data_dir: str | None = None, *, check_sha256: bool = False) -> None:
+  """Raises ManifestError if fields are missing or counts disagree.
+
+  With `data_dir`, also checks each shard file exists with the recorded size; with
+  `check_sha256`, re-hashes every shard (slow on big sets: reads all bytes).
+  """
+  where = f" ({os.path.join(data_dir, MANIFEST)})" if data_dir else ""
+  if not isinstance(manifest, dict):
+    raise ManifestError(f"manifest{where} is not a JSON object")
+  missing = [k for k in REQUIRED if k not in manifest]
+  if missing:
+    raise ManifestError(f"manifest{where} lacks fields {missing}; rebuild with --overwrite")
+  shards = manifest["shards"]
+  if not shards and manifest["num_examples"]:
+    raise ManifestError(f"manifest{where} lists no shards but {manifest['num_examples']} examples")
+  for s in shards:
+    if not {"file", "num_records", "sha256"} <= set(s):
+      raise ManifestError(f"manifest{where}: shard entry {s} lacks file/num_records/sha256")
+  n = sum(s["num_records"] for s in shards)
+  if n != manifest["num_examples"]:
+    raise ManifestError(f"manifest{where}: shards hold {n} records but num_examples is "
+                        f"{manifest['num_examples']}")
+  if sum(manifest["source_counts"].values()) != n:
+    raise ManifestError(f"manifest{where}: source_counts sum to "
+                        f"{sum(manifest['source_counts'].values())}, not num_examples {n}")
+  if sorted(manifest["source_counts"]) != list(manifest["sources"]):
+    raise ManifestError(f"manifest{where}: sources {manifest['sources']} do not match "
+                        f"source_counts keys (must be their sorted list)")
+  if data_dir is None:
+    return
+  for s in shards:
+    path = os.path.join(data_dir, s["file"])
+    if not os.path.exists(path):
+      raise ManifestError(f"shard {path} listed in the manifest is missing; the data set is "
+                          f"damaged: rebuild it with --overwrite")
+    if "bytes" in s and os.path.getsize(path) != s["bytes"]:
+      raise ManifestError(f"shard {path} has {os.path.getsize(path)} bytes, the manifest says "
+                          f"{s['bytes']}; rebuild it with --overwrite")
+    if check_sha256 and sha256_file(path) != s["sha256"]:
+      raise ManifestError(f"shard {path} fails its sha256 check; rebuild it with --overwrite")
+
+
+def is_complete(data_dir: str) -> bool:
+  """True if `data_dir` holds a valid manifest whose shard files all exist."""
+  try:
+    read(data_dir)
+  except ManifestError:
+    return False
+  return True
+
+
+def shard_paths(data_dir: str, manifest: dict | None = None) -> list[str]:
+  """Absolute paths of the data set's shards, in manifest order."""
+  manifest = read(data_dir) if manifest is None else manifest
+  return [os.path.join(data_dir, s["file"]) for s in manifest["shards"]]

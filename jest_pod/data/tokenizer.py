@@ -1,0 +1,155 @@
+"""The text tokenizer: a sentencepiece model trained on a data set's captions.
+
+`jest-pod data tokenizer --data DIR --vocab-size N` writes `DIR/tokenizer.model` and
+`DIR/tokenizer.json` ({vocab_size, sha256, num_captions, ...}). Ids: 0 = pad (the
+contract of the host batch), 1 = unk, 2 = bos, 3 = eos; text is lowercased by the
+normaliser (`nmt_nfkc_cf`) so that "Dog" and "dog" share ids.
+
+A `Tokenizer` pickles as its serialized model (not its path): Grain worker processes
+get a working copy without touching the file system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_NAME = "tokenizer.model"
+INFO_NAME = "tokenizer.json"
+
+
+class TokenizerError(RuntimeError):
+  """A missing or unusable tokenizer; the message says what to run."""
+
+
+def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int) -> str:
+  """Trains a unigram sentencepiece model on `texts`; returns the `.model` path.
+
+  `vocab_size` is a maximum: a small corpus cannot support many pieces, so we let
+  sentencepiece shrink it (`hard_vocab_limit=False`); read `Tokenizer.vocab_size`.
+  """
+  texts = [t.replace("\n", " ") for t in texts if t and t.strip()]
+  if not texts:
+    raise TokenizerError("train_tokenizer: no non-empty texts to train on")
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+      model_type="unigram", pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      normalization_rule_name="nmt_nfkc_cf",  # NFKC + case folding = lowercase
+      hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+      input_sentence_size=2_000_000, shuffle_input_sentence=True,
+      minloglevel=2)
+  path = model_prefix + ".model"
+  with open(path, "wb") as f:
+    f.write(model.getvalue())
+  return path
+
+
+class Tokenizer:
+  """A sentencepiece model: `encode_batch(texts, max_len) -> int32 [b, max_len]`."""
+
+  def __init__(self, path: str | None = None, *, model_proto: bytes | None = None):
+    if model_proto is None:
+      if not path or not os.path.exists(path):
+        raise TokenizerError(missing_message(path))
+      with open(path, "rb") as f:
+        model_proto = f.read()
+    self.path = path
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self._sp.get_piece_size())
+
+  @property
+  def sha256(self) -> str:
+    return hashlib.sha256(self._proto).hexdigest()
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """texts [b] -> int32 ids [b, max_len], truncated, padded with 0 (PAD_ID)."""
+    out = np.zeros((len(texts), max_len), np.int32)
+    for i, ids in enumerate(self._sp.encode(list(texts))):
+      ids = ids[:max_len]
+      out[i, :len(ids)] = ids
+    return out
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids if i != PAD_ID])
+
+  # Pickle the model bytes so Grain workers need no file access.
+  def __getstate__(self):
+    return {"path": self.path, "proto": self._proto}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"], model_proto=state["proto"])
+
+
+def missing_message(path: str | None) -> str:
+  data_dir = os.path.dirname(path) if path else "DIR"
+  return (f"tokenizer not found: {path!r}. Create it from the data set's captions with\n"
+          f"  jest-pod data tokenizer --data {data_dir or '.'} --vocab-size 8000\n"
+          f"or point config.input.tokenizer at an existing tokenizer.model.")
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+  """Raises if the model's text embedding cannot hold every id the tokenizer emits."""
+  if model_vocab_size < tokenizer.vocab_size:
+    raise TokenizerError(
+        f"config's text vocab_size={model_vocab_size} is smaller than the tokenizer's "
+        f"{tokenizer.vocab_size} ({tokenizer.path}): ids would index past the embedding. "
+        f"Set config.model.text.vocab_size >= {tokenizer.vocab_size}.")
+
+
+def iter_captions(data_dir: str) -> Iterable[str]:
+  """Yields every caption of a data set folder (manifest.json + shards), in order."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import records  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(data_dir, "manifest.json")) as f:
+    manifest = json.load(f)
+  for shard in manifest["shards"]:
+    reader = array_record_module.ArrayRecordReader(os.path.join(data_dir, shard["file"]))
+    try:
+      for i in range(reader.num_records()):
+        try:
+          yield records.decode(reader.read([i])[0]).text
+        except records.RecordError:
+          continue  # the pipeline skips these too
+    finally:
+      reader.close()
+
+
+def main(argv: list[str]) -> int:
+  """`jest-pod data tokenizer --data DIR --vocab-size N`."""
+  p = argparse.ArgumentParser(prog="jest-pod data tokenizer",
+                              description="train DIR/tokenizer.model on DIR's captions")
+  p.add_argument("--data", required=True, help="data set folder (manifest.json + shards)")
+  p.add_argument("--vocab-size", type=int, default=8000,
+                 help="maximum vocabulary size (smaller corpora get fewer pieces)")
+  args = p.parse_args(argv)
+  if not os.path.exists(os.path.join(args.data, "manifest.json")):
+    print(f"jest-pod data tokenizer: {args.data!r} has no manifest.json; "
+          f"build or ingest a data set there first", file=sys.stderr)
+    return 2
+  captions = list(iter_captions(args.data))
+  path = train_tokenizer(captions, os.path.join(args.data, "tokenizer"), args.vocab_size)
+  tok = Tokenizer(path)
+  info = {"vocab_size": tok.vocab_size, "requested_vocab_size": args.vocab_size,
+          "sha256": tok.sha256, "num_captions": len(captions), "model": MODEL_NAME,
+          "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
+          "normalization": "nmt_nfkc_cf"}
+  with open(os.path.join(args.data, INFO_NAME), "w") as f:
+    json.dump(info, f, indent=2)
+  print(f"wrote {path}: vocab_size={tok.vocab_size} from {len(captions)} captions, "
+        f"sha256={tok.sha256[:16]}…")
+  return 0

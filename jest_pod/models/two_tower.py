@@ -1,0 +1,48 @@
+"""Two-tower image-text model with SigLIP's learnable temperature and bias."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from jest_pod.models.text import TextTransformer
+from jest_pod.models.vit import FlexiViT
+
+
+def _l2_normalize(x, eps=1e-6):
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class TwoTower(nn.Module):
+  """(image [b,H,W,3] | None, text [b,L] | None) → (zimg, ztxt, {"t", "b"}).
+
+  Embeddings are L2-normalised; t = exp(t') with t' initialised to log 10, b to −10
+  (SigLIP). `patch_size` selects the FlexiViT patch size (None = base).
+  """
+  image: ml_collections.ConfigDict
+  text: ml_collections.ConfigDict
+  embed_dim: int
+  image_size: int
+  temperature_init: float = 10.0
+  bias_init: float = -10.0
+  dtype: str = "float32"
+
+  def setup(self):
+    self.img = FlexiViT(image_size=self.image_size, out_dim=self.embed_dim, dtype=self.dtype,
+                        **self.image)
+    self.txt = TextTransformer(out_dim=self.embed_dim, dtype=self.dtype, **self.text)
+    self.t_prime = self.param("t_prime", nn.initializers.constant(jnp.log(self.temperature_init)),
+                              ())
+    self.b = self.param("b", nn.initializers.constant(self.bias_init), ())
+
+  def __call__(self, image, text, patch_size=None):
+    zimg = None if image is None else _l2_normalize(self.img(image, patch_size))
+    ztxt = None if text is None else _l2_normalize(self.txt(text))
+    return zimg, ztxt, {"t": jnp.exp(self.t_prime), "b": self.b}
+
+
+def build_model(model_config, image_size=None) -> TwoTower:
+  """TwoTower from `config.model` (image: {patch_size, width, depth, num_heads, mlp_dim},
+  text: {vocab_size, max_len, width, depth, num_heads, mlp_dim}, embed_dim, image_size)."""
+  mc = model_config
+  return TwoTower(image=dict(mc.image), text=dict(mc.text), embed_dim=mc.embed_dim,
+                  image_size=image_size or mc.image_size, dtype=mc.get("dtype", "float32"))

@@ -1,0 +1,63 @@
+"""An analytic FLOP model of a step, so runs compare per FLOP, scoring included.
+
+Counts multiply-adds × 2 of the matmuls (patch embedding, attention projections and
+scores, MLPs, heads, the loss's pair matrix); layer norms and softmaxes are ignored
+(< 1% at these widths). Backward ≈ 2 × forward. `jest-pod bench step` compares this
+model with XLA's own count of the compiled step.
+"""
+
+from __future__ import annotations
+
+
+def _encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+  per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)  # qkv, out, mlp
+  per_layer += 2 * 2 * tokens * tokens * width                         # q·k and attn·v
+  return depth * per_layer
+
+
+def image_forward_flops(model_config, image_size: int, patch_size: int) -> float:
+  """Forward FLOPs of one image at `patch_size` (Flexi-ViT: tokens = (S/p)²)."""
+  im = model_config.image
+  tokens = (image_size // patch_size) ** 2
+  patch = 2 * tokens * patch_size * patch_size * 3 * im["width"]
+  head = 2 * im["width"] * model_config.embed_dim
+  return patch + _encoder_flops(tokens, im["width"], im["depth"], im["mlp_dim"]) + head
+
+
+def text_forward_flops(model_config, text_len: int) -> float:
+  tx = model_config.text
+  head = 2 * tx["width"] * model_config.embed_dim
+  return _encoder_flops(text_len, tx["width"], tx["depth"], tx["mlp_dim"]) + head
+
+
+def example_forward_flops(model_config, image_size, patch_size, text_len) -> float:
+  return (image_forward_flops(model_config, image_size, patch_size)
+          + text_forward_flops(model_config, text_len))
+
+
+def step_flops(config, reference_config=None, *, reference_cached=False) -> dict[str, float]:
+  """FLOPs of one training step by part: train (fwd+bwd over B at the Flexi split),
+  scoring (learner forward over N at the scoring patch), reference (forward over N,
+  0 if cached), selection (pair blocks of both models over N × B)."""
+  from jest_pod.config import num_super_batch
+  mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
+  b, d = config.batch_size, mc.embed_dim
+  out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0}
+  for p, frac in zip(config.flexi.train_patch_sizes, config.flexi.train_fractions):
+    out["train"] += 3 * frac * b * image_forward_flops(mc, size, p)
+  out["train"] += 3 * (b * text_forward_flops(mc, text_len) + 2 * b * b * d)
+  s = config.selection
+  if s.method != "uniform":
+    n = num_super_batch(config)
+    if s.score != "easy_reference":
+      patch = config.flexi.score_patch_size or mc.image["patch_size"]
+      out["scoring"] = n * example_forward_flops(mc, size, patch, text_len)
+    if s.score != "hard_learner" and not reference_cached:
+      rc = reference_config or config
+      out["reference"] = n * example_forward_flops(
+          rc.model, rc.model.image_size, rc.model.image["patch_size"], text_len)
+    models = 1 if s.score != "learnability" else 2
+    per_pair = 2 * d * 2 * models  # x_k·y_j and x_j·y_k for each model
+    out["selection"] = n * b * per_pair if s.method == "joint" else n * d * 2 * models
+  out["total"] = sum(out.values())
+  return out

@@ -1,0 +1,264 @@
+"""The Grain pipeline: contents, per-epoch reshuffle, skipping, exact resume, mixtures,
+per-host slicing (two real processes), eval padding, and the 2^33-record source."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
+from jest_pod.data import pipeline, records, tokenizer, virtual
+from tests import helpers_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+  return helpers_data.write_dataset(str(tmp_path_factory.mktemp("toy")), 20)
+
+
+@pytest.fixture(scope="module")
+def toy_bad(tmp_path_factory):
+  return helpers_data.write_dataset(str(tmp_path_factory.mktemp("bad")), 20,
+                                    bad_proto={3}, bad_image={11, 12})
+
+
+def _config(data, **kw):
+  c = pipeline.default_input_config()
+  c.data = data
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _train(config, batch, seed=0, pi=0, pc=1):
+  return pipeline.make_train_iterator(config, global_batch_size=batch, seed=seed,
+                                      process_index=pi, process_count=pc)
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_batch_contents_match_records(toy):
+  b = next(_train(_config(toy, image_size=16, max_text_len=8), 6))
+  assert b["image"].shape == (6, 16, 16, 3) and b["image"].dtype == np.float32
+  assert b["image"].min() >= -1 and b["image"].max() <= 1
+  assert b["text"].shape == (6, 8) and b["text"].dtype == np.int32
+  assert b["index"].dtype == np.int64 and b["label"].dtype == np.int32
+  assert b["source"].dtype == np.int32 and b["skipped"].dtype == np.int32
+  tok = tokenizer.Tokenizer(os.path.join(toy, "tokenizer.model"))
+  names = pipeline.source_names(_config(toy))
+  for k, i in enumerate(b["index"]):
+    rec = helpers_data.toy_record(int(i))
+    np.testing.assert_array_equal(b["text"][k], tok.encode_batch([rec.text], 8)[0])
+    assert b["label"][k] == rec.label and names[b["source"][k]] == rec.source
+    im = Image.open(io.BytesIO(rec.image)).convert("RGB").resize((16, 16), Image.BILINEAR)
+    np.testing.assert_allclose(b["image"][k], np.asarray(im, np.float32) / 127.5 - 1, atol=1e-6)
+
+
+def test_reshuffles_every_epoch_and_covers_each_epoch(toy):
+  it = _train(_config(toy), 5)
+  order = np.concatenate([next(it)["index"] for _ in range(12)])  # 3 epochs of 20
+  epochs = order.reshape(3, 20)
+  for e in epochs:
+    assert sorted(e.tolist()) == list(range(20))
+  assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+  assert not np.array_equal(epochs[0], np.arange(20))
+  # Another seed, another order; the same seed, the same order.
+  other = np.concatenate([next(_train(_config(toy), 20, seed=1))["index"]])
+  same = np.concatenate([next(_train(_config(toy), 20, seed=0))["index"]])
+  assert not np.array_equal(other, epochs[0]) and np.array_equal(same, epochs[0])
+
+
+def test_bad_records_are_skipped_and_counted(toy_bad):
+  config = _config(toy_bad)
+  it = _train(config, 6)
+  batches = [next(it) for _ in range(6)]  # 36 good examples = 2 epochs of 17 + 2
+  idx = np.concatenate([b["index"] for b in batches])
+  assert not set(idx.tolist()) & {3, 11, 12}
+  # Expected count: bad positions of the shuffled stream before the 36th good example.
+  ds = pipeline.train_map_dataset(config, seed=0, process_index=0, process_count=1)
+  good = bad = 0
+  for k in range(100):
+    if "bad" in ds[k]:
+      bad += 1
+    else:
+      good += 1
+      if good == 36:
+        break
+  assert sum(int(b["skipped"].sum()) for b in batches) == bad >= 4
+
+
+@pytest.mark.parametrize("workers", [0, 1])  # 2 workers: same path, 2x the spawns
+def test_state_restores_exactly(toy_bad, workers):
+  config = _config(toy_bad, worker_count=workers)
+  it = _train(config, 4)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(4)]  # crosses an epoch boundary (17 good / epoch)
+  it.close()  # free its worker processes before starting the fresh iterator's
+  fresh = _train(config, 4)
+  fresh.set_state(state)
+  for want in expected:
+    _assert_batches_equal(next(fresh), want)
+  # State is JSON-serialisable (grain.checkpoint writes it as JSON).
+  json.dumps(state)
+  fresh.close()
+
+
+def test_mixture_weights_and_unique_source_ids(tmp_path):
+  a = helpers_data.write_dataset(str(tmp_path / "a"), 12, origin="alpha")
+  b = helpers_data.write_dataset(str(tmp_path / "b"), 12, origin="beta")
+  config = _config("", mixture=[(a, 3.0), (b, 1.0)])
+  names = pipeline.source_names(config)
+  assert names == ["alpha", "alpha:junk_image", "beta", "beta:junk_image"]
+  it = _train(config, 40)
+  src = np.concatenate([next(it)["source"] for _ in range(2)])
+  from_a = np.isin(src, [0, 1]).sum()
+  assert from_a == 60  # grain mixes deterministically by proportion: exactly 3:1
+  batch = next(_train(config, 40))
+  for s, i in zip(batch["source"], batch["index"]):
+    origin = names[s].split(":")[0]
+    assert helpers_data.toy_record(int(i), origin).source == names[s]
+
+
+def test_batch_must_divide_over_processes(toy):
+  with pytest.raises(ValueError, match="divisible"):
+    _train(_config(toy), 6, pi=0, pc=4)
+
+
+def test_missing_tokenizer_names_path_and_command(tmp_path):
+  d = helpers_data.write_dataset(str(tmp_path / "d"), 4)
+  os.remove(os.path.join(d, "tokenizer.model"))
+  with pytest.raises(tokenizer.TokenizerError, match="jest-pod data tokenizer --data"):
+    _train(_config(d), 2)
+
+
+_HOST_SCRIPT = """
+import sys, json, numpy as np
+sys.path.insert(0, {repo!r})
+from jest_pod.data import pipeline
+c = pipeline.default_input_config(); c.data = {data!r}
+it = pipeline.make_train_iterator(c, global_batch_size={gb}, seed=7,
+                                  process_index={pi}, process_count={pc})
+print(json.dumps([next(it)["index"].tolist() for _ in range({steps})]))
+"""
+
+
+def _host_run(data, gb, pi, pc, steps):
+  code = _HOST_SCRIPT.format(repo=REPO, data=data, gb=gb, pi=pi, pc=pc, steps=steps)
+  return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_two_hosts_split_the_global_order(tmp_path):
+  data = helpers_data.write_dataset(str(tmp_path / "d"), 40)
+  steps, gb = 5, 8  # exactly one epoch: every example once
+  procs = [_host_run(data, gb, p, 2, steps) for p in (0, 1)]
+  it = _train(_config(data), gb, seed=7)  # one host reading the full global batch
+  single = np.array([next(it)["index"].tolist() for _ in range(steps)])
+  host0, host1 = [np.array(json.loads(p.communicate(timeout=120)[0])) for p in procs]
+  assert all(p.returncode == 0 for p in procs)
+  assert host0.shape == host1.shape == (steps, gb // 2)
+  assert not set(host0.ravel()) & set(host1.ravel())
+  assert sorted(np.concatenate([host0.ravel(), host1.ravel()])) == list(range(40))
+  for s in range(steps):
+    # Same global order: host p's k-th example of a step is the single host's p + 2k.
+    np.testing.assert_array_equal(host0[s], single[s][0::2])
+    np.testing.assert_array_equal(host1[s], single[s][1::2])
+
+
+def test_eval_iterator_pads_and_slices(toy_bad):
+  seen, n_batches = [], []
+  for pi in range(3):
+    batches = list(pipeline.make_eval_iterator(
+        toy_bad, batch_size=3, image_size=8, max_text_len=6, tokenizer="",
+        process_index=pi, process_count=3))
+    n_batches.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (3, 8, 8, 3) and b["mask"].dtype == np.float32
+      real = b["mask"] == 1
+      seen += b["index"][real].tolist()
+      # A bad record is masked and counted; padding is masked and not counted.
+      assert set(b["index"][b["skipped"] == 1].tolist()) <= {3, 11, 12}
+      assert (b["mask"][b["skipped"] == 1] == 0).all()
+  assert n_batches == [3, 3, 3]  # ceil(ceil(20 / 3) / 3) on every host
+  assert sorted(seen) == sorted(set(range(20)) - {3, 11, 12})
+  # Host 0 reads 0, 3, 6, ... in order.
+  b0 = next(pipeline.make_eval_iterator(toy_bad, batch_size=3, image_size=8, max_text_len=6,
+                                        process_index=0, process_count=3))
+  assert b0["index"].tolist() == [0, 3, 6] and b0["mask"].tolist() == [1, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# The 2^33-record virtual source.
+
+_VIRTUAL_SCRIPT = """
+import sys, time, resource
+sys.path.insert(0, {repo!r})
+t = time.perf_counter()
+from jest_pod.data import pipeline
+c = pipeline.default_input_config(); c.data = "virtual"; c.tokenizer = {tok!r}
+it = pipeline.make_train_iterator(c, global_batch_size=64, seed=0, process_index=0,
+                                  process_count=1)
+b = next(it)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_virtual_first_batch_is_fast_and_small(toy):
+  code = _VIRTUAL_SCRIPT.format(repo=REPO, tok=os.path.join(toy, "tokenizer.model"))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True)
+  seconds, rss = map(float, out.stdout.split())
+  assert len(virtual.VirtualSource()) == 2**33
+  assert seconds < 30 and rss < 1e9, (seconds, rss)
+
+
+def test_virtual_restore_deep_is_as_fast_and_exact(toy):
+  config = _config("virtual", tokenizer=os.path.join(toy, "tokenizer.model"))
+  tok = tokenizer.Tokenizer(config.tokenizer)
+  seed, b = 3, 16
+
+  def restore_and_read(position):
+    it = _train(config, b, seed=seed)
+    t = time.perf_counter()
+    it.set_state({"next_index": position})
+    batch = next(it)
+    return time.perf_counter() - t, batch
+
+  restore_and_read(0)  # warm-up: imports, PIL plugins
+  t0, _ = restore_and_read(0)
+  pos = 10**9
+  t_deep, batch = restore_and_read(pos)
+  assert t_deep < 10 * t0 + 0.5, (t0, t_deep)
+  # Position k of epoch 0 holds the source record at the seeded index_shuffle of k.
+  n = 2**33
+  want = [index_shuffle_module.index_shuffle(pos + k, max_index=n - 1,
+                                             seed=pipeline._component_seed(seed, 0), rounds=4)
+          for k in range(b)]
+  assert batch["index"].tolist() == want
+  for k, i in enumerate(want):
+    rec = virtual.record(i)
+    assert records.decode(virtual.VirtualSource()[i]) == rec
+    np.testing.assert_array_equal(batch["text"][k], tok.encode_batch([rec.text], 16)[0])
+    assert batch["label"][k] == rec.label and batch["source"][k] == 0
+  assert (batch["skipped"] == 0).all()
+
+
+def test_transparent_pixels_become_white():
+  rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
+  rgba[0, 0] = [255, 0, 0, 255]          # one opaque red pixel
+  out = pipeline._to_array(Image.fromarray(rgba, "RGBA"), 4)
+  np.testing.assert_allclose(out[0, 0], [1, -1, -1])
+  np.testing.assert_allclose(out[3, 3], [1, 1, 1])

@@ -1,0 +1,77 @@
+"""The sentencepiece tokenizer: ids, padding, lowercasing, pickling, CLI, errors."""
+
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from jest_pod.data import tokenizer
+from tests import helpers_data
+
+TEXTS = [f"a {c} {s} number {i}" for i in range(50) for c in ("red", "blue", "green")
+         for s in ("dog", "cat")]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  path = tokenizer.train_tokenizer(TEXTS, str(tmp_path_factory.mktemp("t") / "tok"), 100)
+  return tokenizer.Tokenizer(path)
+
+
+def test_special_ids_and_vocab(tok):
+  sp = tok._sp
+  assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
+  assert tokenizer.PAD_ID == 0 and 4 < tok.vocab_size <= 100
+
+
+def test_encode_batch_pads_truncates_lowercases(tok):
+  ids = tok.encode_batch(["A RED Dog", "a red dog", "a red dog number 12 " * 5, ""], 12)
+  assert ids.shape == (4, 12) and ids.dtype == np.int32
+  np.testing.assert_array_equal(ids[0], ids[1])  # normaliser lowercases
+  assert (ids[0] > 0).sum() < 12 and ids[0, -1] == 0  # padded with 0
+  assert (ids[2] > 0).all()  # truncated to max_len
+  assert (ids[3] == 0).all()
+  assert tok.decode(ids[1]) == "a red dog"
+
+
+def test_pickles_without_the_file(tok, tmp_path):
+  other = tokenizer.Tokenizer(model_proto=tok._proto)
+  clone = pickle.loads(pickle.dumps(other))
+  np.testing.assert_array_equal(clone.encode_batch(["blue cat"], 4),
+                                tok.encode_batch(["blue cat"], 4))
+
+
+def test_missing_tokenizer_says_what_to_run(tmp_path):
+  path = str(tmp_path / "tokenizer.model")
+  with pytest.raises(tokenizer.TokenizerError) as e:
+    tokenizer.Tokenizer(path)
+  assert path in str(e.value)
+  assert f"jest-pod data tokenizer --data {tmp_path}" in str(e.value)
+
+
+def test_check_vocab(tok):
+  tokenizer.check_vocab(tok, tok.vocab_size)
+  tokenizer.check_vocab(tok, tok.vocab_size + 10)
+  with pytest.raises(tokenizer.TokenizerError, match="vocab_size"):
+    tokenizer.check_vocab(tok, tok.vocab_size - 1)
+
+
+def test_cli_trains_on_a_data_set_folder(tmp_path):
+  d = helpers_data.write_dataset(str(tmp_path / "d"), 12, bad_proto={2})
+  os.remove(os.path.join(d, "tokenizer.model"))
+  assert tokenizer.main(["--data", d, "--vocab-size", "60"]) == 0
+  with open(os.path.join(d, "tokenizer.json")) as f:
+    info = json.load(f)
+  with open(os.path.join(d, "tokenizer.model"), "rb") as f:
+    assert info["sha256"] == hashlib.sha256(f.read()).hexdigest()
+  tok = tokenizer.Tokenizer(os.path.join(d, "tokenizer.model"))
+  assert info["vocab_size"] == tok.vocab_size <= 60
+  assert info["num_captions"] == 11  # the bad record is skipped
+
+
+def test_cli_without_manifest_fails_clearly(tmp_path, capsys):
+  assert tokenizer.main(["--data", str(tmp_path)]) == 2
+  assert "manifest.json" in capsys.readouterr().err
