@@ -124,6 +124,19 @@ def _call(fn) -> None:
     raise
 
 
+def shutdown() -> None:
+  """Leaves the run cleanly (a barrier with the other processes); idempotent.
+
+  Call at the end of main, also after a SIGTERM-triggered checkpoint: without it the
+  processes race through JAX's atexit shutdown and the coordinator (process 0) may log
+  a fatal "another task died" on the way out.
+  """
+  global _mode
+  if jax.distributed.is_initialized():
+    jax.distributed.shutdown()
+  _mode = None
+
+
 def is_primary() -> bool:
   """True on the process that writes logs, metrics and run files (process 0)."""
   return jax.process_index() == 0

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax, shard_map
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jest_pod import losses
 
@@ -372,6 +372,11 @@ def _run(key, learner, reference, *, num_select, n_chunks, score, loss, noise, m
   if mesh is None:
     return shard_fn(key, arrays)
   rows = P(axes)
+  if any(t == AxisType.Explicit for t in mesh.axis_types):
+    # Explicit meshes carry shardings in the types: shard_map wants them to match.
+    put = lambda a, spec: jax.reshard(a, NamedSharding(mesh, spec))
+    arrays = [(put(x, rows), put(y, rows), put(t, P()), put(b, P())) for x, y, t, b in arrays]
+    key = put(key, P())
   fn = shard_map(shard_fn, mesh=mesh,
                  in_specs=(P(), [(rows, rows, P(), P())] * len(arrays)),
                  # idx is equal on every shard by construction (all-gathered then top-c).

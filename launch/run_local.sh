@@ -166,13 +166,17 @@ main() {
     TAIL_PID=$!
   fi
 
-  # Reap children as they exit; a trapped signal interrupts `wait`, so loop.
+  # Poll rather than `wait -n`: a trapped signal interrupting `wait -n` loses track of
+  # children that exit meanwhile. `wait PID` on an exited child returns its status.
   local live=("${PIDS[@]}") status=0 pid rc idx
   while ((${#live[@]})); do
     pid=""
+    for idx in "${live[@]}"; do
+      if ! kill -0 "$idx" 2>/dev/null; then pid=$idx; break; fi
+    done
+    if [[ -z $pid ]]; then sleep 0.5; continue; fi
     rc=0
-    wait -n -p pid "${live[@]}" || rc=$?
-    [[ -n ${pid:-} ]] || continue  # interrupted by a signal: keep waiting
+    wait "$pid" 2>/dev/null || rc=$?
     local still=() p
     for p in "${live[@]}"; do [[ $p == "$pid" ]] || still+=("$p"); done
     live=("${still[@]}")

@@ -164,10 +164,15 @@ def _mesh(shape, names):
 @pytest.mark.parametrize("shape,loss", [((8,), "sigmoid"), ((4, 2), "sigmoid"),
                                         ((4, 2), "softmax")])
 def test_same_indices_on_1_and_8_devices(shape, loss):
-  mesh = _mesh(shape, ("data", "fsdp")[:len(shape)])
-  rows = NamedSharding(mesh, P(mesh.axis_names))
-  put = lambda e: sel.Embeddings(jax.device_put(e.image, rows), jax.device_put(e.text, rows),
-                                 e.temperature, e.bias)
+  names = ("data", "fsdp")[:len(shape)]
+  if len(shape) == 1:
+    # Explicit axes (jax.make_mesh's default) and unsharded inputs: resharded inside.
+    mesh, put = jax.make_mesh(shape, names), lambda e: e
+  else:
+    mesh = _mesh(shape, names)
+    rows = NamedSharding(mesh, P(names))
+    put = lambda e: sel.Embeddings(jax.device_put(e.image, rows), jax.device_put(e.text, rows),
+                                   e.temperature, e.bias)
   key = jax.random.key(7)
   kw = dict(num_select=12, n_chunks=3, loss=loss, return_scores=True)
   idx1, hist1 = joint(key, LEARNER, REFERENCE, **kw)

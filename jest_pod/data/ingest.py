@@ -51,6 +51,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 TAR_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 LOG_SKIPS_PER_REASON = 20
 DEFAULT_SHARD_SIZE = 10_000
+HEADER_NAMES = ("image", "image_path", "path", "file", "filepath", "url")
 CHUNK = 128  # inputs per worker task: small enough for smooth progress, big enough to amortise IPC
 
 
@@ -327,7 +328,7 @@ def scan_list(path: str) -> Inputs:
   for lineno, row in enumerate(rows, 1):
     if not row or all(not c.strip() for c in row):
       continue
-    if lineno == 1 and row[0].strip().lower() in ("image", "image_path", "path", "file", "filepath"):
+    if lineno == 1 and row[0].strip().lower() in HEADER_NAMES:
       continue  # header row
     where = f"{os.path.basename(path)}:{lineno}"
     if len(row) < 2:
@@ -349,7 +350,8 @@ def scan_list(path: str) -> Inputs:
 
 def _tar_files(path: str) -> list[str]:
   if os.path.isdir(path):
-    return sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
+    return sorted(glob.glob(os.path.join(path, "*.tar"))
+                  + glob.glob(os.path.join(path, "*.tar.gz")))
   return [path]
 
 
@@ -539,6 +541,8 @@ def ingest(input_path: str, output: str, *, name: str | None = None, source: str
   """
   name = name or os.path.basename(os.path.normpath(output))
   source = source or name
+  if not os.path.exists(input_path):  # before touching the output folder
+    raise FileNotFoundError(f"ingest input {input_path!r} does not exist")
   prepare_output(output, overwrite)
   t0 = time.time()
   inputs = scan(input_path)
@@ -554,7 +558,9 @@ def ingest(input_path: str, output: str, *, name: str | None = None, source: str
   writer = ShardWriter(output, name, shard_size)
   progress = Progress(f"ingest {name}", len(inputs.items))
   done = 0
-  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(chunks) > 1 else None
+  pool = None
+  if workers > 1 and len(chunks) > 1:  # spawn: safe even if the caller has threads (JAX)
+    pool = multiprocessing.get_context("spawn").Pool(workers)
   try:
     results = pool.imap(_process_chunk, chunks) if pool else map(_process_chunk, chunks)
     for (out, skipped), chunk in zip(results, chunks):  # imap keeps input order: deterministic

@@ -86,6 +86,7 @@ def write(data_dir: str, manifest: dict) -> str:
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; readers may be other users
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

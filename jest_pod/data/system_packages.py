@@ -43,7 +43,7 @@ def _command(packages: list[str]) -> str:
 
 
 def ensure(packages: list[str]) -> None:
-  """Installs the missing ones of `packages` with apt-get; raises MissingPackageError if it cannot."""
+  """Installs the missing ones of `packages` with apt-get; MissingPackageError if it cannot."""
   missing = [p for p in packages if not is_installed(p)]
   if not missing:
     return

@@ -186,6 +186,16 @@ def params_on_mesh(params: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(place, params)
 
 
+def _check_single_process():
+  # Host-side gathering (labels, pixel digests) is per process; a multi-host run would
+  # score only its own rows. Fail at set-up, not hours into a run.
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+        f"evaluators run on one process only (this job has {jax.process_count()}): set "
+        "config.evals = {} for multi-host training and evaluate its checkpoints with "
+        "tools/eval on one host")
+
+
 @functools.lru_cache(maxsize=64)
 def _jitted(encode_fn, out_sharding):
   # One jit wrapper per (encode fn, mesh): an evaluator run every N steps compiles once.
@@ -226,11 +236,7 @@ def embed_batches(encode_fn: Callable[[Any, dict], Any], params: Any,
   replicated = NamedSharding(mesh, P())
   params = params_on_mesh(params, mesh)
   encode = _jitted(encode_fn, replicated)
-  if jax.process_count() > 1:
-    # Needs every process to yield the same number of batches; eval iterators pad the
-    # last batch, not the batch count, so say so rather than hang in a collective.
-    raise NotImplementedError("embed_batches: multi-process evaluation is not supported yet; "
-                              "run tools/eval on one host")
+  _check_single_process()
 
   outs: dict[str, list[np.ndarray]] = {}
   for batch in batches:
@@ -388,6 +394,7 @@ class Evaluator:
                max_text_len: int | None = None, tokenizer: str | None = None,
                patch_size: int | None = None, set_name: str | None = None,
                iterator_fn: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None):
+    _check_single_process()
     self.name = name
     self.data_dir = data_dir
     self.model = model
@@ -414,7 +421,7 @@ class Evaluator:
     from jest_pod.data import pipeline  # pylint: disable=import-outside-toplevel
     return pipeline.make_eval_iterator(
         self.data_dir, batch_size=self.batch_size, image_size=self.image_size,
-        max_text_len=self.max_text_len, tokenizer=self.tokenizer)
+        max_text_len=self.max_text_len, tokenizer=self.tokenizer or "")
 
   def evaluate(self, params: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """→ (metrics {full metric name: value}, host arrays worth saving {name: array})."""

@@ -254,11 +254,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t1 = t3
       state, metrics = train_step(state, batch)
       loss = float(metrics["train/loss"])  # one sync per step: catches NaN at once
+      param_norm = float(metrics["train/param_norm"])
       timings["train"] += time.perf_counter() - t1
-      if not math.isfinite(loss):
+      if not (math.isfinite(loss) and math.isfinite(param_norm)):
+        checkpointer.wait()
         good = checkpointer.latest_step()
         raise TrainingDiverged(
-            f"loss is {loss} at step {step + 1}; stopping without saving. The last good "
+            f"loss is {loss} (parameter norm {param_norm}) at step {step + 1}; stopping "
+            "without saving. The last good "
             f"checkpoint is step {good} in {ckpt_lib.checkpoint_dir(workdir)}. Lower "
             "config.optax.lr or raise config.optax.warmup_steps, then rerun to resume.")
       examples += b
@@ -338,7 +341,8 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go (may be gs://)")
   try:
     fv(["jest-pod train", *argv])
-  except flags.Error as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown --config.key as an AttributeError naming the key.
     print(f"jest-pod train: {e}\nusage: jest-pod train --config configs/FILE.py[:ARG] "
           "--workdir DIR [--config.key=value ...]", file=sys.stderr)
     return 2

@@ -44,7 +44,9 @@ def make_train_step(config, model, tx, schedule):
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+    # param_norm guards the checkpoint: a finite loss can precede a non-finite update.
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+               "train/param_norm": optax.tree.norm(params),
                "train/temperature": out["t"], "train/bias": out["b"],
                "train/lr": schedule(state["step"])}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics

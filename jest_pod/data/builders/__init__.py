@@ -107,7 +107,7 @@ def write_examples(output: str, name: str, examples: list[Example], *, skipped: 
 
   sources: per-example source strings (default: each example's origin), e.g. "emoji:junk_image".
   """
-  ingest_lib.prepare_output(output, overwrite=True if overwrite else False)
+  ingest_lib.prepare_output(output, overwrite)
   writer = ingest_lib.ShardWriter(output, name, shard_size)
   try:
     for i, ex in enumerate(examples):
@@ -115,7 +115,8 @@ def write_examples(output: str, name: str, examples: list[Example], *, skipped: 
       png = ingest_lib.encode_image(Image.fromarray(ex.image), "PNG")
       rec = records.Record(image=png, text=ex.caption, id=ex.id, source=src, label=ex.label)
       writer.add(records.encode(rec), src)
-    m = writer.finish(skipped=skipped, image_max_side=MAX_SIDE, created_by=f"build {build['builder']}",
+    m = writer.finish(skipped=skipped, image_max_side=MAX_SIDE,
+                      created_by=f"build {build['builder']}",
                       class_names=class_names, build=build)
   except BaseException:
     writer.abort()

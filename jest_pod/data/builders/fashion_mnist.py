@@ -28,8 +28,8 @@ ORIGIN = "fashion_mnist"
 # Order = the data set's label ids 0..9.
 CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                "bag", "ankle boot"]
-TEMPLATES = ["a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
-             "a picture of a {}.", "a product photo of a {}."]
+TEMPLATES = ["a photo of a {}.", "a black and white photo of a {}.",
+             "a low resolution photo of a {}.", "a picture of a {}.", "a product photo of a {}."]
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 

@@ -1,0 +1,86 @@
+"""`jest-pod data ...`: ingest, build real offline data sets, tokenizer, reference cache.
+
+  jest-pod data ingest --input PATH --output DIR [--max-side 64] [--shard-size N]
+                       [--workers N] [--overwrite] [--name NAME]
+  jest-pod data build {emoji,openclipart,fashion_mnist,demo} --output DIR [--limit N]
+                      [--overwrite] [--seed S] [--workers N]
+  jest-pod data tokenizer ...        (jest_pod.data.tokenizer)
+  jest-pod data cache-reference ...  (jest_pod.data.reference_cache)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+DELEGATES = {
+    "tokenizer": "jest_pod.data.tokenizer",
+    "cache-reference": "jest_pod.data.reference_cache",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+  from jest_pod.data.builders import BUILDERS
+  p = argparse.ArgumentParser(prog="jest-pod data", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  ing = sub.add_parser("ingest",
+                       help="image-text pairs (folder, TSV/CSV, WebDataset tars) -> data set")
+  ing.add_argument("--input", required=True,
+                   help="folder of images + same-stem .txt, a .tsv/.csv list, or .tar shard(s)")
+  ing.add_argument("--output", required=True, help="data set folder to write")
+  ing.add_argument("--max-side", type=int, default=64, help="shrink images to this max side")
+  ing.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
+  ing.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+  ing.add_argument("--overwrite", action="store_true", help="replace a data set in --output")
+  ing.add_argument("--name", default=None, help="data set name (default: output folder name)")
+  ing.add_argument("--source", default=None, help="records' source string (default: --name)")
+  ing.add_argument("--image-format", choices=("auto", "png", "jpeg"), default="auto",
+                   help="auto: JPEG q90 for JPEG/WebP inputs, PNG otherwise")
+  b = sub.add_parser("build", help="build a real offline data set from Debian packages")
+  b.add_argument("name", choices=sorted(BUILDERS))
+  b.add_argument("--output", required=True)
+  b.add_argument("--limit", type=int, default=None, help="cap each collection (fast tests)")
+  b.add_argument("--overwrite", action="store_true")
+  b.add_argument("--seed", type=int, default=0)
+  b.add_argument("--workers", type=int, default=None)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] in DELEGATES:  # their own argparse: pass the rest through untouched
+    try:
+      module = importlib.import_module(DELEGATES[argv[0]])
+    except ModuleNotFoundError as e:
+      if e.name != DELEGATES[argv[0]]:
+        raise  # a missing dependency inside the module: show the real error
+      print(f"jest-pod data {argv[0]}: not available in this version ({e.name} is missing)",
+            file=sys.stderr)
+      return 2
+    return int(module.main(argv[1:]) or 0)
+  args = _parser().parse_args(argv)
+  if not logging.getLogger().handlers:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+  from jest_pod.data import ingest, system_packages
+  try:
+    if args.command == "ingest":
+      ingest.ingest(args.input, args.output, name=args.name, source=args.source,
+                    max_side=args.max_side, shard_size=args.shard_size, workers=args.workers,
+                    overwrite=args.overwrite, image_format=args.image_format)
+    else:
+      from jest_pod.data import builders
+      builders.build(args.name, args.output, limit=args.limit, overwrite=args.overwrite,
+                     workers=args.workers, seed=args.seed)
+  except (ingest.OutputNotEmptyError, system_packages.MissingPackageError,
+          FileNotFoundError, ValueError) as e:
+    print(f"jest-pod data {args.command}: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,189 @@
+"""Ingest of the three input formats on tiny real files mixing good and damaged inputs."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jest_pod.data import cli, ingest, manifest, records
+
+
+def _png(color=(200, 30, 30), size=(80, 40)) -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", size, color).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def _jpeg(size=(100, 100)) -> bytes:
+  buf = io.BytesIO()
+  arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+  Image.fromarray(arr).save(buf, "JPEG")
+  return buf.getvalue()
+
+
+def _write(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)
+
+
+def _check_output(out, expect_n, expect_skipped):
+  m = manifest.read(out)
+  manifest.validate(m, out, check_sha256=True)
+  assert m["num_examples"] == expect_n
+  assert m["skipped"] == expect_skipped
+  recs = list(ingest.iter_records(out))
+  assert len(recs) == expect_n
+  assert len({r.id for r in recs}) == expect_n
+  for r in recs:
+    im = Image.open(io.BytesIO(r.image))
+    assert im.mode == "RGB" and max(im.size) <= m["image_max_side"]
+    assert r.text and r.source
+  # Atomic writes leave nothing temporary behind.
+  assert not [f for f in os.listdir(out) if f.endswith(".tmp") or f.startswith(".")]
+  return m, recs
+
+
+def test_folder(tmp_path):
+  src = tmp_path / "in"
+  _write(str(src / "a" / "cat.png"), _png(size=(200, 100)))
+  _write(str(src / "a" / "cat.txt"), "a red cat\nsecond line ignored\n")
+  _write(str(src / "b" / "deep" / "dog.jpg"), _jpeg())
+  _write(str(src / "b" / "deep" / "dog.txt"), "a dog")
+  _write(str(src / "bad.png"), b"\x89PNG not really")           # undecodable
+  _write(str(src / "bad.txt"), "broken")
+  _write(str(src / "empty.png"), _png())
+  _write(str(src / "empty.txt"), "  \n")                         # empty caption
+  _write(str(src / "nocap.png"), _png())                         # missing caption
+  _write(str(src / "orphan.txt"), "no image for me")             # missing image
+  _write(str(src / "a" / "cat.webp"), _jpeg())                   # duplicate id a/cat
+  out = str(tmp_path / "out")
+  m, recs = _check_output(
+      ingest.ingest(str(src), out, workers=1, shard_size=1) and out, 2,
+      {"undecodable_image": 1, "empty_caption": 1, "missing_caption": 1, "missing_image": 1,
+       "duplicate_id": 1})
+  by_id = {r.id: r for r in recs}
+  assert by_id["a/cat"].text == "a red cat"
+  assert Image.open(io.BytesIO(by_id["a/cat"].image)).size == (64, 32)  # aspect kept
+  assert Image.open(io.BytesIO(by_id["a/cat"].image)).format == "PNG"
+  assert Image.open(io.BytesIO(by_id["b/deep/dog"].image)).format == "JPEG"
+  assert [s["file"] for s in m["shards"]] == ["out-00000-of-00002.array_record",
+                                              "out-00001-of-00002.array_record"]
+  assert m["sources"] == ["out"] and m["source_counts"] == {"out": 2}
+  assert os.path.exists(os.path.join(out, "skipped.tsv"))
+
+
+def test_tsv_labels_and_parallel(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(ingest, "CHUNK", 2)  # several tasks, so the process pool is used
+  caplog.set_level("INFO")
+  d = tmp_path / "in"
+  for i in range(7):
+    _write(str(d / "img" / f"{i}.png"), _png(color=(i * 30, 0, 0)))
+  _write(str(d / "img" / "bad.png"), b"garbage")
+  rows = ["image_path\tcaption\tclass"]
+  rows += [f"img/{i}.png\tpicture {i}\t{'cat' if i % 2 else 'dog'}" for i in range(6)]
+  rows += ["img/missing.png\tgone\tcat", "img/bad.png\tbad\tdog", "img/0.png\tagain\tdog",
+           "img/6.png\t\tcat", "only_one_column"]
+  _write(str(d / "list.tsv"), "\n".join(rows) + "\n")
+  out = str(tmp_path / "out")
+  ingest.ingest(str(d / "list.tsv"), out, workers=2, name="pairs")
+  m, recs = _check_output(out, 6, {"missing_image": 1, "undecodable_image": 1,
+                                   "duplicate_id": 1, "empty_caption": 1, "malformed_line": 1})
+  assert m["class_names"] == ["cat", "dog"]
+  assert {r.id: r.label for r in recs}["img/1"] == 0
+  assert [r.id for r in recs] == [f"img/{i}" for i in range(6)]  # input order kept
+  assert "wrote 6 examples" in caplog.text
+
+
+def test_csv(tmp_path):
+  _write(str(tmp_path / "x.png"), _png())
+  _write(str(tmp_path / "list.csv"), 'x.png,"a caption, with a comma"\n')
+  out = str(tmp_path / "out")
+  ingest.ingest(str(tmp_path / "list.csv"), out, workers=1)
+  _, recs = _check_output(out, 1, {})
+  assert recs[0].text == "a caption, with a comma"
+
+
+def _add(tf, name, data):
+  if isinstance(data, str):
+    data = data.encode()
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tf.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset(tmp_path):
+  d = tmp_path / "shards"
+  d.mkdir()
+  with tarfile.open(d / "00000.tar", "w") as tf:
+    _add(tf, "000000000.jpg", _jpeg())
+    _add(tf, "000000000.txt", "a photo")
+    _add(tf, "000000000.json", json.dumps({"key": "000000000", "caption": "a photo"}))
+    _add(tf, "000000001.png", _png())
+    _add(tf, "000000001.json", json.dumps({"caption": "caption from json"}))
+    _add(tf, "000000002.webp", b"RIFF broken webp")           # undecodable
+    _add(tf, "000000002.txt", "x")
+    _add(tf, "000000003.txt", "image missing")                # missing image
+    _add(tf, "000000004.png", _png())
+    _add(tf, "000000004.txt", "")                             # empty caption
+  with tarfile.open(d / "00001.tar", "w") as tf:
+    _add(tf, "000000000.png", _png())                         # duplicate id
+    _add(tf, "000000000.txt", "dup")
+    _add(tf, "000000005.png", _png())                         # no caption at all
+  out = str(tmp_path / "out")
+  ingest.ingest(str(d), out, workers=1)
+  _, recs = _check_output(out, 2, {"undecodable_image": 1, "missing_image": 1,
+                                   "empty_caption": 1, "duplicate_id": 1, "missing_caption": 1})
+  assert {r.id: r.text for r in recs} == {"000000000": "a photo", "000000001": "caption from json"}
+
+
+def test_overwrite_refusal_and_cli(tmp_path, capsys):
+  src = tmp_path / "in"
+  _write(str(src / "x.png"), _png())
+  _write(str(src / "x.txt"), "x")
+  out = str(tmp_path / "out")
+  assert cli.main(["ingest", "--input", str(src), "--output", out, "--workers", "1"]) == 0
+  assert cli.main(["ingest", "--input", str(src), "--output", out, "--workers", "1"]) == 1
+  assert "--overwrite" in capsys.readouterr().err
+  with pytest.raises(ingest.OutputNotEmptyError):
+    ingest.ingest(str(src), out, workers=1)
+  assert cli.main(["ingest", "--input", str(src), "--output", out, "--workers", "1",
+                   "--overwrite", "--max-side", "16"]) == 0
+  m = manifest.read(out)
+  assert m["image_max_side"] == 16 and m["num_examples"] == 1
+
+
+def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
+  src = tmp_path / "in"
+  for i in range(3):
+    _write(str(src / f"{i}.png"), _png())
+    _write(str(src / f"{i}.txt"), "c")
+  out = str(tmp_path / "out")
+
+  def boom(*a, **k):
+    raise RuntimeError("disk full")
+  monkeypatch.setattr(manifest, "write", boom)
+  with pytest.raises(RuntimeError):
+    ingest.ingest(str(src), out, workers=1, shard_size=1)
+  assert not manifest.is_complete(out)
+  with pytest.raises(manifest.ManifestError, match="jest-pod data ingest"):
+    manifest.read(out)
+
+
+def test_manifest_errors(tmp_path):
+  with pytest.raises(manifest.ManifestError, match="does not exist"):
+    manifest.read(str(tmp_path / "nope"))
+  with pytest.raises(manifest.ManifestError, match="no manifest.json"):
+    manifest.read(str(tmp_path))
+  (tmp_path / "manifest.json").write_text("{}")
+  with pytest.raises(manifest.ManifestError, match="lacks fields"):
+    manifest.read(str(tmp_path))
+
+
+def test_records_roundtrip_with_encoder():
+  data = records.encode(records.Record(image=_png(), text="t", id="i", source="s", label=3))
+  assert records.decode(data).label == 3
