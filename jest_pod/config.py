@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = ((".*", "replicate"),)
 
   c.log_every = 10
+  c.log_selected_ids = False  # WORKDIR/selected_ids.jsonl: {"step", "ids"} per JEST step
   c.ckpt_every = 100
   c.keep_ckpts = 3
   c.evals = ml_collections.ConfigDict()

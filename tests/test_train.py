@@ -12,7 +12,7 @@ import pytest
 
 from jest_pod.data.toy import build_toy
 from jest_pod.train import main as train_main
-from tests.train_helpers import ROOT, losses, read_metrics, tiny_config
+from train_helpers import ROOT, losses, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,8 @@ class _Preemption:
 class _JsonlWriter:
   """WORKDIR/metrics.jsonl: one object per log event (what `jest-pod plot` reads)."""
 
-  def __init__(self, workdir, enabled):
-    self.path = epath.Path(workdir) / "metrics.jsonl"
+  def __init__(self, workdir, enabled, name="metrics.jsonl"):
+    self.path = epath.Path(workdir) / name
     self.enabled = enabled
 
   def write(self, record):
@@ -110,6 +110,23 @@ def _to_global(host_batch, sharding):
         v = (v & 0x7FFFFFFF).astype(np.int32)
       out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+def _host_array(x) -> np.ndarray:
+  """A global jax array as one numpy array on every host (a collective when the array
+  spans processes: every process must call it at the same point)."""
+  if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _process_sum(value: int) -> int:
+  """Sum of a host-side count over all processes (a collective)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int64))))
 
 
 def _needs(score):
@@ -219,6 +236,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not primary,
                                                 asynchronous=False)
   jsonl = _JsonlWriter(workdir, primary)
+  # The global `index` of each selected row, per step (later lines win after a resume).
+  ids_log = _JsonlWriter(workdir, primary, name="selected_ids.jsonl")
+  log_ids = bool(config.get("log_selected_ids", False)) and s.method != "uniform"
   preemption = _Preemption()
   preemption.install()
   examples = start * b
@@ -251,7 +271,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t3 = time.perf_counter()
         timings["scoring"] += t2 - t1
         timings["selection"] += t3 - t2
-        t1 = t3
+        if log_ids:  # int32 on device (low 31 bits of the id), sharded over the hosts
+          ids = _host_array(batch["index"])
+          ids_log.write({"step": step + 1, "ids": [int(i) for i in ids]})
+        t1 = time.perf_counter()
       state, metrics = train_step(state, batch)
       loss = float(metrics["train/loss"])  # one sync per step: catches NaN at once
       param_norm = float(metrics["train/param_norm"])
@@ -282,7 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         total_t = sum(timings.values()) or 1.0
         scalars.update({"progress/examples": examples, "progress/flops": flops_done,
                         "progress/steps_per_sec": rate, "progress/examples_per_sec": rate * b,
-                        "data/skipped_records": skipped})
+                        "data/skipped_records": _process_sum(skipped)})
         scalars.update({f"time/{k}_fraction": v / total_t for k, v in timings.items()})
         writer.write_scalars(done, scalars)
         jsonl.write({"step": done, "examples": examples, "flops": flops_done, **scalars})
@@ -320,8 +343,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _source_shares(selected_source, pool_source, names):
   """Share of each source (origin / damage kind) among selected rows and in the pool."""
-  sel = np.asarray(jax.device_get(selected_source))
-  pool = np.asarray(jax.device_get(pool_source))
+  sel = _host_array(selected_source)  # every process calls this (a collective)
+  pool = _host_array(pool_source)
   out = {}
   for i, name in enumerate(names):
     key = name.replace(":", "/")
@@ -351,10 +374,16 @@ def main(argv: list[str]) -> int:
           "--config configs/siglip.py:runlocal --workdir /tmp/siglip", file=sys.stderr)
     return 2
   setup_logging()
+  from jest_pod import distributed
   try:
-    train(fv.config, fv.workdir)
+    train(fv.config, fv.workdir)  # also returns after a SIGTERM-triggered checkpoint
   except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged) as e:
+    # Raised alike on every host (config checks, replicated loss): leave together.
     log.error("%s", e)
     print(f"jest-pod train: error: {e}", file=sys.stderr)
+    distributed.shutdown()
     return 1
+  # A barrier with the other processes, so none races through JAX's atexit teardown
+  # while another still runs (the coordinator would log "another task died").
+  distributed.shutdown()
   return 0
