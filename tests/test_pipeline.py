@@ -173,9 +173,9 @@ def test_two_hosts_split_the_global_order(tmp_path):
   assert not set(host0.ravel()) & set(host1.ravel())
   assert sorted(np.concatenate([host0.ravel(), host1.ravel()])) == list(range(40))
   for s in range(steps):
-    # Same global order: host p's k-th example of a step is the single host's p + 2k.
-    np.testing.assert_array_equal(host0[s], single[s][0::2])
-    np.testing.assert_array_equal(host1[s], single[s][1::2])
+    # Same global order: host p holds the p-th contiguous half of the single host's batch.
+    np.testing.assert_array_equal(host0[s], single[s][:gb // 2])
+    np.testing.assert_array_equal(host1[s], single[s][gb // 2:])
 
 
 def test_eval_iterator_pads_and_slices(toy_bad):

@@ -19,8 +19,11 @@ Decode sits before `to_iter_dataset` (not after, as in MaxText) so that Grain's 
 threads run it in parallel; the shuffled order is unchanged.
 
 Determinism: with worker_count 0, host p's batch at step s holds global positions
-{s·B + p + k·P}, so the union over hosts is the single-host batch of B (tested with two
-real processes). With workers, each worker batches its own slice, so the order depends
+{s·B + p·b + k : k < b} (b = B/P): the p-th contiguous block of the single-host batch.
+`make_array_from_process_local_data` places host p's rows at exactly those global rows,
+so the global batch — and hence JEST's choice, whose noise is keyed by global row — is
+the same on any number of hosts (tested with two real processes, and end to end in
+tests/test_multihost.py). With workers, each worker batches its own slice, so the order depends
 on worker_count (deterministic for a fixed count; keep it fixed across a resume).
 
 `input_config.data` may also be `"virtual:N"` (see `virtual.py`): N records made from
@@ -266,12 +269,32 @@ def _component_seed(seed: int, c: int) -> int:
 # Training.
 
 
+class _HostBlocks(grain.MapDataset):
+  """Local position m -> global position (m // b)·b·P + p·b + m % b: host p reads the
+  p-th block of b rows of every global batch of b·P."""
+
+  def __init__(self, parent, p, pc, b):
+    super().__init__(parent)
+    self.p, self.pc, self.b = p, pc, b
+
+  def __len__(self):
+    return len(self._parent) // self.pc
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    q, r = divmod(index, self.b)
+    return self._parent[(q * self.pc + self.p) * self.b + r]
+
+
 def train_map_dataset(input_config, *, seed: int, process_index: int,
-                      process_count: int) -> grain.MapDataset:
+                      process_count: int, block: int = 1) -> grain.MapDataset:
   """This host's infinite, shuffled, decoded examples (before `_SkipBad` and batching).
 
-  Position k is global position process_index + k·process_count. Exposed for tests and
-  for computing what any position holds without iterating to it.
+  With block = 1, position k is global position process_index + k·process_count; with
+  block = b (what training uses), host p reads the p-th block of b rows of every global
+  batch of b·process_count. Exposed for tests and for computing what any position holds
+  without iterating to it.
   """
   comps = _components(input_config)
   tok = _tokenizer(input_config.get("tokenizer", ""), comps[0][0])
@@ -286,7 +309,10 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
     ds = datasets[0]
   else:
     ds = grain.MapDataset.mix(datasets, [w for _, w in comps])
-  ds = ds[process_index::process_count]
+  if block == 1:
+    ds = ds[process_index::process_count]
+  else:
+    ds = _HostBlocks(ds, process_index, process_count, block)
   return ds.map(_Decode(input_config.image_size, input_config.max_text_len, tok, source_ids))
 
 
@@ -304,7 +330,8 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
     raise ValueError(f"global batch {global_batch_size} is not divisible by the "
                      f"{pc} processes: each host must read the same number of examples")
   b = global_batch_size // pc
-  ds = train_map_dataset(input_config, seed=seed, process_index=pi, process_count=pc)
+  ds = train_map_dataset(input_config, seed=seed, process_index=pi, process_count=pc,
+                         block=b)
   # Threads decode ahead; a buffer of ~2 batches keeps memory bounded at large images.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4,
                                             prefetch_buffer_size=min(2 * b, 1024)))

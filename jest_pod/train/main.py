@@ -162,6 +162,23 @@ def load_reference(config, mesh):
   return ref_config, ref_model, ref_params
 
 
+def _open_reference_cache(config):
+  from jest_pod.data import reference_cache
+  if config.input.get("mixture"):
+    raise ValueError("config.selection.reference_cache works with one data set "
+                     "(config.input.data), not a mixture: the cache is indexed by record")
+  return reference_cache.ReferenceCache(config.selection.reference_cache, config.input.data)
+
+
+def _cached_embeddings(cache, index, sharding):
+  from jest_pod.selection import Embeddings
+  image, text = cache.lookup(index)
+  return Embeddings(image=jax.make_array_from_process_local_data(sharding, image),
+                    text=jax.make_array_from_process_local_data(sharding, text),
+                    temperature=jax.numpy.float32(cache.temperature),
+                    bias=jax.numpy.float32(cache.bias))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) a training run. Returns the last logged metrics."""
   # ---------------------------------------------------------------- setup
@@ -210,8 +227,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- reference
   need_learner, need_ref = _needs(s.score)
-  ref_config, ref_params, embed_ref = None, None, None
-  if s.method != "uniform" and need_ref:
+  ref_config, ref_params, embed_ref, ref_cache = None, None, None, None
+  if s.method != "uniform" and need_ref and s.reference_cache:
+    ref_cache = _open_reference_cache(config)
+  elif s.method != "uniform" and need_ref:
     ref_config, ref_model, ref_params = load_reference(config, mesh)
     embed_ref = jax.jit(step_lib.make_embed_fn(ref_model, None))
 
@@ -224,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     score_patch = config.flexi.score_patch_size or config.model.image["patch_size"]
     embed_learner = jax.jit(step_lib.make_embed_fn(model, score_patch)) if need_learner else None
     select = jax.jit(step_lib.make_select_fn(config, mesh, num_select=b))
-  step_flops = flops_lib.step_flops(config, ref_config)
+  step_flops = flops_lib.step_flops(config, ref_config, reference_cached=ref_cache is not None)
 
   evaluators = []
   if config.evals:
@@ -262,7 +281,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = super_batch
       else:
         lemb = embed_learner(state["params"], super_batch) if need_learner else None
-        remb = embed_ref(ref_params, super_batch) if need_ref else None
+        if ref_cache is not None:  # cached θ* embeddings, looked up by example index
+          remb = _cached_embeddings(ref_cache, host_batch["index"], batch_sharding)
+        else:
+          remb = embed_ref(ref_params, super_batch) if need_ref else None
         jax.block_until_ready((lemb, remb))
         t2 = time.perf_counter()
         batch, _, select_metrics = select(jax.random.fold_in(select_rng, step), lemb, remb,
