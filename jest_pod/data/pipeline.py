@@ -403,5 +403,6 @@ def make_eval_iterator(data_dir: str, *, batch_size: int, image_size: int,
   ds = (grain.MapDataset.range(num_batches * batch_size)
         .map(_EvalRead(source, pi, pc)).map(_EvalDecode(decode))
         .batch(batch_size))
+  # The buffer holds elements (batches here): at least one per read thread, or Grain warns.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4,
-                                                   prefetch_buffer_size=2)))
+                                                   prefetch_buffer_size=4)))

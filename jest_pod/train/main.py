@@ -86,6 +86,19 @@ class _JsonlWriter:
     self.path = epath.Path(workdir) / name
     self.enabled = enabled
 
+  def drop_after(self, step):
+    """On resume: forget events logged after the checkpoint we resume from (they will be
+    logged again), so every step appears once."""
+    if self.enabled and self.path.exists():
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:
+          if json.loads(line).get("step", 0) <= step:
+            kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+          pass
+      self.path.write_text("".join(kept))
+
   def write(self, record):
     if self.enabled:
       with self.path.open("a") as f:
@@ -257,6 +270,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   jsonl = _JsonlWriter(workdir, primary)
   # The global `index` of each selected row, per step (later lines win after a resume).
   ids_log = _JsonlWriter(workdir, primary, name="selected_ids.jsonl")
+  jsonl.drop_after(start)
+  ids_log.drop_after(start)
   log_ids = bool(config.get("log_selected_ids", False)) and s.method != "uniform"
   preemption = _Preemption()
   preemption.install()

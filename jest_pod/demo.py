@@ -1,0 +1,432 @@
+"""`jest-pod demo`: uniform SigLIP vs JEST on real offline data, end to end on a CPU.
+
+  jest-pod demo [--data data/demo] [--workdir workdirs/demo] [--quick]
+
+Stages (each resumable; a finished one is skipped, so Ctrl-C and rerun continues):
+  1. data       `jest-pod data build demo` into --data (a no-op when built)
+  2. tokenizer  sentencepiece on the web pool's captions (vocab ≤ the model's 1024)
+  3. reference  configs/reference.py on the curated set → WORKDIR/reference
+  4. uniform    configs/siglip.py on the web pool → WORKDIR/uniform
+  5. jest       configs/jest.py (joint, learnability, f=0.8, Flexi-JEST: score at 2p,
+                train half at p, half at 2p) → WORKDIR/jest
+  6. report     table + WORKDIR/demo_results.json + WORKDIR/demo_curves.png
+
+Both learners start from the same initialisation (same seed and towers) and train on the
+same number of examples (steps × B); the zero-shot (eval_fashion) and retrieval
+(eval_retrieval) evaluators run as they train. FLOPs are the trainer's count of every
+pass (training, learner scoring, reference forward); the reference's own training FLOPs
+are reported beside them. `--quick` is the same pipeline on a `--limit 600` build
+(DATA_quick) with fewer steps, for smoke tests (≤ 3 min on a 2-core CPU).
+
+On a CPU the demo runs on 2 XLA CPU devices when the machine has ≥ 2 cores (measured with
+`jest-pod bench step` on a 2-core machine: uniform step 0.073 s vs 0.121 s, JEST step
+0.349 s vs 0.419 s on JAX's default single device); `--devices N` overrides, 0 keeps
+JAX's default. Measured from scratch on a shared 2-core CPU: full 8m00s, --quick 2m40s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a demo run trains; saved in WORKDIR/demo_plan.json so a rerun resumes the same."""
+  scale: str
+  limit: int | None       # data build --limit (None: the full demo data)
+  batch: int              # B, the same for all three runs
+  reference_steps: int
+  steps: int              # per learner: both see steps × B training examples
+  evals: int              # evaluations per run (plus the last step)
+  vocab: int = 1024
+
+
+PLANS = {
+    # Measured 8m00s from scratch on a 2-core CPU (data build 53 s included).
+    "full": Plan("full", None, 64, 400, 300, 6),
+    "quick": Plan("quick", 600, 64, 80, 60, 3),
+    # Tests only (hidden): seconds of training on a --limit 60 build.
+    "smoke": Plan("smoke", 60, 16, 3, 4, 2),
+}
+# Rough cost model for the ETA (2-core CPU, 2 devices): seconds per step incl. evals,
+# plus start-up and compilation per run; corrected by the speed of finished stages.
+_SEC_PER_STEP = {"reference": 0.25, "uniform": 0.25, "jest": 0.8}
+_RUN_OVERHEAD = 25.0
+_DATA_SECONDS = {None: 90.0}
+
+
+def _fmt(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  s = int(round(seconds))
+  return f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+  """Stage k/N, elapsed, estimated remaining (the estimate learns from finished stages)."""
+
+  def __init__(self, stages: list[tuple[str, float]]):
+    self.stages = stages  # (name, estimated seconds)
+    self.t0 = time.time()
+    self.done_est = self.done_real = 0.0
+    self.k = 0
+
+  def _remaining(self, from_k: int) -> float:
+    speed = self.done_real / self.done_est if self.done_est > 0 else 1.0  # slower machine?
+    return sum(e for _, e in self.stages[from_k:]) * speed
+
+  def start(self, k: int, note: str = ""):
+    self.k, self.t_stage = k, time.time()
+    name = self.stages[k][0]
+    print(f"[demo] stage {k + 1}/{len(self.stages)} {name}{': ' + note if note else ''} | "
+          f"elapsed {_fmt(time.time() - self.t0)} | est. remaining "
+          f"{_fmt(self._remaining(k))}", flush=True)
+
+  def finish(self, skipped: bool = False):
+    took = time.time() - self.t_stage
+    # Only training stages calibrate the estimate: skipped ones and the data build say
+    # little about this machine's training speed.
+    if not skipped and self.stages[self.k][0] in _SEC_PER_STEP:
+      self.done_est += self.stages[self.k][1]
+      self.done_real += took
+    name = self.stages[self.k][0]
+    state = "skipped (already done)" if skipped else f"done in {_fmt(took)}"
+    print(f"[demo] stage {self.k + 1}/{len(self.stages)} {name} {state} | elapsed "
+          f"{_fmt(time.time() - self.t0)} | est. remaining {_fmt(self._remaining(self.k + 1))}",
+          flush=True)
+
+
+def _set_cpu_devices(n: int) -> None:
+  """Ask for n XLA CPU devices; only possible before JAX's backend starts."""
+  if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  import jax
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError:
+    pass  # backend already initialised (e.g. inside tests): keep what it has
+
+
+def _load_config(name: str, arg: str, plan: Plan):
+  from jest_pod import config as config_lib
+  c = config_lib.sibling_config(os.path.join(CONFIGS, name), name, arg)
+  every = max(1, c.total_steps // plan.evals)
+  for ev in c.evals.values():
+    ev.every_steps = every
+  if plan.scale == "smoke":  # tests: the smallest towers that compile fast
+    c.log_every, c.ckpt_every = 1, 2
+    c.optax.warmup_steps = 1
+    c.model.image.update(width=32, depth=1, mlp_dim=64)
+    c.model.text.update(width=32, depth=1, mlp_dim=64)
+  elif plan.scale == "quick":
+    c.log_every, c.ckpt_every = 10, 20
+    c.optax.warmup_steps = 10
+  return c
+
+
+def _run_configs(plan: Plan, data: str, workdir: str) -> dict:
+  common = f"runlocal,data={data},batch={plan.batch}"
+  ref_dir = os.path.join(workdir, "reference")
+  return {
+      "reference": _load_config("reference.py", f"{common},steps={plan.reference_steps}", plan),
+      "uniform": _load_config("siglip.py", f"{common},steps={plan.steps}", plan),
+      "jest": _load_config("jest.py", f"{common},steps={plan.steps},method=joint,"
+                           f"score=learnability,f=0.8,flexi=1,reference={ref_dir}", plan),
+  }
+
+
+def _done_marker(run_dir: str) -> str:
+  return os.path.join(run_dir, "demo_done.json")
+
+
+def _train_stage(config, run_dir: str) -> bool:
+  """Trains (or resumes) one run; returns False when it stopped early (preempted)."""
+  from jest_pod.train import main as train_main
+  last = train_main.train(config, run_dir)
+  if last.get("preempted"):
+    return False
+  with open(_done_marker(run_dir), "w") as f:
+    json.dump({"steps": config.total_steps, "time": time.time()}, f)
+  return True
+
+
+# ------------------------------------------------------------------ report
+
+def _events(run_dir: str) -> list[dict]:
+  """metrics.jsonl without events a resumed run logged twice (the last copy wins)."""
+  from jest_pod import plot
+  by_key = {}
+  for e in plot.read_metrics(run_dir):
+    key = (e.get("step"), tuple(sorted(k for k in e if "/" in k)))
+    by_key[key] = e
+  return sorted(by_key.values(), key=lambda e: e.get("step", 0))
+
+
+def _metric_key(events, prefix: str, suffix: str) -> str | None:
+  keys = sorted({k for e in events for k in e if k.startswith(prefix) and k.endswith(suffix)})
+  return keys[0] if keys else None
+
+
+def _final(events, key):
+  vals = [e for e in events if key and key in e]
+  return (vals[-1][key], vals[-1]["step"]) if vals else (float("nan"), 0)
+
+
+def _summarise(name: str, run_dir: str, config) -> dict:
+  from jest_pod import config as config_lib
+  events = _events(run_dir)
+  keys = {"zero_shot_top1": _metric_key(events, "z/0shot/", "_top1"),
+          "img2txt_recall@1": _metric_key(events, "z/retr/", "_img2txt_recall@1"),
+          "txt2img_recall@1": _metric_key(events, "z/retr/", "_txt2img_recall@1")}
+  last = events[-1] if events else {}
+  out = {"run_dir": run_dir, "method": config.selection.method,
+         "steps": last.get("step", 0), "batch": config.batch_size,
+         "super_batch": config_lib.num_super_batch(config),
+         "examples": last.get("examples", 0), "flops": last.get("flops", 0.0),
+         "metric_keys": keys}
+  out["examples_scored"] = out["steps"] * out["super_batch"] if name == "jest" else 0
+  for short, key in keys.items():
+    out[short] = _final(events, key)[0]
+  return out
+
+
+def _examples_to_reach(run_dir: str, key: str, target: float):
+  """(examples, flops) at the first evaluation where `key` ≥ target, else None."""
+  for e in _events(run_dir):
+    if key in e and e[key] >= target:
+      return e["examples"], e["flops"]
+  return None
+
+
+def _plot(workdir: str, runs: dict, path: str) -> str:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from jest_pod import plot
+  panels = [("zero_shot_top1", "examples", "zero-shot top-1 (eval_fashion)"),
+            ("img2txt_recall@1", "examples", "retrieval recall@1 image→text"),
+            ("zero_shot_top1", "flops", "zero-shot top-1 vs FLOPs")]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=110)
+  for ax, (short, x, title) in zip(axes, panels):
+    for name in ("uniform", "jest"):
+      r = runs[name]
+      key = r["metric_keys"][short]
+      if not key:
+        continue
+      events = plot.read_metrics(r["run_dir"])
+      xs, ys = plot.curve(events, key, x, r["run_dir"])
+      label = plot.describe_run(plot.read_config(r["run_dir"])) or name
+      if name == "jest":
+        label = "JEST " + label + " (Flexi)"
+      ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, label=label)
+    if x == "flops":
+      # JEST's FLOPs with the reference's training added: the critics' accounting.
+      ref_flops = runs["reference"]["flops"]
+      key = runs["jest"]["metric_keys"][short]
+      if key:
+        xs, ys = plot.curve(plot.read_metrics(runs["jest"]["run_dir"]), key, x)
+        ax.plot([v + ref_flops for v in xs], ys, linestyle="--", linewidth=1.2,
+                label="JEST + reference training")
+    ax.set_xlabel(plot.X_LABELS[x])
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"jest-pod demo: uniform vs JEST on the demo web pool ({workdir})", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
+  """Prints the table; writes WORKDIR/demo_results.json and WORKDIR/demo_curves.png."""
+  runs = {name: _summarise(name, os.path.join(workdir, name), configs[name])
+          for name in ("reference", "uniform", "jest")}
+  ref_flops = runs["reference"]["flops"]
+  runs["jest"]["flops_incl_reference_training"] = runs["jest"]["flops"] + ref_flops
+  u, j = runs["uniform"], runs["jest"]
+  reach = {}
+  for short in ("zero_shot_top1", "img2txt_recall@1", "txt2img_recall@1"):
+    key = j["metric_keys"][short]
+    hit = _examples_to_reach(j["run_dir"], key, u[short]) if key else None
+    reach[short] = ({"examples": hit[0], "flops": hit[1],
+                     "flops_incl_reference_training": hit[1] + ref_flops}
+                    if hit else None)
+  lines = [
+      f"{'run':<10} {'zero-shot':>9} {'R@1 i→t':>8} {'R@1 t→i':>8} {'examples':>9} "
+      f"{'scored':>8} {'FLOPs':>9} {'FLOPs+ref':>9}",
+  ]
+  lines.append("-" * len(lines[0]))
+  for name in ("uniform", "jest", "reference"):
+    r = runs[name]
+    plus = r.get("flops_incl_reference_training", r["flops"] if name == "uniform" else None)
+    lines.append(f"{name:<10} {r['zero_shot_top1']:>9.3f} {r['img2txt_recall@1']:>8.3f} "
+                 f"{r['txt2img_recall@1']:>8.3f} {r['examples']:>9d} "
+                 f"{r['examples_scored']:>8d} {r['flops']:>9.3g} "
+                 f"{(f'{plus:.3g}' if plus is not None else '-'):>9}")
+  table = "\n".join(lines)
+  notes = [
+      "examples = training examples (steps × B); scored = super-batch examples JEST "
+      "scored (steps × N).",
+      "FLOPs = every pass the run made (training, learner scoring at 2p, reference "
+      "forward); FLOPs+ref adds the reference's own training "
+      f"({ref_flops:.3g} FLOPs on the curated set; reference row: trained on curated, "
+      "evaluated on the same held-out sets).",
+  ]
+  for short, hit in reach.items():
+    if hit:
+      notes.append(f"JEST reached uniform's final {short} ({u[short]:.3f}) after "
+                   f"{hit['examples']} examples ({hit['examples'] / max(u['examples'], 1):.0%} "
+                   f"of uniform's), {hit['flops']:.3g} FLOPs "
+                   f"({hit['flops'] / max(u['flops'], 1):.2f}× uniform's; "
+                   f"{hit['flops_incl_reference_training'] / max(u['flops'], 1):.2f}× with "
+                   "reference training)")
+    else:
+      notes.append(f"JEST did not reach uniform's final {short} ({u[short]:.3f}) "
+                   "within the run")
+  png = _plot(workdir, runs, os.path.join(workdir, "demo_curves.png"))
+  results = {"plan": dataclasses.asdict(plan), "runs": runs, "jest_reaches_uniform": reach,
+             "table": table, "notes": notes, "stage_seconds": timings,
+             "curves_png": png}
+  with open(os.path.join(workdir, "demo_results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print("\n" + table)
+  for n in notes:
+    print("  " + n)
+  print(f"\ncurves: {png}\nresults: {os.path.join(workdir, 'demo_results.json')}")
+  return results
+
+
+# ------------------------------------------------------------------ main
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog="jest-pod demo", description=__doc__.split("\n\n")[0],
+                              epilog="Interrupt and rerun the same command to continue.")
+  p.add_argument("--data", default="data/demo", help="demo data root (built if missing)")
+  p.add_argument("--workdir", default=None,
+                 help="runs, table and figure (default workdirs/demo, workdirs/demo_quick)")
+  p.add_argument("--quick", action="store_true", help="small data and steps (≤ 3 min)")
+  p.add_argument("--devices", type=int, default=-1,
+                 help="XLA CPU devices (-1: 2 if ≥ 2 cores, 0: JAX's default)")
+  p.add_argument("--scale", choices=sorted(PLANS), default=None, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  scale = args.scale or ("quick" if args.quick else "full")
+  plan = PLANS[scale]
+  data = args.data if plan.limit is None else f"{args.data.rstrip('/')}_{scale}"
+  workdir = args.workdir or ("workdirs/demo" if scale == "full" else f"workdirs/demo_{scale}")
+  os.makedirs(workdir, exist_ok=True)
+  plan_path = os.path.join(workdir, "demo_plan.json")
+  want = {**dataclasses.asdict(plan), "data": os.path.abspath(data)}
+  if os.path.exists(plan_path):
+    with open(plan_path) as f:
+      have = json.load(f)
+    if have != want:  # resuming someone else's runs would mix two demos
+      print(f"jest-pod demo: {workdir} holds a demo with another plan ({have}); use another "
+            "--workdir or delete it", file=sys.stderr)
+      return 2
+  else:
+    with open(plan_path, "w") as f:
+      json.dump(want, f, indent=2)
+  devices = args.devices if args.devices >= 0 else (2 if (os.cpu_count() or 1) >= 2 else 1)
+  _set_cpu_devices(devices)
+
+  from jest_pod.train import main as train_main
+  train_main.setup_logging()
+  import logging
+  logging.getLogger("jest_pod.data").setLevel(logging.INFO)
+
+  data_built = os.path.exists(os.path.join(data, "web", "manifest.json"))
+  tok_path = os.path.join(data, "web", "tokenizer.model")
+  est = {"data": 1.0 if data_built else _DATA_SECONDS.get(plan.limit, 10.0),
+         "tokenizer": 0.0 if os.path.exists(tok_path) else 5.0,
+         "reference": _RUN_OVERHEAD + plan.reference_steps * _SEC_PER_STEP["reference"],
+         "uniform": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["uniform"],
+         "jest": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["jest"],
+         "report": 3.0}
+  for name in ("reference", "uniform", "jest"):
+    if os.path.exists(_done_marker(os.path.join(workdir, name))):
+      est[name] = 0.0
+  progress = Progress(list(est.items()))
+  timings_path = os.path.join(workdir, "demo_stage_seconds.json")
+  timings = {}
+  if os.path.exists(timings_path):
+    with open(timings_path) as f:
+      timings = json.load(f)
+
+  def record(name, seconds):
+    timings[name] = timings.get(name, 0.0) + seconds  # summed over interrupted attempts
+    with open(timings_path, "w") as f:
+      json.dump(timings, f, indent=2)
+
+  import jax
+  print(f"[demo] plan {scale}: B={plan.batch}, reference {plan.reference_steps} steps, "
+        f"uniform and JEST {plan.steps} steps each ({plan.steps * plan.batch} examples); "
+        f"data {data}; workdir {workdir}; {jax.device_count()} {jax.devices()[0].platform} "
+        "device(s)", flush=True)
+
+  # 1. data
+  progress.start(0, data)
+  t = time.time()
+  from jest_pod.data import builders
+  builders.build("demo", data, limit=plan.limit)
+  if not data_built:
+    record("data", time.time() - t)
+  progress.finish(skipped=data_built)
+
+  # 2. tokenizer
+  progress.start(1, tok_path)
+  if os.path.exists(tok_path):
+    progress.finish(skipped=True)
+  else:
+    t = time.time()
+    from jest_pod.data import tokenizer as tok_lib
+    tok_lib.main(["--data", os.path.join(data, "web"), "--vocab-size", str(plan.vocab)])
+    record("tokenizer", time.time() - t)
+    progress.finish()
+
+  # 3-5. reference, uniform, JEST
+  configs = _run_configs(plan, data, workdir)
+  for k, name in enumerate(("reference", "uniform", "jest"), start=2):
+    run_dir = os.path.join(workdir, name)
+    progress.start(k, run_dir)
+    if os.path.exists(_done_marker(run_dir)):
+      progress.finish(skipped=True)
+      continue
+    t = time.time()
+    finished = _train_stage(configs[name], run_dir)
+    record(name, time.time() - t)
+    if not finished:
+      print("[demo] stopped early (signal): rerun the same command to continue", flush=True)
+      return 1
+    progress.finish()
+
+  # 6. report
+  progress.start(5)
+  t = time.time()
+  results = report(plan, workdir, configs, timings)
+  record("report", time.time() - t)
+  progress.finish()
+  total = sum(timings.values())
+  results["stage_seconds"] = timings
+  with open(os.path.join(workdir, "demo_results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"[demo] done: {_fmt(total)} of work in all stages (this invocation "
+        f"{_fmt(time.time() - progress.t0)})", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

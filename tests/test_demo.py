@@ -1,0 +1,39 @@
+"""`jest-pod demo` orchestration on a --limit 60 build with a few steps (hidden --scale smoke)."""
+
+import json
+import os
+
+from jest_pod import demo
+
+
+def test_demo_smoke_runs_all_stages_and_resumes(tmp_path, capsys):
+  data, workdir = str(tmp_path / "data"), str(tmp_path / "wd")
+  argv = ["--scale", "smoke", "--data", data, "--workdir", workdir]
+  assert demo.main(argv) == 0
+  out = capsys.readouterr().out
+  for k, stage in enumerate(("data", "tokenizer", "reference", "uniform", "jest", "report"), 1):
+    assert f"stage {k}/6 {stage}" in out
+  assert "est. remaining" in out and "zero-shot" in out
+  assert os.path.exists(os.path.join(data + "_smoke", "web", "tokenizer.model"))
+  results = json.load(open(os.path.join(workdir, "demo_results.json")))
+  runs = results["runs"]
+  plan = demo.PLANS["smoke"]
+  # Same number of training examples for both learners; JEST also scored N per step.
+  assert runs["uniform"]["examples"] == runs["jest"]["examples"] == plan.steps * plan.batch
+  assert runs["jest"]["examples_scored"] == plan.steps * runs["jest"]["super_batch"]
+  assert runs["jest"]["flops"] > runs["uniform"]["flops"] > 0
+  assert runs["jest"]["flops_incl_reference_training"] > runs["jest"]["flops"]
+  for name in ("uniform", "jest"):
+    assert 0.0 <= runs[name]["zero_shot_top1"] <= 1.0
+    assert 0.0 <= runs[name]["img2txt_recall@1"] <= 1.0
+  assert os.path.getsize(os.path.join(workdir, "demo_curves.png")) > 1000
+
+  # A rerun skips every finished stage and rewrites the report.
+  assert demo.main(argv) == 0
+  out = capsys.readouterr().out
+  for k, stage in enumerate(("data", "tokenizer", "reference", "uniform", "jest"), 1):
+    assert f"stage {k}/6 {stage} skipped (already done)" in out
+  assert "stage 6/6 report done" in out
+
+  # Another plan in the same workdir is refused rather than mixed.
+  assert demo.main(["--quick", "--data", data, "--workdir", workdir]) == 2
