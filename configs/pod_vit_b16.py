@@ -4,6 +4,11 @@
       --config configs/pod_vit_b16.py:data=gs://BUCKET/web,reference=gs://BUCKET/ref_b16 \
       --workdir gs://BUCKET/jest/b16_f80
 
+What every worker then runs (and what a CPU shape check runs, with `runlocal`):
+
+  jest-pod train --config configs/pod_vit_b16.py:data=gs://BUCKET/web,reference=gs://BUCKET/ref_b16 \
+      --workdir gs://BUCKET/jest/b16_f80
+
 The same file trains the reference (method=uniform on the curated set) and the uniform
 SigLIP baseline (method=uniform). Arguments (comma-separated): data=DIR (web pool),
 method=joint|independent|uniform, score=..., f=0.8, reference=DIR, steps=N, batch=B,
@@ -46,7 +51,7 @@ def get_config(arg=None):
   c.sharding_rules = ((".*(kernel|embedding)$", "fsdp"), (".*", "replicate"))
   c.log_every, c.ckpt_every, c.keep_ckpts = 50, 1000, 3
   if a.runlocal:  # shape check on a CPU: same code paths, toy sizes
-    c.batch_size, c.total_steps = 64, 4
+    c.batch_size, c.total_steps = 64, a.steps or 4
     c.input.image_size = c.model.image_size = 64
     c.input.worker_count = 0
     c.model.dtype = "float32"

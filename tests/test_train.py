@@ -135,3 +135,18 @@ def test_missing_reference_is_a_clear_error_before_training(toy, tmp_path):
   from jest_pod.checkpoint import CheckpointError
   with pytest.raises(CheckpointError, match="reference.*does not exist"):
     train_main.train(config, str(tmp_path / "run"))
+
+
+def test_pod_config_shapes_train_with_fsdp_sharding(toy, tmp_path):
+  """configs/pod_vit_b16.py:runlocal — the pod's code path (fsdp=2 parameter sharding,
+  Flexi patches 16/32) on toy-sized towers."""
+  from jest_pod import config as config_lib
+  config = config_lib.sibling_config(os.path.join(ROOT, "configs", "pod_vit_b16.py"),
+                                     "pod_vit_b16.py", "runlocal,method=uniform,steps=2")
+  config.input.data = toy
+  config.batch_size, config.input.max_text_len = 16, 12
+  config.model.text["vocab_size"], config.model.text["max_len"] = 64, 12
+  config.flexi.score_patch_size = 0
+  config.evals = {}
+  last = train_main.train(config, str(tmp_path))
+  assert np.isfinite(last["train/loss"]) and last["step"] == 2
