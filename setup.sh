@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  echo "setup.sh: installing jest_pod and its pinned dependencies (about a minute, 2.3 GB)"
+  echo "setup.sh: installing jest_pod and its pinned dependencies (about a minute, 2.4 GB)"
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[test]'
   rm -f .venv/.installed-* && touch "$stamp"

@@ -13,7 +13,7 @@ The same file trains the reference (method=uniform on the curated set) and the u
 SigLIP baseline (method=uniform). Arguments (comma-separated): data=DIR (web pool),
 method=joint|independent|uniform, score=..., f=0.8, reference=DIR, steps=N, batch=B,
 fsdp=K (parameter sharding over K devices; 1 = pure data parallel).
-Flexi-JEST: the learner scores at patch 32 (49 tokens, ~72% fewer FLOPs than 16) and
+Flexi-JEST: the learner scores at patch 32 (49 tokens; the paper reports ~72% fewer FLOPs than 16) and
 trains half the batch at 16 and half at 32.
 """
 

@@ -58,8 +58,9 @@ def write_dataset(data_dir: str, n: int, *, num_shards: int = 2, origin: str = "
       sha = hashlib.sha256(f.read()).hexdigest()
     shards.append({"file": name, "num_records": int(bounds[s + 1] - bounds[s]), "sha256": sha})
   sources = [origin, f"{origin}:junk_image"]
+  counts = {src: sum(toy_record(i, origin).source == src for i in range(n)) for src in sources}
   manifest = {"name": origin, "num_examples": n, "shards": shards, "skipped": {},
-              "sources": sources, "source_counts": {}, "class_names": COLOURS,
+              "sources": sources, "source_counts": counts, "class_names": COLOURS,
               "image_max_side": 12, "created_by": "tests/helpers_data.py"}
   with open(os.path.join(data_dir, "manifest.json"), "w") as f:
     json.dump(manifest, f)

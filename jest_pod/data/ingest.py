@@ -63,15 +63,10 @@ class OutputNotEmptyError(RuntimeError):
 # Images.
 
 
-def _flatten_on_white(im: Image.Image) -> Image.Image:
+def flatten_on_white(im: Image.Image) -> Image.Image:
   """RGBA -> RGB, transparent pixels white (clip art and emoji have alpha)."""
   bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
   return Image.alpha_composite(bg, im).convert("RGB")
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-  """Any PIL mode -> RGB; transparent pixels become white."""
-  return fit(im, max(im.size))
 
 
 def fit(im: Image.Image, max_side: int) -> Image.Image:
@@ -97,7 +92,7 @@ def fit(im: Image.Image, max_side: int) -> Image.Image:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     im = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
   if im.mode == "RGBa":
-    return _flatten_on_white(im.convert("RGBA"))
+    return flatten_on_white(im.convert("RGBA"))
   return im.convert("RGB")
 
 

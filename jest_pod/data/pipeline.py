@@ -33,7 +33,6 @@ their index, to measure the pipeline at 2^33 records.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -46,6 +45,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jest_pod.data import ingest
+from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records, virtual
 from jest_pod.data import tokenizer as tokenizer_lib
 
@@ -69,33 +70,20 @@ def default_input_config() -> ml_collections.ConfigDict:
 # Data sets: folders and the virtual source.
 
 
-def _read_manifest(data_dir: str) -> dict:
-  path = os.path.join(data_dir, "manifest.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{data_dir!r} is not a data set folder: no manifest.json. Build one with "
-        f"`jest-pod data ...` (see README) or check config.input.data / mixture.")
-  with open(path) as f:
-    return json.load(f)
-
-
 def _names(spec: str) -> list[str]:
   if virtual.is_virtual(spec):
     return list(virtual.SOURCES)
-  return list(_read_manifest(spec).get("sources", []))
+  return list(manifest_lib.read(spec).get("sources", []))
 
 
 def open_source(spec: str):
   """A data set spec -> (grain random-access source, source names [str])."""
   if virtual.is_virtual(spec):
     return virtual.parse(spec), _names(spec)
-  manifest = _read_manifest(spec)
+  manifest = manifest_lib.read(spec)  # validated: listed shards exist, counts agree
   paths = [os.path.join(spec, s["file"]) for s in manifest["shards"] if s["num_records"] > 0]
   if not paths:
     raise ValueError(f"data set {spec!r} has no records (manifest lists no non-empty shard)")
-  for p in paths:
-    if not os.path.exists(p):
-      raise FileNotFoundError(f"shard {p} listed in {spec}/manifest.json is missing")
   return grain.sources.ArrayRecordDataSource(paths), list(manifest.get("sources", []))
 
 
@@ -170,8 +158,7 @@ def _to_array(im: Image.Image, size: int) -> np.ndarray:
   """PIL image -> float32 [size, size, 3] in [-1, 1]; transparency over white (emoji and
   clip-art are RGBA: a plain convert("RGB") would show their hidden pixels, often black)."""
   if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-    rgba = im.convert("RGBA")
-    im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    im = ingest.flatten_on_white(im.convert("RGBA"))
   im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
   return np.asarray(im, np.float32) / 127.5 - 1.0
 

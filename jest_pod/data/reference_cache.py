@@ -34,8 +34,8 @@ class ReferenceCacheError(ValueError):
 
 
 def _data_fingerprint(data_dir):
-  with open(os.path.join(data_dir, "manifest.json")) as f:
-    m = json.load(f)
+  from jest_pod.data import manifest as manifest_lib
+  m = manifest_lib.read(data_dir)
   return {"num_examples": m["num_examples"],
           "shards": [[s["file"], s.get("sha256", ""), s["num_records"]] for s in m["shards"]]}
 

@@ -114,11 +114,10 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
 def iter_captions(data_dir: str) -> Iterable[str]:
   """Yields every caption of a data set folder (manifest.json + shards), in order."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.data import records  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(data_dir, "manifest.json")) as f:
-    manifest = json.load(f)
-  for shard in manifest["shards"]:
-    reader = array_record_module.ArrayRecordReader(os.path.join(data_dir, shard["file"]))
+  for path in manifest_lib.shard_paths(data_dir):
+    reader = array_record_module.ArrayRecordReader(path)
     try:
       for i in range(reader.num_records()):
         try:

@@ -135,3 +135,16 @@ def build(name: str, output: str, **kwargs) -> list[dict]:
   if name not in BUILDERS:
     raise ValueError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
   return importlib.import_module(BUILDERS[name]).build(output, **kwargs)
+
+
+def build_collection(name: str, load, output: str, limit: int | None, overwrite: bool,
+                     workers: int | None, max_side: int) -> list[dict]:
+  """Builds one collection's data set from `load(limit, workers) -> (examples, skipped)`,
+  or returns the existing manifest when built with the same arguments. Returns [manifest]."""
+  args = {"builder": name, "limit": limit, "max_side": max_side}
+  if check_reuse([output], args, overwrite):
+    from jest_pod.data import manifest as manifest_lib
+    return [manifest_lib.read(output)]
+  examples, skipped = load(limit, workers)
+  return [write_examples(output, name, examples, skipped=skipped, build=args,
+                         overwrite=overwrite)]

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from jest_pod.data import system_packages
-from jest_pod.data.builders import MAX_SIDE, Example, check_reuse, counter, write_examples
+from jest_pod.data.builders import MAX_SIDE, Example, build_collection, counter
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,4 @@ def build(output: str, limit: int | None = None, overwrite: bool = False,
           workers: int | None = None, seed: int = 0) -> list[dict]:
   """Builds the emoji data set in `output`; returns [manifest]."""
   del seed  # deterministic without randomness
-  args = {"builder": "emoji", "limit": limit, "max_side": MAX_SIDE}
-  if check_reuse([output], args, overwrite):
-    from jest_pod.data import manifest as manifest_lib
-    return [manifest_lib.read(output)]
-  examples, skipped = load(limit, workers)
-  return [write_examples(output, "emoji", examples, skipped=skipped, build=args,
-                         overwrite=overwrite)]
+  return build_collection("emoji", load, output, limit, overwrite, workers, MAX_SIDE)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from jest_pod.data import ingest as ingest_lib
 from jest_pod.data import system_packages
-from jest_pod.data.builders import MAX_SIDE, Example, check_reuse, counter, write_examples
+from jest_pod.data.builders import MAX_SIDE, Example, build_collection, counter
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,4 @@ def build(output: str, limit: int | None = None, overwrite: bool = False,
           workers: int | None = None, seed: int = 0) -> list[dict]:
   """Builds the openclipart data set in `output`; returns [manifest]."""
   del seed
-  args = {"builder": "openclipart", "limit": limit, "max_side": MAX_SIDE}
-  if check_reuse([output], args, overwrite):
-    from jest_pod.data import manifest as manifest_lib
-    return [manifest_lib.read(output)]
-  examples, skipped = load(limit, workers)
-  return [write_examples(output, "openclipart", examples, skipped=skipped, build=args,
-                         overwrite=overwrite)]
+  return build_collection("openclipart", load, output, limit, overwrite, workers, MAX_SIDE)
