@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -24,8 +25,14 @@ class CheckpointError(RuntimeError):
   """A checkpoint that is missing, partial or does not fit the model."""
 
 
+def _absolute(path) -> epath.Path:
+  """Orbax refuses relative paths: make local ones absolute (gs:// etc. pass through)."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def checkpoint_dir(workdir) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  return _absolute(workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -75,7 +82,7 @@ class Checkpointer:
 
 def _resolve(path, step):
   """A workdir, its checkpoints/ folder, or a step folder → (checkpoints dir, step)."""
-  path = epath.Path(path)
+  path = _absolute(path)
   if not path.exists():
     raise CheckpointError(f"checkpoint path {path} does not exist")
   if (path / "state").exists() and path.name.isdigit():

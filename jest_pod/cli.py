@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "plot": ("jest_pod.plot", "draw learning curves of several runs"),
     "bench": ("jest_pod.bench", "benchmarks: selection, step split, data pipeline"),
     "demo": ("jest_pod.demo", "the end-to-end CPU demo: uniform vs JEST on real data"),
+    "sweep": ("jest_pod.sweep", "the paper's experiments in miniature over seeds, tables + figures"),
 }
 
 

@@ -63,7 +63,7 @@ _RUN_OVERHEAD = 25.0
 _DATA_SECONDS = {None: 90.0}
 
 
-def _fmt(seconds: float) -> str:
+def fmt_time(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
   s = int(round(seconds))
@@ -87,8 +87,8 @@ class Progress:
     self.k, self.t_stage = k, time.time()
     name = self.stages[k][0]
     print(f"[demo] stage {k + 1}/{len(self.stages)} {name}{': ' + note if note else ''} | "
-          f"elapsed {_fmt(time.time() - self.t0)} | est. remaining "
-          f"{_fmt(self._remaining(k))}", flush=True)
+          f"elapsed {fmt_time(time.time() - self.t0)} | est. remaining "
+          f"{fmt_time(self._remaining(k))}", flush=True)
 
   def finish(self, skipped: bool = False):
     took = time.time() - self.t_stage
@@ -98,13 +98,13 @@ class Progress:
       self.done_est += self.stages[self.k][1]
       self.done_real += took
     name = self.stages[self.k][0]
-    state = "skipped (already done)" if skipped else f"done in {_fmt(took)}"
+    state = "skipped (already done)" if skipped else f"done in {fmt_time(took)}"
     print(f"[demo] stage {self.k + 1}/{len(self.stages)} {name} {state} | elapsed "
-          f"{_fmt(time.time() - self.t0)} | est. remaining {_fmt(self._remaining(self.k + 1))}",
-          flush=True)
+          f"{fmt_time(time.time() - self.t0)} | est. remaining "
+          f"{fmt_time(self._remaining(self.k + 1))}", flush=True)
 
 
-def _set_cpu_devices(n: int) -> None:
+def set_cpu_devices(n: int) -> None:
   """Ask for n XLA CPU devices; only possible before JAX's backend starts."""
   if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
@@ -115,7 +115,7 @@ def _set_cpu_devices(n: int) -> None:
     pass  # backend already initialised (e.g. inside tests): keep what it has
 
 
-def _load_config(name: str, arg: str, plan: Plan):
+def load_config(name: str, arg: str, plan: Plan):
   from jest_pod import config as config_lib
   c = config_lib.sibling_config(os.path.join(CONFIGS, name), name, arg)
   every = max(1, c.total_steps // plan.evals)
@@ -132,35 +132,35 @@ def _load_config(name: str, arg: str, plan: Plan):
   return c
 
 
-def _run_configs(plan: Plan, data: str, workdir: str) -> dict:
+def run_configs(plan: Plan, data: str, workdir: str) -> dict:
   common = f"runlocal,data={data},batch={plan.batch}"
   ref_dir = os.path.join(workdir, "reference")
   return {
-      "reference": _load_config("reference.py", f"{common},steps={plan.reference_steps}", plan),
-      "uniform": _load_config("siglip.py", f"{common},steps={plan.steps}", plan),
-      "jest": _load_config("jest.py", f"{common},steps={plan.steps},method=joint,"
+      "reference": load_config("reference.py", f"{common},steps={plan.reference_steps}", plan),
+      "uniform": load_config("siglip.py", f"{common},steps={plan.steps}", plan),
+      "jest": load_config("jest.py", f"{common},steps={plan.steps},method=joint,"
                            f"score=learnability,f=0.8,flexi=1,reference={ref_dir}", plan),
   }
 
 
-def _done_marker(run_dir: str) -> str:
+def done_marker(run_dir: str) -> str:
   return os.path.join(run_dir, "demo_done.json")
 
 
-def _train_stage(config, run_dir: str) -> bool:
+def train_stage(config, run_dir: str) -> bool:
   """Trains (or resumes) one run; returns False when it stopped early (preempted)."""
   from jest_pod.train import main as train_main
   last = train_main.train(config, run_dir)
   if last.get("preempted"):
     return False
-  with open(_done_marker(run_dir), "w") as f:
+  with open(done_marker(run_dir), "w") as f:
     json.dump({"steps": config.total_steps, "time": time.time()}, f)
   return True
 
 
 # ------------------------------------------------------------------ report
 
-def _events(run_dir: str) -> list[dict]:
+def dedup_events(run_dir: str) -> list[dict]:
   """metrics.jsonl without events a resumed run logged twice (the last copy wins)."""
   from jest_pod import plot
   by_key = {}
@@ -182,7 +182,7 @@ def _final(events, key):
 
 def _summarise(name: str, run_dir: str, config) -> dict:
   from jest_pod import config as config_lib
-  events = _events(run_dir)
+  events = dedup_events(run_dir)
   keys = {"zero_shot_top1": _metric_key(events, "z/0shot/", "_top1"),
           "img2txt_recall@1": _metric_key(events, "z/retr/", "_img2txt_recall@1"),
           "txt2img_recall@1": _metric_key(events, "z/retr/", "_txt2img_recall@1")}
@@ -200,18 +200,15 @@ def _summarise(name: str, run_dir: str, config) -> dict:
 
 def _examples_to_reach(run_dir: str, key: str, target: float):
   """(examples, flops) at the first evaluation where `key` ≥ target, else None."""
-  for e in _events(run_dir):
+  for e in dedup_events(run_dir):
     if key in e and e[key] >= target:
       return e["examples"], e["flops"]
   return None
 
 
 def _plot(workdir: str, runs: dict, path: str) -> str:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   from jest_pod import plot
+  plt = plot.pyplot()
   panels = [("zero_shot_top1", "examples", "zero-shot top-1 (eval_fashion)"),
             ("img2txt_recall@1", "examples", "retrieval recall@1 image→text"),
             ("zero_shot_top1", "flops", "zero-shot top-1 vs FLOPs")]
@@ -341,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(plan_path, "w") as f:
       json.dump(want, f, indent=2)
   devices = args.devices if args.devices >= 0 else (2 if (os.cpu_count() or 1) >= 2 else 1)
-  _set_cpu_devices(devices)
+  set_cpu_devices(devices)
 
   from jest_pod.train import main as train_main
   train_main.setup_logging()
@@ -357,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
          "jest": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["jest"],
          "report": 3.0}
   for name in ("reference", "uniform", "jest"):
-    if os.path.exists(_done_marker(os.path.join(workdir, name))):
+    if os.path.exists(done_marker(os.path.join(workdir, name))):
       est[name] = 0.0
   progress = Progress(list(est.items()))
   timings_path = os.path.join(workdir, "demo_stage_seconds.json")
@@ -398,15 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     progress.finish()
 
   # 3-5. reference, uniform, JEST
-  configs = _run_configs(plan, data, workdir)
+  configs = run_configs(plan, data, workdir)
   for k, name in enumerate(("reference", "uniform", "jest"), start=2):
     run_dir = os.path.join(workdir, name)
     progress.start(k, run_dir)
-    if os.path.exists(_done_marker(run_dir)):
+    if os.path.exists(done_marker(run_dir)):
       progress.finish(skipped=True)
       continue
     t = time.time()
-    finished = _train_stage(configs[name], run_dir)
+    finished = train_stage(configs[name], run_dir)
     record(name, time.time() - t)
     if not finished:
       print("[demo] stopped early (signal): rerun the same command to continue", flush=True)
@@ -423,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
   results["stage_seconds"] = timings
   with open(os.path.join(workdir, "demo_results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  print(f"[demo] done: {_fmt(total)} of work in all stages (this invocation "
-        f"{_fmt(time.time() - progress.t0)})", flush=True)
+  print(f"[demo] done: {fmt_time(total)} of work in all stages (this invocation "
+        f"{fmt_time(time.time() - progress.t0)})", flush=True)
   return 0
 
 

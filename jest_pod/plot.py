@@ -85,13 +85,18 @@ def curve(events: list[dict], metric: str, x: str, run_dir: str = "") -> tuple[l
   return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
-def plot_runs(run_dirs: list[str], metric: str, x: str, output: str, *, log_x: bool = False,
-              labels: list[str] | None = None, title: str | None = None) -> str:
-  """Draw one line per run; returns the output path."""
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
 
+
+def plot_runs(run_dirs: list[str], metric: str, x: str, output: str, *, log_x: bool = False,
+              labels: list[str] | None = None, title: str | None = None) -> str:
+  """Draw one line per run; returns the output path."""
+  plt = pyplot()
   if labels and len(labels) != len(run_dirs):
     raise PlotError(f"--labels has {len(labels)} names for {len(run_dirs)} runs")
   curves = []
