@@ -6,7 +6,13 @@ checks that turn a typo into a clear message live here, once.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
+
+# The repo's configs/ folder (the package is installed editable beside it).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
 
 METHODS = ("uniform", "independent", "joint")
 SCORES = ("learnability", "hard_learner", "easy_reference")
@@ -136,7 +142,6 @@ def sibling_config(this_file: str, name: str, arg: str | None, keys=None):
   `keys` keeps only those comma-separated arguments that the other config takes.
   """
   import importlib.util
-  import os
   path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
   spec = importlib.util.spec_from_file_location(f"jest_pod_config_{name[:-3]}", path)
   module = importlib.util.module_from_spec(spec)

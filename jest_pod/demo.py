@@ -21,7 +21,8 @@ are reported beside them. `--quick` is the same pipeline on a `--limit 600` buil
 On a CPU the demo runs on 2 XLA CPU devices when the machine has ≥ 2 cores (measured with
 `jest-pod bench step` on a 2-core machine: uniform step 0.073 s vs 0.121 s, JEST step
 0.349 s vs 0.419 s on JAX's default single device); `--devices N` overrides, 0 keeps
-JAX's default. Measured from scratch on a shared 2-core CPU: full 8m00s, --quick 2m40s.
+JAX's default. Measured from scratch on an idle 2-core CPU: full 3m48s (8m00s while other
+jobs shared the machine), --quick 2m40s (shared machine).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import os
 import sys
 import time
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Plan:
 
 
 PLANS = {
-    # Measured 8m00s from scratch on a 2-core CPU (data build 53 s included).
+    # From scratch on an idle 2-core CPU: 3m48s (data build 20 s; 8m00s on a shared one).
     "full": Plan("full", None, 64, 400, 300, 6),
     "quick": Plan("quick", 600, 64, 80, 60, 3),
     # Tests only (hidden): seconds of training on a --limit 60 build.
@@ -58,9 +58,11 @@ PLANS = {
 }
 # Rough cost model for the ETA (2-core CPU, 2 devices): seconds per step incl. evals,
 # plus start-up and compilation per run; corrected by the speed of finished stages.
-_SEC_PER_STEP = {"reference": 0.25, "uniform": 0.25, "jest": 0.8}
+# Measured on an idle 2-core machine (full plan): data 20 s (+17 s apt on a fresh one),
+# reference 51 s, uniform 40 s, JEST 114 s.
+_SEC_PER_STEP = {"reference": 0.1, "uniform": 0.1, "jest": 0.35}
 _RUN_OVERHEAD = 25.0
-_DATA_SECONDS = {None: 90.0}
+_DATA_SECONDS = {None: 45.0}
 
 
 def fmt_time(seconds: float) -> str:
@@ -117,7 +119,7 @@ def set_cpu_devices(n: int) -> None:
 
 def load_config(name: str, arg: str, plan: Plan):
   from jest_pod import config as config_lib
-  c = config_lib.sibling_config(os.path.join(CONFIGS, name), name, arg)
+  c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, name), name, arg)
   every = max(1, c.total_steps // plan.evals)
   for ev in c.evals.values():
     ev.every_steps = every

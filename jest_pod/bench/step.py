@@ -35,8 +35,11 @@ PARTS = ("data", "scoring", "reference", "selection", "train")
 def _parse(argv):
   p = argparse.ArgumentParser(prog="jest-pod bench step", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/jest.py:runlocal",
-                 help="a JEST config FILE[:ARG]; the uniform step uses the same B and towers")
+  from jest_pod import config as config_lib
+  default = os.path.join(config_lib.CONFIGS_DIR, "jest.py") + ":runlocal"
+  p.add_argument("--config", default=default,
+                 help="a JEST config FILE[:ARG] (default: the repo's configs/jest.py:runlocal); "
+                 "the uniform step uses the same B and towers")
   p.add_argument("--data", default=None, help="data set folder (default: toy data)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
