@@ -5,7 +5,9 @@
 
 Arguments (comma-separated): everything configs/siglip.py takes, plus method=joint|
 independent|uniform, score=learnability|hard_learner|easy_reference, f=0.8 (filter ratio),
-chunks=16, flexi=1 (score at patch 2p, train half at p and half at 2p), reference=DIR.
+chunks=16, flexi=1 (score at patch 2p, train half at p and half at 2p), reference=DIR,
+independent=topk|sample (method=independent: the B best by L_kk, or B drawn with
+p ∝ exp(L_kk) without replacement).
 """
 
 from jest_pod import config as config_lib
@@ -16,13 +18,14 @@ SIGLIP_KEYS = ("runlocal", "data", "steps", "batch")
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0,
                            method="joint", score="learnability", f=0.8, chunks=16, flexi=True,
-                           reference="workdirs/reference")
+                           reference="workdirs/reference", independent="topk")
   c = config_lib.sibling_config(__file__, "siglip.py", arg, keys=SIGLIP_KEYS)
   c.selection.method = a.method
   c.selection.score = a.score
   c.selection.filter_ratio = a.f
   c.selection.n_chunks = a.chunks
   c.selection.reference = a.reference
+  c.selection.independent_method = a.independent
   p = c.model.image["patch_size"]
   if a.flexi:
     c.flexi.score_patch_size = 2 * p

@@ -8,7 +8,7 @@ initialisation and data order per seed, for the same number of training examples
 uniform (the demo's full plan: B = 64, 300 steps):
   f       uniform vs JEST (joint, learnability, Flexi) at f = 50, 80, 90%: examples and FLOPs
           to reach uniform's final held-out zero-shot top-1 and retrieval recall
-  joint   joint vs independent (top-k) selection at f = 50% and 90%
+  joint   joint vs independent selection (top-k, and sampled ∝ exp(L_kk)) at f = 50%, 90%
   score   learnability vs easy_reference vs hard_learner at f = 80%
   flexi   Flexi-JEST (score at patch 2p, train half at p, half at 2p) vs full-resolution
           scoring and training, f = 80%
@@ -53,10 +53,16 @@ VARIANTS = {
     "jest_f50": Variant("JEST f=50%", "jest.py", "method=joint,score=learnability,f=0.5"),
     "jest_f80": Variant("JEST f=80%", "jest.py", "method=joint,score=learnability,f=0.8"),
     "jest_f90": Variant("JEST f=90%", "jest.py", "method=joint,score=learnability,f=0.9"),
-    "indep_f50": Variant("independent f=50%", "jest.py",
+    "indep_f50": Variant("independent top-k f=50%", "jest.py",
                          "method=independent,score=learnability,f=0.5"),
-    "indep_f90": Variant("independent f=90%", "jest.py",
+    "indep_f90": Variant("independent top-k f=90%", "jest.py",
                          "method=independent,score=learnability,f=0.9"),
+    # Sampled with p ∝ exp(L_kk): joint selection with one chunk, so joint vs this isolates
+    # the chunked conditioning from top-k's determinism.
+    "indep_sample_f50": Variant("independent sampled f=50%", "jest.py",
+                                "method=independent,independent=sample,score=learnability,f=0.5"),
+    "indep_sample_f90": Variant("independent sampled f=90%", "jest.py",
+                                "method=independent,independent=sample,score=learnability,f=0.9"),
     "easy_ref_f80": Variant("easy_reference f=80%", "jest.py",
                             "method=joint,score=easy_reference,f=0.8"),
     "hard_learner_f80": Variant("hard_learner f=80%", "jest.py",
@@ -69,15 +75,16 @@ VARIANTS = {
 EXPERIMENTS = {
     "f": ("Uniform vs JEST (learnability, joint, Flexi) at f = 50/80/90%",
           ("uniform", "jest_f50", "jest_f80", "jest_f90")),
-    "joint": ("Joint vs independent selection at f = 50% and 90%",
-              ("uniform", "jest_f50", "indep_f50", "jest_f90", "indep_f90")),
+    "joint": ("Joint vs independent (top-k and sampled) selection at f = 50% and 90%",
+              ("uniform", "jest_f50", "indep_f50", "indep_sample_f50", "jest_f90", "indep_f90",
+               "indep_sample_f90")),
     "score": ("Learnability vs easy-reference vs hard-learner scores at f = 80%",
               ("uniform", "jest_f80", "easy_ref_f80", "hard_learner_f80")),
     "flexi": ("Flexi-JEST (score at 2p, half/half training) vs full-resolution, f = 80%",
               ("uniform", "jest_f80", "fullres_f80")),
     "damage": ("What selection keeps: share of each damage kind, selected vs pool",
-               ("jest_f50", "jest_f80", "jest_f90", "indep_f50", "indep_f90", "easy_ref_f80",
-                "hard_learner_f80", "fullres_f80")),
+               ("jest_f50", "jest_f80", "jest_f90", "indep_f50", "indep_f90", "indep_sample_f50",
+                "indep_sample_f90", "easy_ref_f80", "hard_learner_f80", "fullres_f80")),
 }
 
 ZERO_SHOT = "z/0shot/eval_fashion_top1"
@@ -133,10 +140,20 @@ def _cost(config) -> float:
   return config.total_steps * (config.batch_size + config_lib.num_super_batch(config))
 
 
+def _fraction_done(config, out_dir: str) -> float:
+  """How far a running run is: its last logged step / total steps (0 before the first log)."""
+  from jest_pod import plot
+  try:
+    steps = [e["step"] for e in plot.read_metrics(out_dir) if "step" in e]
+  except plot.PlotError:  # no metrics.jsonl yet
+    return 0.0
+  return min(max(steps, default=0) / max(config.total_steps, 1), 1.0)
+
+
 def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> bool:
   """Trains every (label, config, run dir), `jobs` processes at a time (0: one after
-  another in this process). Prints progress with an ETA learnt from finished runs.
-  True if all finished."""
+  another in this process). Prints progress with an ETA learnt from the work done so far
+  (finished runs plus the logged progress of running ones). True if all finished."""
   import multiprocessing as mp
   todo = sorted(todo, key=lambda t: -_cost(t[1]))  # longest first: even lanes at the end
   total_cost = sum(_cost(c) for _, c, _ in todo) or 1.0
@@ -152,7 +169,10 @@ def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> boo
       failed.append(label)
       print(f"[sweep] {label} FAILED; see {out}/train.log", file=sys.stderr, flush=True)
     elapsed = time.time() - t0
-    eta = elapsed / done_cost * (total_cost - done_cost)
+    # Parallel lanes: count the running runs' progress too, or the first finish, with its
+    # neighbour nearly done, would double the estimate.
+    work = done_cost + sum(_cost(c) * _fraction_done(c, o) for _, c, o, _ in running.values())
+    eta = elapsed / work * (total_cost - work)
     print(f"[sweep] {label} {'done' if ok else 'failed'} in {demo.fmt_time(took)} | "
           f"{n_done}/{len(todo)} runs | elapsed {demo.fmt_time(elapsed)} | est. remaining "
           f"{demo.fmt_time(eta)}", flush=True)
