@@ -38,7 +38,8 @@ def example_forward_flops(model_config, image_size, patch_size, text_len) -> flo
 def step_flops(config, reference_config=None, *, reference_cached=False) -> dict[str, float]:
   """FLOPs of one training step by part: train (fwd+bwd over B at the Flexi split),
   scoring (learner forward over N at the scoring patch), reference (forward over N,
-  0 if cached), selection (pair blocks of both models over N × B)."""
+  0 if cached), selection (pair blocks of both models: N rows × the B − c examples of the
+  first n_chunks − 1 chunks, each added to the conditional scores once)."""
   from jest_pod.config import num_super_batch
   mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
   b, d = config.batch_size, mc.embed_dim
@@ -58,6 +59,8 @@ def step_flops(config, reference_config=None, *, reference_cached=False) -> dict
           rc.model, rc.model.image_size, rc.model.image["patch_size"], text_len)
     models = 1 if s.score != "learnability" else 2
     per_pair = 2 * d * 2 * models  # x_k·y_j and x_j·y_k for each model
-    out["selection"] = n * b * per_pair if s.method == "joint" else n * d * 2 * models
+    diagonal = n * d * 2 * models  # L_kk, all that independent selection needs
+    conditioned = b - b // s.n_chunks  # the last chunk conditions nothing
+    out["selection"] = diagonal + (n * conditioned * per_pair if s.method == "joint" else 0)
   out["total"] = sum(out.values())
   return out
