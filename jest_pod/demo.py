@@ -21,8 +21,8 @@ are reported beside them. `--quick` is the same pipeline on a `--limit 600` buil
 On a CPU the demo runs on 2 XLA CPU devices when the machine has ≥ 2 cores (measured with
 `jest-pod bench step` on a 2-core machine: uniform step 0.073 s vs 0.121 s, JEST step
 0.349 s vs 0.419 s on JAX's default single device); `--devices N` overrides, 0 keeps
-JAX's default. Measured from scratch on an idle 2-core CPU: full 3m48s (8m00s while other
-jobs shared the machine), --quick 2m40s (shared machine).
+JAX's default. Measured from scratch on an idle 2-core CPU: full 3m48s, --quick 1m33s
+(8m00s and 2m40s while other jobs shared the machine).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-
 
 
 @dataclasses.dataclass(frozen=True)

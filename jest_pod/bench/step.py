@@ -11,8 +11,9 @@ with block_until_ready, median over --repeats after --warmup calls:
   train      the optimizer step on B (JEST: half at p, half at 2p; uniform: all at p)
 FLOPs: "XLA" is `jax.jit(f).lower(...).compile().cost_analysis()["flops"]` of each piece
 (the per-device SPMD program, multiplied by the device count); "model" is
-jest_pod.train.flops.step_flops. --data is a data-set folder (default: a 2048-example toy
-set with 20% swapped captions, built in a temp dir). The reference is the checkpoint that
+jest_pod.train.flops.step_flops. --data is a data-set folder (default: the config's
+input.data when it holds a data set — `data/demo/web` after `jest-pod demo` — else a
+2048-example toy set with 20% swapped captions, built in a temp dir). The reference is the checkpoint that
 config.selection.reference names when it exists, else a randomly initialised copy of the
 learner's towers (same cost; the timings do not depend on its weights).
 
@@ -40,7 +41,7 @@ def _parse(argv):
   p.add_argument("--config", default=default,
                  help="a JEST config FILE[:ARG] (default: the repo's configs/jest.py:runlocal); "
                  "the uniform step uses the same B and towers")
-  p.add_argument("--data", default=None, help="data set folder (default: toy data)")
+  p.add_argument("--data", default=None, help="data set folder (default: the config's, else toy data)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   return p.parse_args(argv)
