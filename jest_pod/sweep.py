@@ -271,8 +271,11 @@ def summarise_run(config, out_dir: str, ref_config) -> dict:
   learn = [(e.get("select/learnability_selected"), e.get("select/learnability_super_batch"))
            for e in events if "select/learnability_selected" in e]
   last = [e for e in events if "step" in e]
+  sel = config.selection
   return {
       "run_dir": out_dir, "seed": config.seed, "batch": b,
+      # Whether the run needed a trained reference (its training is charged in "+ref").
+      "uses_reference": sel.method != "uniform" and sel.score != "hard_learner",
       "steps": max((e["step"] for e in last), default=0),
       "flops_per_step": per_step,
       "curves": {"zero_shot": [zs[0].tolist(), zs[1].tolist()],
@@ -310,8 +313,8 @@ def analyse(runs: dict, ref_train_flops: float) -> dict:
         ex.append(None if hit is None else hit / uni_examples)
         f = None if hit is None else hit / r["batch"] * r["flops_per_step"]
         fl.append(None if f is None else f / uni_flops)
-        has_ref = name != "uniform" and "hard_learner" not in name
-        flr.append(None if f is None else (f + (ref_train_flops if has_ref else 0)) / uni_flops)
+        ref = ref_train_flops if r["uses_reference"] else 0.0
+        flr.append(None if f is None else (f + ref) / uni_flops)
       row["reach"][m] = {"examples_frac": ex, "flops_ratio": fl, "flops_ratio_incl_ref": flr,
                          "reached": sum(x is not None for x in ex), "of": len(ex)}
     row["learnability"] = [seeds[s]["learnability"] for s in sorted(seeds)
