@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up jest_pod on a fresh machine: a virtual environment in .venv with the pinned
-# dependencies (pyproject.toml) and the test extras. Idempotent: a second run only
+# dependencies (pyproject.toml), the test extras and TensorFlow + CLU for TensorBoard. Idempotent: a second run only
 # re-checks. Debian packages for the real data sets are installed on demand by
 # `jest-pod data build` (it says what to run when it cannot).
 set -euo pipefail
@@ -19,7 +19,7 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup.sh: installing jest_pod and its pinned dependencies (about a minute, 2.4 GB)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test]'
+  .venv/bin/python -m pip install --quiet -e '.[test,tf]'
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 echo "setup.sh: ready — .venv/bin/jest-pod --help"

@@ -53,9 +53,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `step` is on the save schedule."""
+    return step % self.every_steps == 0
+
   def save(self, step: int, state, data_iter, config, *, force: bool = False) -> bool:
-    """Save if `step` is on the schedule (or `force`). Returns whether a save started."""
-    if not force and (step % self.every_steps):
+    """Save if `step` is on the schedule (or `force`). `data_iter`: anything with
+    `get_state()` (a Grain iterator, or the prefetcher's `IteratorState` of the last
+    consumed batch). Returns whether a save started."""
+    if not force and not self.due(step):
       return False
     if step in self.manager.all_steps():
       return False

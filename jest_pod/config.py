@@ -10,12 +10,14 @@ import os
 
 import ml_collections
 
+from jest_pod import selection
+
 # The repo's configs/ folder (the package is installed editable beside it).
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs")
 
 METHODS = ("uniform", "independent", "joint")
-SCORES = ("learnability", "hard_learner", "easy_reference")
+SCORES = tuple(selection.SCORES)
 LOSSES = ("sigmoid", "softmax")
 SHARDING_RULES = ("replicate", "fsdp")
 
@@ -55,7 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.image_size = 32
   c.model.embed_dim = 64
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"          # compute dtype; "bfloat16": bf16 compute, f32 weights
+  c.model.attention = "auto"         # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
+  c.model.remat = False              # rematerialise each encoder block (memory for compute)
+  c.model.scan_layers = False        # nn.scan over depth (fast compile for deep towers)
   c.model.image = dict(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=128)
   c.model.text = dict(vocab_size=1000, max_len=16, width=64, depth=2, num_heads=2, mlp_dim=128)
 
@@ -68,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
       method="uniform", score="learnability", filter_ratio=0.8, n_chunks=16,
       independent_method="topk",
       reference="",                   # workdir or checkpoint dir of the frozen reference
-      reference_cache="",             # optional precomputed reference embeddings (by example id)
+      # θ*'s embeddings precomputed by `jest-pod data cache-reference`: a cache folder,
+      # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
+      reference_cache="",
   ))
   # Flexi-JEST: score at a large patch, train split across patch sizes.
   c.flexi = ml_collections.ConfigDict(dict(
@@ -79,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (("data", -1), ("fsdp", 1))
   c.sharding_rules = ((".*", "replicate"),)
 
+  c.device_prefetch = 2       # super-batches read, decoded and on the devices ahead of the step
+  c.preemption_check_every = 10  # steps between the hosts' SIGTERM agreement (multi-host)
+  c.time_split_every = 100    # every K steps one step runs part by part, timed (0 = never)
   c.log_every = 10
   c.log_selected_ids = False  # WORKDIR/selected_ids.jsonl: {"step", "ids"} per JEST step
   c.ckpt_every = 100
@@ -114,9 +124,11 @@ def validate(config) -> None:
   if s.method == "joint" and config.batch_size % s.n_chunks:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.selection.n_chunks={s.n_chunks}")
-  if s.method != "uniform" and s.score != "hard_learner" and not (s.reference or s.reference_cache):
+  if (s.method != "uniform" and selection.SCORES[s.score][1] and not s.reference
+      and s.reference_cache in ("", "off") and not _has_default_cache(config, s)):
     raise ValueError(f"config.selection.score={s.score!r} needs a reference model: set "
-                     "config.selection.reference=<workdir of a run of configs/reference.py>")
+                     "config.selection.reference=<workdir of a run of configs/reference.py>"
+                     " (or build its embedding cache: `jest-pod data cache-reference`)")
   f = config.flexi
   if len(f.train_patch_sizes) != len(f.train_fractions) or abs(sum(f.train_fractions) - 1) > 1e-6:
     raise ValueError("config.flexi.train_patch_sizes and train_fractions must have the same "
@@ -134,6 +146,13 @@ def validate(config) -> None:
                      f"config.model.text.max_len={config.model.text['max_len']}")
   for name, ev in config.evals.items():
     _choice(f"evals.{name}.type", ev.get("type"), ("zeroshot", "retrieval"))
+
+
+def _has_default_cache(config, s) -> bool:
+  if s.reference_cache == "off" or config.input.get("mixture") or not config.input.data:
+    return False
+  from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
+  return reference_cache.default_cache_path(config.input.data) is not None
 
 
 def sibling_config(this_file: str, name: str, arg: str | None, keys=None):

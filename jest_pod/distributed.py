@@ -22,6 +22,8 @@ import logging
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +142,25 @@ def shutdown() -> None:
 def is_primary() -> bool:
   """True on the process that writes logs, metrics and run files (process 0)."""
   return jax.process_index() == 0
+
+
+def host_array(x) -> np.ndarray:
+  """A global jax array as one numpy array on every host (a collective when the array
+  spans processes: every process must call it at the same point)."""
+  if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_sum(value: int) -> int:
+  """Sum of a host-side count over all processes (a collective)."""
+  if jax.process_count() == 1:
+    return int(value)
+  return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
+def process_any(flag: bool) -> bool:
+  """True on every process when it is true on any (a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))

@@ -13,7 +13,8 @@ Batch score s(S) = Σ_{i,j∈S} L_ij; conditional score of k ∉ S
 `joint_select` draws n_chunks chunks of c = B / n_chunks examples; chunk r is a
 Gumbel-top-c over the unselected rows of s(k | S) (chunk 0: s(k | ∅) = L_kk), i.e.
 sampling without replacement with p(k) ∝ exp(s(k | S)). A running s(k | S) per row is
-updated with each chunk's embeddings (c × d), so memory is O(N/devices × c).
+updated with each chunk's embeddings (c × d), over row tiles of at most BLOCK_BYTES
+per [rows, c] block, so working memory does not grow with N (beyond O(N) vectors).
 
 Sharding: pass `mesh` and the rows are split over its data axes inside a shard_map;
 the chunk embeddings are gathered with a psum of masked rows, the global Gumbel-top-c is
@@ -45,6 +46,10 @@ SCORES = {
 }
 LOSSES = ("sigmoid", "softmax")
 INDEPENDENT_METHODS = ("topk", "sample")
+# Budget for one [rows, c] float32 block of pair terms per device. The conditional-score
+# updates run over row tiles that fit it: at the paper's shape on one device (N = 327,680,
+# c = 2,048) a whole [N, c] block would be 2.7 GB, and XLA plans several of them.
+BLOCK_BYTES = 64 * 2**20
 
 
 class Embeddings(NamedTuple):
@@ -201,48 +206,72 @@ def _gumbel_top(key, scores, taken, gidx, c, noise, axes):
   return ids[best]
 
 
-def _sigmoid_chunk_update(models, chunk):
+def _n_tiles(n_loc, cols, block_bytes):
+  """Fewest equal row tiles of n_loc rows whose [rows, cols] float32 block fits block_bytes."""
+  rows_max = max(1, block_bytes // (4 * cols))
+  return next(s for s in range(-(-n_loc // rows_max), n_loc + 1) if n_loc % s == 0)
+
+
+def _map_row_tiles(fn, rows, n_tiles):
+  """fn(*tiles) on n_tiles equal tiles of the leading axis of the arrays `rows`, one tile
+  at a time (lax.map, so one tile's blocks are alive); fn returns a pytree of [tile]
+  arrays, joined back to [n_loc]. Rows are independent, so the result is the untiled one."""
+  if n_tiles == 1:
+    return fn(*rows)
+  out = lax.map(lambda t: fn(*t), [a.reshape(n_tiles, -1, *a.shape[1:]) for a in rows])
+  return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out)
+
+
+def _sigmoid_chunk_update(models, chunk, n_tiles):
   """[n_loc] Σ_{j∈chunk} (L_kj + L_jk) for every local row k ∉ chunk.
 
   models: [(w, x [n_loc, d], y [n_loc, d], t, b)]; chunk: [(xc [c, d], yc [c, d])].
-  Memory O(n_loc × c). For k ∉ S every pair (k, j∈chunk) is a negative, so the blocks
-  are built with offsets that never meet (row_offset 0, col_offset n_loc); rows of the
-  chunk itself get wrong values but are masked as selected.
+  Memory O(n_loc / n_tiles × c). For k ∉ S every pair (k, j∈chunk) is a negative, so the
+  blocks are built with offsets that never meet (row_offset 0, col_offset n_loc); rows of
+  the chunk itself get wrong values but are masked as selected.
   """
-  total = 0.0
   n_loc = models[0][1].shape[0]
-  for (w, x, y, t, b), (xc, yc) in zip(models, chunk):
-    l_kj = losses.sigmoid_pair_losses(x, yc, t, b, row_offset=0, col_offset=n_loc)
-    # ℓ(j, k) has logit t · x_j·y_k + b: the same block with the towers' roles swapped.
-    l_jk = losses.sigmoid_pair_losses(y, xc, t, b, row_offset=0, col_offset=n_loc)
-    total = total + w * (jnp.sum(l_kj, axis=1) + jnp.sum(l_jk, axis=1))
-  return total
+
+  def tile(*xy):
+    total = 0.0
+    for (w, _, _, t, b), (xc, yc), x, y in zip(models, chunk, xy[0::2], xy[1::2]):
+      l_kj = losses.sigmoid_pair_losses(x, yc, t, b, row_offset=0, col_offset=n_loc)
+      # ℓ(j, k) has logit t · x_j·y_k + b: the same block with the towers' roles swapped.
+      l_jk = losses.sigmoid_pair_losses(y, xc, t, b, row_offset=0, col_offset=n_loc)
+      total = total + w * (jnp.sum(l_kj, axis=1) + jnp.sum(l_jk, axis=1))
+    return total
+
+  return _map_row_tiles(tile, [a for _, x, y, _, _ in models for a in (x, y)], n_tiles)
 
 
-def _softmax_full_lse(x, y, t, c, axes, n_shards):
+def _softmax_full_lse(x, y, t, c, axes, n_shards, block_bytes):
   """Row and column log-sum-exp of t·X Yᵀ over the whole super-batch, [n_loc] each.
 
   Column blocks are gathered from every shard a slice at a time (slices of ≤ c/shards
-  rows each), so memory stays O(n_loc × c).
+  rows each) and met by row tiles, so memory stays O(block_bytes).
   """
   n_loc = x.shape[0]
   target = max(1, c // n_shards)
   steps = next(s for s in range(-(-n_loc // target), n_loc + 1) if n_loc % s == 0)
   blk = n_loc // steps
+  n_tiles = _n_tiles(n_loc, blk * n_shards, block_bytes)
 
   def body(s, carry):
-    row, col = carry
     xb = _all_gather(lax.dynamic_slice_in_dim(x, s * blk, blk), axes)
     yb = _all_gather(lax.dynamic_slice_in_dim(y, s * blk, blk), axes)
-    row = jnp.logaddexp(row, jax.nn.logsumexp(losses.softmax_logits(x, yb, t), axis=1))
-    col = jnp.logaddexp(col, jax.nn.logsumexp(losses.softmax_logits(y, xb, t), axis=1))
-    return row, col
+
+    def tile(x, y, row, col):
+      row = jnp.logaddexp(row, jax.nn.logsumexp(losses.softmax_logits(x, yb, t), axis=1))
+      col = jnp.logaddexp(col, jax.nn.logsumexp(losses.softmax_logits(y, xb, t), axis=1))
+      return row, col
+
+    return _map_row_tiles(tile, [x, y, *carry], n_tiles)
 
   init = (jnp.full((n_loc,), -jnp.inf, jnp.float32),) * 2
   return lax.fori_loop(0, steps, body, init)
 
 
-def _diag_scores_shard(models, loss, c, axes, n_shards):
+def _diag_scores_shard(models, loss, c, axes, n_shards, block_bytes):
   """[n_loc] s(k | ∅): L_kk (sigmoid) or the per-example CLIP loss in the super-batch."""
   total = 0.0
   for w, x, y, t, b in models:
@@ -250,7 +279,7 @@ def _diag_scores_shard(models, loss, c, axes, n_shards):
       per = _diag_sigmoid_losses(Embeddings(x, y, t, b))
     else:
       zkk = t * jnp.sum(x * y, axis=1)
-      row, col = _softmax_full_lse(x, y, t, c, axes, n_shards)
+      row, col = _softmax_full_lse(x, y, t, c, axes, n_shards, block_bytes)
       per = 0.5 * ((row - zkk) + (col - zkk))
     total = total + w * per
   return total.astype(jnp.float32)
@@ -259,7 +288,8 @@ def _diag_scores_shard(models, loss, c, axes, n_shards):
 # ---------------------------------------------------------------------------
 # The selection loop, on one shard of rows.
 
-def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_shards):
+def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_shards,
+                  block_bytes):
   """Chunked joint selection on this shard's rows.
 
   models: [(w, x, y, t, b)] with x, y: [n_loc, d] this shard's rows.
@@ -276,7 +306,7 @@ def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_sha
     local = jnp.where((local >= 0) & (local < n_loc), local, n_loc)
     return taken.at[local].set(True, mode="drop")
 
-  s0 = _diag_scores_shard(models, loss, c, axes, n_shards)
+  s0 = _diag_scores_shard(models, loss, c, axes, n_shards, block_bytes)
   taken = jnp.zeros((n_loc,), bool)
   chosen = _gumbel_top(jax.random.fold_in(key, 0), s0, taken, gidx, c, noise, axes)
   idx = jnp.full((num_select,), -1, jnp.int32)
@@ -287,6 +317,7 @@ def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_sha
     return idx, history
 
   d = models[0][1].shape[1]
+  n_tiles = _n_tiles(n_loc, c, block_bytes)
   # Softmax state per model: running lse over S of image k (A) and text k (B), and the
   # replicated embeddings of S (the change to S's members needs all of them).
   soft0 = tuple(
@@ -300,10 +331,11 @@ def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_sha
     flat = _take_rows([a for _, x, y, _, _ in models for a in (x, y)], prev, lo, n_loc, axes)
     chunk = list(zip(flat[0::2], flat[1::2]))
     if loss == "sigmoid":
-      running = running + _sigmoid_chunk_update(models, chunk)
+      running = running + _sigmoid_chunk_update(models, chunk, n_tiles)
       scores = running
     else:
-      scores, soft = _softmax_conditional(models, chunk, soft, idx, r, c, lo, n_loc, axes)
+      scores, soft = _softmax_conditional(models, chunk, soft, idx, r, c, lo, n_loc, axes,
+                                          n_tiles)
     history = history.at[r].set(jnp.where(taken, -jnp.inf, scores))
     chosen = _gumbel_top(jax.random.fold_in(key, r), scores, taken, gidx, c, noise, axes)
     idx = lax.dynamic_update_slice(idx, chosen.astype(jnp.int32), (r * c,))
@@ -314,7 +346,7 @@ def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_sha
   return idx, history
 
 
-def _softmax_conditional(models, chunk, soft, idx, r, c, lo, n_loc, axes):
+def _softmax_conditional(models, chunk, soft, idx, r, c, lo, n_loc, axes, n_tiles):
   """Softmax s(k | S) for the local rows once chunk r−1 has joined S (see joint_select).
 
   Returns ([n_loc] scores, updated softmax state).
@@ -323,8 +355,11 @@ def _softmax_conditional(models, chunk, soft, idx, r, c, lo, n_loc, axes):
   new_soft = []
   for (w, x, y, t, _), (xc, yc), (a_run, b_run, xs, ys) in zip(models, chunk, soft):
     # Running lse over S: image k vs S's texts (A), text k vs S's images (B).
-    a_run = jnp.logaddexp(a_run, jax.nn.logsumexp(losses.softmax_logits(x, yc, t), axis=1))
-    b_run = jnp.logaddexp(b_run, jax.nn.logsumexp(losses.softmax_logits(y, xc, t), axis=1))
+    def lse_tile(x, y, a, b, t=t, xc=xc, yc=yc):
+      return (jnp.logaddexp(a, jax.nn.logsumexp(losses.softmax_logits(x, yc, t), axis=1)),
+              jnp.logaddexp(b, jax.nn.logsumexp(losses.softmax_logits(y, xc, t), axis=1)))
+
+    a_run, b_run = _map_row_tiles(lse_tile, [x, y, a_run, b_run], n_tiles)
     xs = lax.dynamic_update_slice(xs, xc, ((r - 1) * c, 0))
     ys = lax.dynamic_update_slice(ys, yc, ((r - 1) * c, 0))
     # A_i, B_i of the members i ∈ S, from the shards that own them (−1 slots → 0, unused).
@@ -335,25 +370,27 @@ def _softmax_conditional(models, chunk, soft, idx, r, c, lo, n_loc, axes):
     own = 0.5 * ((jnp.logaddexp(a_run, zkk) - zkk) + (jnp.logaddexp(b_run, zkk) - zkk))
 
     # Change k causes to each member i ∈ S: ½[softplus(z_ik − A_i) + softplus(z_ki − B_i)],
-    # summed over S one chunk at a time (memory O(n_loc × c)).
-    def member_change(q, acc, x=x, y=y, t=t, xs=xs, ys=ys, a_s=a_s, b_s=b_s):
-      xq = lax.dynamic_slice_in_dim(xs, q * c, c)
-      yq = lax.dynamic_slice_in_dim(ys, q * c, c)
-      aq = lax.dynamic_slice_in_dim(a_s, q * c, c)
-      bq = lax.dynamic_slice_in_dim(b_s, q * c, c)
-      z_ik = losses.softmax_logits(y, xq, t)  # [n_loc, c]: image i ∈ S vs text k
-      z_ki = losses.softmax_logits(x, yq, t)  # image k vs text i ∈ S
-      return acc + 0.5 * jnp.sum(jax.nn.softplus(z_ik - aq[None]) +
-                                 jax.nn.softplus(z_ki - bq[None]), axis=1)
+    # summed over S one chunk at a time, per row tile (memory O(n_loc / n_tiles × c)).
+    def change_tile(x, y, t=t, xs=xs, ys=ys, a_s=a_s, b_s=b_s):
+      def member_change(q, acc):
+        xq = lax.dynamic_slice_in_dim(xs, q * c, c)
+        yq = lax.dynamic_slice_in_dim(ys, q * c, c)
+        aq = lax.dynamic_slice_in_dim(a_s, q * c, c)
+        bq = lax.dynamic_slice_in_dim(b_s, q * c, c)
+        z_ik = losses.softmax_logits(y, xq, t)  # [rows, c]: image i ∈ S vs text k
+        z_ki = losses.softmax_logits(x, yq, t)  # image k vs text i ∈ S
+        return acc + 0.5 * jnp.sum(jax.nn.softplus(z_ik - aq[None]) +
+                                   jax.nn.softplus(z_ki - bq[None]), axis=1)
+      return lax.fori_loop(0, r, member_change, jnp.zeros((x.shape[0],), jnp.float32))
 
-    change = lax.fori_loop(0, r, member_change, jnp.zeros((n_loc,), jnp.float32))
+    change = _map_row_tiles(change_tile, [x, y], n_tiles)
     total = total + w * (own + change)
     new_soft.append((a_run, b_run, xs, ys))
   return total.astype(jnp.float32), tuple(new_soft)
 
 
 def _run(key, learner, reference, *, num_select, n_chunks, score, loss, noise, mesh,
-         data_axes):
+         data_axes, block_bytes=BLOCK_BYTES):
   """Validate, then run `_select_shard` plainly or in a shard_map over the data axes."""
   _check_loss(loss)
   weighted = _weighted_models(learner, reference, score)
@@ -367,7 +404,8 @@ def _run(key, learner, reference, *, num_select, n_chunks, score, loss, noise, m
   def shard_fn(key, arrays):
     models = [(w,) + tuple(a) for w, a in zip(weights, arrays)]
     return _select_shard(key, models, num_select=num_select, n_chunks=n_chunks, loss=loss,
-                         noise=noise, axes=axes, n_shards=n_shards)
+                         noise=noise, axes=axes, n_shards=n_shards,
+                         block_bytes=block_bytes)
 
   if mesh is None:
     return shard_fn(key, arrays)
@@ -389,7 +427,7 @@ def _run(key, learner, reference, *, num_select, n_chunks, score, loss, noise, m
 
 def joint_select(key, learner, reference, *, num_select, n_chunks=16, score="learnability",
                  loss="sigmoid", mesh=None, data_axes=("data", "fsdp"),
-                 return_scores=False):
+                 return_scores=False, block_bytes=BLOCK_BYTES):
   """JEST joint selection of `num_select` distinct examples from a super-batch of N.
 
   Args:
@@ -404,13 +442,16 @@ def joint_select(key, learner, reference, *, num_select, n_chunks=16, score="lea
       inside a shard_map, so pass embeddings sharded (or shardable) by rows.
       The result does not depend on the mesh.
     return_scores: also return the conditional scores (for tests / debugging).
+    block_bytes: static per-device budget for one [rows, c] float32 block: the score
+      updates run over row tiles that fit it (same results; smaller = less memory, more
+      loop steps).
   Returns:
     int32 [num_select] distinct indices in [0, N), chunk by chunk, each chunk by
     decreasing perturbed score; with return_scores, also float32 [n_chunks, N]: s(k | S)
     before chunk r's draw, −inf for k already in S.
 
   Sigmoid: s(k | S) = L_kk + Σ_{j∈S}(L_kj + L_jk), a running sum updated per chunk.
-  Cost O(N·B·d / devices), memory O(N/devices × c).
+  Cost O(N·B·d / devices), memory O(N/devices) plus one [rows, c] block (block_bytes).
 
   Softmax (CLIP, loss="softmax"): the loss of a batch does not decompose into pairs.
   With z_ij = t·x_i·y_j and, for a set S, A_i(S) = lse_{j∈S} z_ij, B_i(S) = lse_{j∈S} z_ji,
@@ -424,13 +465,14 @@ def joint_select(key, learner, reference, *, num_select, n_chunks=16, score="lea
   and the softplus terms are how much k's presence raises each member's lse. A_k, B_k
   are running lse's per row (updated per chunk); A_i, B_i of the members are gathered from
   their shards, and the members' term is recomputed over S every chunk, one chunk of S at a
-  time: memory O(N/devices × c) plus S's embeddings (B × d) replicated, cost
+  time: memory O(N/devices) plus one [rows, c] block and S's embeddings (B × d) replicated, cost
   O(n_chunks · N · B · d / devices). For S = ∅ the marginal gain is 0 for every k (one
   example alone has zero CLIP loss), so the first chunk instead uses the per-example CLIP
   loss within the whole super-batch, the same score as `independent_select(loss="softmax")`.
   """
   idx, history = _run(key, learner, reference, num_select=num_select, n_chunks=n_chunks,
-                      score=score, loss=loss, noise=True, mesh=mesh, data_axes=data_axes)
+                      score=score, loss=loss, noise=True, mesh=mesh, data_axes=data_axes,
+                      block_bytes=block_bytes)
   return (idx, history) if return_scores else idx
 
 

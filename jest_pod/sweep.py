@@ -263,7 +263,7 @@ def summarise_run(config, out_dir: str, ref_config) -> dict:
   from jest_pod.train import flops as flops_lib
   events = demo.dedup_events(out_dir)
   # The paper's accounting: the reference forward over every scored example counts.
-  per_step = flops_lib.step_flops(config, ref_config, reference_cached=False)["total"]
+  per_step = flops_lib.step_flops(config, ref_config)["total"]
   b = config.batch_size
   zs = _series(events, ZERO_SHOT)
   rt = _series(events, RETRIEVAL)

@@ -8,21 +8,29 @@ from jest_pod import bench
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def test_bench_step_prints_the_split_and_flops(tmp_path, capsys):
+def test_bench_step_runs_the_real_loop_and_prints_the_comparison(tmp_path, capsys):
   # A data folder without a manifest: the benchmark builds its toy set; no reference
-  # checkpoint: random reference towers of the same cost.
-  spec = f"{CONFIGS}/jest.py:runlocal,batch=16,data={tmp_path},reference={tmp_path}/none"
-  assert bench.main(["step", "--config", spec, "--repeats", "1", "--warmup", "0"]) == 0
+  # checkpoint: a 1-step run of the learner's towers, cached as a run would.
+  spec = f"{CONFIGS}/jest.py:runlocal,batch=16,data={tmp_path}/none,reference={tmp_path}/none"
+  assert bench.main(["step", "--config", spec, "--steps", "4", "--workdir", str(tmp_path),
+                     "--xla-check"]) == 0
   out = capsys.readouterr().out
-  assert "B=16 N=80" in out and "random reference towers" in out
-  for part in ("data", "scoring", "reference", "selection", "train", "step total"):
-    assert re.search(rf"^{part}\s+", out, re.M), part
-  rate = re.search(r"^examples/s \(trained\)\s+([\d.]+)\s+([\d.]+)", out, re.M)
-  assert rate and float(rate.group(1)) > 0 and float(rate.group(2)) > 0
+  assert "B=16 N=80" in out and "1-step run" in out and "embeddings cached" in out
+  for label in ("step (s, real loop)", "input (s/batch, thread)", "examples/s (trained)",
+                "split: selection (s)", "split: train (s)", "FLOPs/step (amortised)"):
+    assert re.search(rf"^{re.escape(label)}\s+\S+\s+\S+", out, re.M), label
+  ratio = re.search(r"^JEST / uniform step time: ([\d.]+)", out, re.M)
+  assert ratio and float(ratio.group(1)) > 0
+  # The JEST run's split has all four parts; uniform's has the train step only.
+  assert re.search(r"^split: scoring \(s\)\s+-\s+[\d.]+", out, re.M)
   # XLA's count of the train step is within 25% of the model's (measured: 3-4%).
-  flops_table = out[out.index("FLOPs per step"):]
-  train = re.search(r"^train(?:[ \t]+(\S+)){5}$", flops_table, re.M)
-  assert train and 0.75 < float(train.group(1)) < 1.25
+  xla = re.search(r"XLA/model ([\d.]+)", out)
+  assert xla and 0.75 < float(xla.group(1)) < 1.25
+  # The reference's rows came from the cache: amortised FLOPs are below charged.
+  charged = re.search(r"^FLOPs/step \(charged\)\s+(\S+)\s+(\S+)", out, re.M)
+  amortised = re.search(r"^FLOPs/step \(amortised\)\s+(\S+)\s+(\S+)", out, re.M)
+  assert float(amortised.group(2)) < float(charged.group(2))
+  assert float(amortised.group(1)) == float(charged.group(1))
 
 
 def test_bench_selection_table_and_all_rejects_options(capsys):

@@ -157,6 +157,24 @@ def test_overwrite_refusal_and_cli(tmp_path, capsys):
   assert m["image_max_side"] == 16 and m["num_examples"] == 1
 
 
+def test_max_side_caps_the_stored_side(tmp_path):
+  src = tmp_path / "in"
+  _write(str(src / "wide.jpg"), _jpeg(size=(120, 60)))   # downscaled, aspect kept
+  _write(str(src / "wide.txt"), "a wide photo")
+  _write(str(src / "tall.png"), _png(size=(30, 90)))     # downscaled, aspect kept
+  _write(str(src / "tall.txt"), "a tall drawing")
+  _write(str(src / "small.png"), _png(size=(20, 10)))    # smaller: stored as is
+  _write(str(src / "small.txt"), "a small drawing")
+  out = str(tmp_path / "out")
+  assert cli.main(["ingest", "--input", str(src), "--output", out, "--workers", "1",
+                   "--max-side", "40"]) == 0
+  m, recs = _check_output(out, 3, {})
+  assert m["image_max_side"] == 40
+  sizes = {r.id: Image.open(io.BytesIO(r.image)).size for r in recs}
+  assert sizes == {"wide": (40, 20), "tall": (13, 40), "small": (20, 10)}
+  assert Image.open(io.BytesIO(recs[[r.id for r in recs].index("wide")].image)).format == "JPEG"
+
+
 def test_crash_leaves_no_manifest(tmp_path, monkeypatch):
   src = tmp_path / "in"
   for i in range(3):

@@ -33,6 +33,7 @@ def toy_bad(tmp_path_factory):
 def _config(data, **kw):
   c = pipeline.default_input_config()
   c.data = data
+  c.worker_count = 0  # the default (-1, auto) depends on the host's cores
   for k, v in kw.items():
     c[k] = v
   return c
@@ -149,7 +150,7 @@ _HOST_SCRIPT = """
 import sys, json, numpy as np
 sys.path.insert(0, {repo!r})
 from jest_pod.data import pipeline
-c = pipeline.default_input_config(); c.data = {data!r}
+c = pipeline.default_input_config(); c.data = {data!r}; c.worker_count = 0
 it = pipeline.make_train_iterator(c, global_batch_size={gb}, seed=7,
                                   process_index={pi}, process_count={pc})
 print(json.dumps([next(it)["index"].tolist() for _ in range({steps})]))
@@ -209,6 +210,7 @@ sys.path.insert(0, {repo!r})
 t = time.perf_counter()
 from jest_pod.data import pipeline
 c = pipeline.default_input_config(); c.data = "virtual"; c.tokenizer = {tok!r}
+c.worker_count = 0
 it = pipeline.make_train_iterator(c, global_batch_size=64, seed=0, process_index=0,
                                   process_count=1)
 b = next(it)
@@ -264,3 +266,77 @@ def test_transparent_pixels_become_white():
   out = pipeline._to_array(Image.fromarray(rgba, "RGBA"), 4)
   np.testing.assert_allclose(out[0, 0], [1, -1, -1])
   np.testing.assert_allclose(out[3, 3], [1, 1, 1])
+
+
+def test_worker_count_auto_resolves():
+  assert pipeline.default_input_config().worker_count == -1
+  auto = pipeline.resolve_worker_count(-1)
+  assert isinstance(auto, int) and 0 <= auto <= pipeline.AUTO_MAX_WORKERS
+  assert auto == pipeline.resolve_worker_count(-1, pipeline.usable_cpus())
+  assert [pipeline.resolve_worker_count(-1, n) for n in (1, 2, 3, 8, 64)] == [0, 0, 2, 7, 16]
+  assert pipeline.resolve_worker_count(0) == 0 and pipeline.resolve_worker_count(3) == 3
+  with pytest.raises(ValueError, match="worker_count"):
+    pipeline.resolve_worker_count(-2)
+
+
+def _jpeg(w, h):
+  rng = np.random.default_rng(0)
+  arr = np.clip(rng.normal(128, 30, (h, w, 3)) + np.linspace(0, 80, w)[None, :, None],
+                0, 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, "JPEG", quality=90)
+  return buf.getvalue(), arr
+
+
+def test_large_jpeg_decodes_at_reduced_size():
+  data, arr = _jpeg(256, 192)
+  with Image.open(io.BytesIO(data)) as im:
+    out = pipeline._to_array(im, 24)
+    assert im.size == (32, 24)  # draft: 1/8 scale, both sides still >= 24
+  assert out.shape == (24, 24, 3) and out.dtype == np.float32
+  assert out.min() >= -1 and out.max() <= 1
+  # Close to a full-size decode + resize (draft averages 8x8 blocks: a smoother image).
+  full = np.asarray(Image.fromarray(arr).resize((24, 24), Image.Resampling.BILINEAR),
+                    np.float32) / 127.5 - 1
+  assert np.abs(out - full).mean() < 0.05
+  # Not larger than needed: a JPEG at the training size is decoded as is.
+  data, _ = _jpeg(24, 24)
+  with Image.open(io.BytesIO(data)) as im:
+    assert pipeline._to_array(im, 24).shape == (24, 24, 3) and im.size == (24, 24)
+
+
+def test_decode_jpeg_record(toy):
+  tok = tokenizer.Tokenizer(os.path.join(toy, "tokenizer.model"))
+  rec = records.Record(image=_jpeg(256, 256)[0], text="a red thing", id="j", source="toy")
+  d = pipeline._Decode(16, 8, tok, [{"toy": 0}])
+  ex = d.map({"raw": records.encode(rec), "index": 5, "component": 0})
+  assert ex["image"].shape == (16, 16, 3) and ex["image"].dtype == np.float32
+  np.testing.assert_array_equal(ex["text"], tok.encode_batch(["a red thing"], 8)[0])
+  assert ex["source"] == 0 and ex["index"] == 5 and ex["label"] == -1
+
+
+def test_chunked_prefetch_keeps_order_and_exact_state():
+  import grain
+  ds = grain.MapDataset.range(50).map(lambda i: {"i": i})
+  it = iter(pipeline._ChunkedPrefetch(ds, num_threads=3, chunk=4, ahead=3))
+  got = [next(it)["i"] for _ in range(7)]
+  state = it.get_state()
+  assert got == list(range(7)) and state == {"next_index": 7}
+  rest = [e["i"] for e in it]
+  assert rest == list(range(7, 50))
+  fresh = iter(pipeline._ChunkedPrefetch(ds, num_threads=2, chunk=5, ahead=2))
+  fresh.set_state(state)  # not on a chunk boundary
+  assert [next(fresh)["i"] for _ in range(5)] == list(range(7, 12))
+  fresh.close()
+  it.close()
+
+
+def test_in_process_order_equals_grain_prefetch(toy_bad):
+  # worker_count 0 (_ChunkedPrefetch) yields what Grain's own prefetch yields.
+  config = _config(toy_bad, image_size=8)
+  ds = pipeline.train_map_dataset(config, seed=0, process_index=0, process_count=1, block=4)
+  import grain
+  want = pipeline._SkipBad(ds.to_iter_dataset(grain.ReadOptions(num_threads=2))).batch(4)
+  want, got = iter(want), _train(config, 4)
+  for _ in range(6):
+    _assert_batches_equal(next(got), next(want))

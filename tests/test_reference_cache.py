@@ -1,49 +1,185 @@
 """`jest-pod data cache-reference`: cached reference embeddings replace the reference pass."""
 
+import logging
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
+from jest_pod import checkpoint
 from jest_pod.data import reference_cache
 from jest_pod.data.toy import build_toy
+from jest_pod.evaluators import common
+from jest_pod.models import build_model
+from jest_pod.data import pipeline
+from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.train import flops as flops_lib
 from jest_pod.train import main as train_main
 from train_helpers import read_metrics, tiny_config
+
+N = 256
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  toy = build_toy(str(tmp_path_factory.mktemp("toy")), 256, noise=0.25, image_size=16)
+  toy = build_toy(str(tmp_path_factory.mktemp("toy")), N, noise=0.25, image_size=16)
   ref = str(tmp_path_factory.mktemp("ref"))
   train_main.train(tiny_config(toy, steps=4), ref)
-  return toy, ref
-
-
-def test_cache_rows_equal_the_reference_forward_pass(setup, tmp_path):
-  toy, ref = setup
   path = reference_cache.build_cache(toy, ref, batch_size=48)  # 48 does not divide 256
-  cache = reference_cache.ReferenceCache(path, toy)
-  assert cache.image.shape == (256, 16) and cache.text.shape == (256, 16)
-  np.testing.assert_allclose(np.linalg.norm(cache.image, axis=1), 1.0, rtol=1e-4)
-  # A JEST run with the cache selects and trains exactly as with the reference forward pass.
+  return toy, ref, path
+
+
+@pytest.fixture(scope="module")
+def other_ref(setup, tmp_path_factory):
+  """A second reference: same architecture, one more training step → other params."""
+  toy, _, _ = setup
+  ref2 = str(tmp_path_factory.mktemp("ref2"))
+  train_main.train(tiny_config(toy, steps=5), ref2)
+  return ref2
+
+
+def _open(path, toy, ref, **over):
+  kw = dict(data_dir=toy, reference=ref, image_size=16, max_text_len=12,
+            tokenizer_sha256=reference_cache.file_sha256(os.path.join(toy, "tokenizer.model")))
+  kw.update(over)
+  return reference_cache.open_cache(path, **kw)
+
+
+def test_lookup_equals_the_reference_forward_pass(setup):
+  toy, ref, path = setup
+  assert path == os.path.join(toy, "reference_cache")
+  assert not os.path.exists(path + ".tmp")
+  cache = _open(path, toy, ref)
+  config, params, step = checkpoint.load_params(ref)
+  model = build_model(config.model)
+  direct = common.embed_batches(
+      common.encode_fn_for(model, image=True, text=True), params,
+      pipeline.make_eval_iterator(toy, batch_size=64, image_size=16, max_text_len=12,
+                                  tokenizer=os.path.join(toy, "tokenizer.model")),
+      jax.sharding.Mesh(jax.devices(), ("data",)), device_keys=("image", "text"),
+      host_keys=("index",))
+  np.testing.assert_array_equal(direct["index"], np.arange(N))
+  order = np.random.default_rng(0).permutation(N)[:100].astype(np.int64)
+  image, text = cache.lookup(order)
+  assert image.dtype == text.dtype == np.float32 and image.shape == (100, 16)
+  np.testing.assert_allclose(image, direct["image"][order], atol=1e-2, rtol=1e-2)
+  np.testing.assert_allclose(text, direct["text"][order], atol=1e-2, rtol=1e-2)
+  _, _, extras = model.apply({"params": params}, None, None)
+  assert cache.temperature == np.float32(extras["t"]) and cache.bias == np.float32(extras["b"])
+  m = cache.meta
+  assert m["seconds"] > 0 and m["num_examples"] == N
+  assert m["flops"] == pytest.approx(N * flops_lib.example_forward_flops(
+      config.model, 16, config.model.image["patch_size"], 12))
+  ident = m["fingerprint"]["reference"]
+  assert ident["step"] == step and ident["path"] == os.path.abspath(ref)
+  assert ident["params_digest"] == reference_cache.params_digest(params)
+  with pytest.raises(IndexError):
+    cache.lookup(np.array([N]))
+
+
+def test_params_digest_sees_any_change(setup):
+  _, ref, _ = setup
+  _, params, _ = checkpoint.load_params(ref)
+  d = reference_cache.params_digest(params)
+  host = jax.tree.map(np.asarray, params)
+  assert reference_cache.params_digest(host) == d  # placement does not matter
+  leaves, treedef = jax.tree.flatten(host)
+  leaves[-1] = leaves[-1].copy()
+  leaves[-1].flat[0] += 1e-6
+  assert reference_cache.params_digest(jax.tree.unflatten(treedef, leaves)) != d
+
+
+def test_mismatches_are_refused(setup, other_ref, tmp_path, caplog):
+  toy, ref, path = setup
+  with pytest.raises(reference_cache.ReferenceCacheError,
+                     match=r"reference: built from .* step 4 .* step 5.*cache-reference"):
+    _open(path, toy, other_ref)
+  with pytest.raises(reference_cache.ReferenceCacheError, match=r"tokenizer: sha256"):
+    _open(path, toy, ref, tokenizer_sha256="0" * 64)
+  with pytest.raises(reference_cache.ReferenceCacheError,
+                     match=r"image_size: 16 in the cache, 32 in this run.*Rebuild it with "
+                           r"`jest-pod data cache-reference --data"):
+    _open(path, toy, ref, image_size=32)
+  with pytest.raises(reference_cache.ReferenceCacheError, match=r"max_text_len: 12 in the"):
+    _open(path, toy, ref, max_text_len=16)
+  other = build_toy(str(tmp_path / "other"), 64, image_size=16, seed=1)
+  with pytest.raises(reference_cache.ReferenceCacheError, match="other data"):
+    _open(path, other, ref)
+  with pytest.raises(reference_cache.ReferenceCacheError, match="other data"):
+    reference_cache.ReferenceCache(path, other)  # the old constructor checks the data
+  # No reference given: opens, warning names the reference the cache was built from.
+  with caplog.at_level(logging.WARNING, logger="jest_pod"):
+    cache = _open(path, toy, None)
+  assert os.path.abspath(ref) in caplog.text and "not checked" in caplog.text
+  assert cache.lookup(np.arange(3))[0].shape == (3, 16)
+
+
+def test_incomplete_or_missing_cache_is_refused(setup, tmp_path):
+  toy, ref, path = setup
+  partial = str(tmp_path / "partial")
+  shutil.copytree(path, partial)
+  os.remove(os.path.join(partial, "meta.json"))
+  with pytest.raises(reference_cache.ReferenceCacheError,
+                     match=r"incomplete.*cache-reference --data .* --output"):
+    _open(partial, toy, ref)
+  with pytest.raises(reference_cache.ReferenceCacheError, match="does not exist.*cache-reference"):
+    _open(str(tmp_path / "nothing"), toy, ref)
+  with pytest.raises(reference_cache.ReferenceCacheError, match="cache-reference"):
+    reference_cache.ReferenceCache(str(tmp_path / "nothing"), toy)
+
+
+def test_default_cache_path(setup, tmp_path):
+  toy, _, path = setup
+  assert reference_cache.default_cache_path(toy) == path
+  tok = os.path.join(toy, "tokenizer.model")  # the trainer passes Tokenizer.sha256
+  assert tokenizer_lib.Tokenizer(tok).sha256 == reference_cache.file_sha256(tok)
+  assert reference_cache.default_cache_path(str(tmp_path)) is None
+  os.makedirs(tmp_path / "reference_cache")  # a folder without meta.json is no cache
+  assert reference_cache.default_cache_path(str(tmp_path)) is None
+
+
+def test_rebuild_replaces_the_cache(setup, tmp_path):
+  toy, ref, _ = setup
+  out = str(tmp_path / "c")
+  reference_cache.build_cache(toy, ref, output=out, batch_size=100)
+  first = reference_cache.ReferenceCache(out, toy).lookup(np.arange(N))
+  reference_cache.build_cache(toy, ref, output=out, batch_size=256)
+  assert sorted(os.listdir(tmp_path)) == ["c"]  # no .tmp / .old left behind
+  again = _open(out, toy, ref).lookup(np.arange(N))
+  np.testing.assert_allclose(again[0], first[0], atol=1e-2)
+
+
+def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
+  """Goes through the trainer (`config.selection.reference_cache`): depends on how
+  jest_pod/train/main.py opens the cache."""
+  toy, ref, path = setup
   runs = {}
   for name, extra in (("forward", {}), ("cached", {"selection.reference_cache": path})):
     config = tiny_config(toy, steps=3, method="joint", reference=ref,
                          **{"selection.filter_ratio": 0.5, **extra})
     train_main.train(config, str(tmp_path / name))
     runs[name] = read_metrics(str(tmp_path / name))
+  # bf16 storage: the cached embeddings differ from the forward pass by ~1e-3.
   for step in (1, 2, 3):
     for key in ("train/loss", "select/learnability_selected"):
       np.testing.assert_allclose(runs["cached"][step][key], runs["forward"][step][key],
-                                 rtol=1e-4, atol=1e-5)
+                                 rtol=2e-2, atol=2e-2)
 
 
-def test_cache_of_other_data_is_refused(setup, tmp_path):
-  toy, ref = setup
-  path = reference_cache.build_cache(toy, ref)
-  other = build_toy(str(tmp_path / "other"), 64, image_size=16, seed=1)
-  with pytest.raises(reference_cache.ReferenceCacheError, match="other data"):
-    reference_cache.ReferenceCache(path, other)
-  with pytest.raises(reference_cache.ReferenceCacheError, match="cache-reference"):
-    reference_cache.ReferenceCache(str(tmp_path / "nothing"), toy)
-  assert os.path.exists(os.path.join(path, "meta.json"))
+def test_a_record_that_failed_to_decode_is_refused(setup, tmp_path, monkeypatch):
+  toy, ref, _ = setup
+  real = pipeline.make_eval_iterator
+
+  def one_bad(*args, **kwargs):
+    for k, batch in enumerate(real(*args, **kwargs)):
+      if k == 0:
+        batch = dict(batch, mask=np.where(np.arange(len(batch["mask"])) == 3, 0.0,
+                                          batch["mask"]).astype(np.float32))
+      yield batch
+  monkeypatch.setattr(pipeline, "make_eval_iterator", one_bad)
+  out = str(tmp_path / "c")
+  with pytest.raises(reference_cache.ReferenceCacheError, match="embedded 255 of 256"):
+    reference_cache.build_cache(toy, ref, output=out)
+  assert not os.path.exists(out) and not os.path.exists(out + ".tmp")

@@ -11,7 +11,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jest_pod import selection as sel
 
-STATIC = ("num_select", "n_chunks", "score", "loss", "mesh", "data_axes", "return_scores")
+STATIC = ("num_select", "n_chunks", "score", "loss", "mesh", "data_axes", "return_scores",
+          "block_bytes")
 # One jitted entry point shared by the tests, so equal configs compile once.
 joint = jax.jit(sel.joint_select, static_argnames=STATIC)
 independent = jax.jit(sel.independent_select,
@@ -183,6 +184,22 @@ def test_same_indices_on_1_and_8_devices(shape, loss):
     kw = dict(num_select=12, method="sample")
     np.testing.assert_array_equal(independent(key, LEARNER, REFERENCE, mesh=mesh, **kw),
                                   independent(key, LEARNER, REFERENCE, **kw))
+
+
+@pytest.mark.parametrize("loss,devices", [("sigmoid", 1), ("softmax", 1), ("sigmoid", 8),
+                                          ("softmax", 8)])
+def test_row_tiles_give_the_untiled_result(loss, devices):
+  """A block budget of a few rows (many row tiles, uneven on 8 devices: 3 rows each)
+  picks the same examples with the same conditional scores as one [N, c] block."""
+  mesh = _mesh((devices,), ("data",)) if devices > 1 else None
+  key = jax.random.key(5)
+  kw = dict(num_select=12, n_chunks=3, loss=loss, return_scores=True, mesh=mesh)
+  idx, hist = joint(key, LEARNER, REFERENCE, **kw)
+  # c = 4 columns of 4 bytes: 32 bytes = 2 rows per tile.
+  idx_t, hist_t = joint(key, LEARNER, REFERENCE, block_bytes=32, **kw)
+  assert sel._n_tiles(24 // devices, 4, 32) > 1
+  np.testing.assert_array_equal(idx_t, idx)
+  np.testing.assert_allclose(hist_t, hist, rtol=1e-6, atol=1e-6)
 
 
 def test_errors():

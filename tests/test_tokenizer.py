@@ -37,6 +37,16 @@ def test_encode_batch_pads_truncates_lowercases(tok):
   assert tok.decode(ids[1]) == "a red dog"
 
 
+def test_single_string_encode_equals_encode_batch(tok):
+  texts = ["A RED Dog", "a red dog number 12 " * 5, "", "  unseen wörds ✓ ", TEXTS[7]]
+  for max_len in (1, 5, 12):
+    batch = tok.encode_batch(texts, max_len)
+    for text, want in zip(texts, batch):
+      got = tok.encode(text, max_len)
+      assert got.dtype == np.int32 and got.shape == (max_len,)
+      np.testing.assert_array_equal(got, want)
+
+
 def test_pickles_without_the_file(tok, tmp_path):
   other = tokenizer.Tokenizer(model_proto=tok._proto)
   clone = pickle.loads(pickle.dumps(other))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jest_pod.data.toy import build_toy
+from jest_pod.train import feed
 from jest_pod.train import main as train_main
 from train_helpers import ROOT, losses, read_metrics, tiny_config
 
@@ -78,22 +79,27 @@ def test_sigterm_then_rerun_matches_uninterrupted(uniform_run, tmp_path):
   np.testing.assert_allclose(losses(run), losses(workdir), rtol=1e-5, atol=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
-  config = tiny_config(toy, steps=8, ckpt_every=1)
-  to_global, calls = train_main._to_global, []
+@pytest.mark.parametrize("log_every,ckpt_every,good", [(1, 1, 3), (100, 2, 2)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch,
+                                                       log_every, ckpt_every, good):
+  # log_every=100: the loop reads no metric back until the step-4 save, and must still
+  # find the NaN of step 4 before saving it.
+  config = tiny_config(toy, steps=8, ckpt_every=ckpt_every, log_every=log_every)
+  to_global, calls = feed.to_global, []
 
-  def poisoned(host_batch, sharding):  # the 4th batch's images are NaN
+  def poisoned(host_batch, sharding, keys=feed.DEVICE_KEYS):  # 4th batch: NaN images
     calls.append(1)
     if len(calls) == 4:
       host_batch = dict(host_batch, image=np.full_like(host_batch["image"], np.nan))
-    return to_global(host_batch, sharding)
+    return to_global(host_batch, sharding, keys)
 
-  monkeypatch.setattr(train_main, "_to_global", poisoned)
-  with pytest.raises(train_main.TrainingDiverged, match="last good checkpoint is step 3"):
+  monkeypatch.setattr(feed, "to_global", poisoned)
+  with pytest.raises(train_main.TrainingDiverged,
+                     match=f"at step 4; .*last good checkpoint is step {good}"):
     train_main.train(config, str(tmp_path))
   from jest_pod import checkpoint
   _, params, step = checkpoint.load_params(str(tmp_path))
-  assert step == 3
+  assert step == good
   assert all(np.all(np.isfinite(np.asarray(p))) for p in __import__("jax").tree.leaves(params))
 
 

@@ -15,6 +15,7 @@ def tiny_config(data_dir, *, steps=12, method="uniform", reference="", **overrid
   c.input.data = data_dir
   c.input.image_size = c.model.image_size = 16
   c.input.max_text_len = 12
+  c.input.worker_count = 0  # not the host-dependent default: the example order must not vary
   c.model.embed_dim = 16
   c.model.image = dict(patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64)
   c.model.text = dict(vocab_size=64, max_len=12, width=32, depth=1, num_heads=2, mlp_dim=64)

@@ -1,7 +1,9 @@
 """`jest-pod bench data [--data DIR] [--steps N]`: the Grain pipeline's figures.
 
-1. examples/s per host at worker_count 0, 1, 2 (median of repeats after a warm-up) on
-   DIR, or on the virtual source if no DIR is given;
+1. examples/s per host at worker_count 0 and auto (-1, resolved by
+   `pipeline.resolve_worker_count`; median of repeats after a warm-up) on DIR, or on the
+   virtual source if no DIR is given, with the cores the pipeline kept busy (CPU seconds
+   of this process and its worker processes / wall seconds) and examples per CPU second;
 2. the 2^33-record virtual pipeline: start-up (fresh process: imports + build + first
    batch) and its peak RSS;
 3. the time to restore an iterator at position 1e9 vs at 0 and read one batch.
@@ -25,6 +27,7 @@ from jest_pod.data import pipeline
 t1 = time.perf_counter()
 c = pipeline.default_input_config()
 c.data, c.tokenizer, c.image_size = "virtual", sys.argv[1], int(sys.argv[3])
+c.worker_count = 0
 it = pipeline.make_train_iterator(c, global_batch_size=int(sys.argv[2]), seed=0,
                                   process_index=0, process_count=1)
 next(it)
@@ -41,6 +44,25 @@ def _virtual_tokenizer(workdir: str) -> str:
   return tokenizer.train_tokenizer(texts, os.path.join(workdir, "virtual_tok"), 128)
 
 
+def _cpu_seconds() -> float:
+  """CPU seconds (user + system) of this process and its live child processes (Grain's
+  workers); without psutil, of this process only."""
+  try:
+    import psutil  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    t = os.times()
+    return t.user + t.system
+  total = 0.0
+  me = psutil.Process()
+  for p in [me] + me.children(recursive=True):
+    try:
+      c = p.cpu_times()
+      total += c.user + c.system
+    except psutil.Error:
+      pass
+  return total
+
+
 def _throughput(config, batch: int, steps: int, repeats: int, warmup: int) -> dict:
   from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
   t = time.perf_counter()
@@ -49,16 +71,24 @@ def _throughput(config, batch: int, steps: int, repeats: int, warmup: int) -> di
   for _ in range(warmup):  # worker start-up and first fills are not throughput
     next(it)
   warm_s = time.perf_counter() - t
-  rates = []
+  rates, wall, cpu = [], 0.0, 0.0
   for _ in range(repeats):
-    t = time.perf_counter()
+    c, t = _cpu_seconds(), time.perf_counter()
     for _ in range(steps):
       next(it)
-    rates.append(steps * batch / (time.perf_counter() - t))
+    dt = time.perf_counter() - t
+    wall, cpu = wall + dt, cpu + _cpu_seconds() - c
+    rates.append(steps * batch / dt)
   if hasattr(it, "close"):
     it.close()
   return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-          "warmup_s": warm_s}
+          "warmup_s": warm_s, "cores": cpu / wall,
+          "per_cpu_s": repeats * steps * batch / max(cpu, 1e-9)}
+
+
+def _parse_workers(spec: str) -> list[int]:
+  """'0,auto,2' -> [0, -1, 2] (auto = -1)."""
+  return [-1 if x.strip() == "auto" else int(x) for x in spec.split(",") if x.strip()]
 
 
 def _restore_time(config, batch: int, position: int, repeats: int = 5) -> float:
@@ -84,7 +114,10 @@ def main(argv: list[str]) -> int:
   p.add_argument("--warmup", type=int, default=3, help="batches read before timing")
   p.add_argument("--batch", type=int, default=64, help="host batch size")
   p.add_argument("--image-size", type=int, default=32)
-  p.add_argument("--workers", default="0,1,2", help="worker counts to measure")
+  p.add_argument("--workers", default="0,auto",
+                 help="worker counts to measure, comma-separated; auto = -1 (resolved)")
+  p.add_argument("--no-virtual", action="store_true",
+                 help="skip the 2^33-record start-up / restore figures")
   args = p.parse_args(argv)
 
   from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -97,16 +130,21 @@ def main(argv: list[str]) -> int:
 
   print(f"jest-pod bench data: {config.data}, host batch {args.batch}, image "
         f"{args.image_size}², {args.repeats}×{args.steps} batches after {args.warmup} "
-        f"warm-up, {os.cpu_count()} CPUs")
+        f"warm-up, {pipeline.usable_cpus()} usable CPUs, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   rows = []
-  for w in [int(x) for x in args.workers.split(",")]:
+  for w in _parse_workers(args.workers):
     config.worker_count = w
     r = _throughput(config, args.batch, args.steps, args.repeats, args.warmup)
     rows.append((w, r))
-  print(f"\n{'workers':>8} {'examples/s (median)':>20} {'min':>8} {'max':>8} {'warm-up s':>10}")
+  print(f"\n{'workers':>10} {'examples/s (median)':>20} {'min':>8} {'max':>8} "
+        f"{'warm-up s':>10} {'cores busy':>10} {'ex/CPU-s':>9}")
   for w, r in rows:
-    print(f"{w:>8} {r['median']:>20.0f} {r['min']:>8.0f} {r['max']:>8.0f} "
-          f"{r['warmup_s']:>10.2f}")
+    name = f"auto={pipeline.resolve_worker_count(w)}" if w == -1 else str(w)
+    print(f"{name:>10} {r['median']:>20.0f} {r['min']:>8.0f} {r['max']:>8.0f} "
+          f"{r['warmup_s']:>10.2f} {r['cores']:>10.2f} {r['per_cpu_s']:>9.0f}")
+  if args.no_virtual:
+    return 0
 
   # 2^33 records: a fresh process, so that RSS is the pipeline's alone.
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -118,6 +156,7 @@ def main(argv: list[str]) -> int:
   s = json.loads(out.stdout.strip().splitlines()[-1])
   vconfig = pipeline.default_input_config()
   vconfig.data, vconfig.tokenizer, vconfig.image_size = "virtual", vtok, args.image_size
+  vconfig.worker_count = 0  # the state below is worker_count 0's: {"next_index": ...}
   r0 = _restore_time(vconfig, args.batch, 0)
   r9 = _restore_time(vconfig, args.batch, 10**9)
   print(f"\n2^33-record virtual pipeline (fresh process, worker_count 0):")

@@ -9,6 +9,10 @@ N×N float32 score matrix that we never build would take (total and per device).
 
 CPU mesh: XLA_FLAGS=--xla_force_host_platform_device_count=8 jest-pod bench selection
 (fake devices share the host's cores: timings there measure overheads, not speed).
+
+--paper-shape: the paper's selection (N = 327,680, B = 32,768, d = 768, 16 chunks) on ONE
+device, lowered and compiled from shapes only (nothing allocated, nothing run): reports
+the memory XLA plans for it, for both losses.
 """
 
 from __future__ import annotations
@@ -35,7 +39,43 @@ def _parse(argv):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--loss", default="sigmoid", choices=selection.LOSSES)
   p.add_argument("--score", default="learnability", choices=tuple(selection.SCORES))
+  p.add_argument("--paper-shape", action="store_true",
+                 help="only plan the paper's shape on one device (compile, don't run)")
+  p.add_argument("--block-mib", type=float, default=selection.BLOCK_BYTES / 2**20,
+                 help="joint_select's block_bytes budget in MiB")
   return p.parse_args(argv)
+
+
+PAPER = dict(n=327_680, b=32_768, d=768, n_chunks=16)
+
+
+def _paper_shape(args):
+  """Planned per-device memory of the paper-shape selection on one device, not run."""
+  n, b, d, n_chunks = PAPER["n"], PAPER["b"], PAPER["d"], PAPER["n_chunks"]
+  block = int(args.block_mib * 2**20)
+  emb = lambda: selection.Embeddings(jax.ShapeDtypeStruct((n, d), jnp.float32),
+                                     jax.ShapeDtypeStruct((n, d), jnp.float32),
+                                     jax.ShapeDtypeStruct((), jnp.float32),
+                                     jax.ShapeDtypeStruct((), jnp.float32))
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  device = jax.devices()[0]
+  print(f"paper shape on 1 x {device.platform} ({device.device_kind}): N={n} B={b} d={d} "
+        f"n_chunks={n_chunks} c={b // n_chunks} score={args.score} "
+        f"block_bytes={args.block_mib:g} MiB (compiled, not run)")
+  print(f"{'loss':>8} {'temp MiB/dev':>12} {'arg MiB/dev':>11} {'[N, c] f32 MiB':>14} "
+        f"{'compile s':>9}")
+  for loss in selection.LOSSES:
+    fn = jax.jit(lambda k, lrn, ref, loss=loss: selection.joint_select(
+        k, lrn, ref, num_select=b, n_chunks=n_chunks, score=args.score, loss=loss,
+        block_bytes=block), device=device)
+    t0 = time.perf_counter()
+    mem = fn.lower(key, emb(), emb()).compile().memory_analysis()
+    compile_s = time.perf_counter() - t0
+    temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
+    arg = getattr(mem, "argument_size_in_bytes", 0) if mem is not None else 0
+    print(f"{loss:>8} {_mib(temp):>12.1f} {_mib(arg):>11.1f} {_mib(4 * n * b // n_chunks):>14.1f} "
+          f"{compile_s:>9.1f}", flush=True)
+  return 0
 
 
 def _mib(nbytes):
@@ -56,6 +96,8 @@ def _embeddings(key, n, d, rows, t, b):
 
 def main(argv):
   args = _parse(argv)
+  if args.paper_shape:
+    return _paper_shape(args)
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,))
   rows = NamedSharding(mesh, P("data"))
@@ -76,7 +118,7 @@ def main(argv):
     reference = _embeddings(jax.random.fold_in(key, 2), n, args.d, rows, 10.0, -10.0)
     fn = jax.jit(lambda k, lrn, ref: selection.joint_select(
         k, lrn, ref, num_select=b, n_chunks=args.n_chunks, score=args.score,
-        loss=args.loss, mesh=mesh))
+        loss=args.loss, mesh=mesh, block_bytes=int(args.block_mib * 2**20)))
     t0 = time.perf_counter()
     compiled = fn.lower(key, learner, reference).compile()
     compile_s = time.perf_counter() - t0

@@ -1,230 +1,224 @@
-"""`jest-pod bench step`: the JEST step's time split beside a uniform step at the same B.
+"""`jest-pod bench step`: the real training loop, uniform vs JEST at the same B.
 
-  jest-pod bench step [--config configs/jest.py:runlocal] [--data DIR] [--repeats 5]
+  jest-pod bench step [--config configs/jest.py:runlocal] [--data DIR] [--steps 20]
+                      [--reference-cache on|off] [--xla-check]
 
-Parts, each a separately jitted piece as in the trainer (jest_pod/train/main.py), timed
-with block_until_ready, median over --repeats after --warmup calls:
-  data       next(host iterator) + host → global arrays (N rows for JEST, B for uniform)
-  scoring    learner forward over N at the scoring patch (Flexi-JEST: 2p)
-  reference  frozen reference forward over N
-  selection  joint (or independent) selection + gather of the B chosen rows
-  train      the optimizer step on B (JEST: half at p, half at 2p; uniform: all at p)
-FLOPs: "XLA" is `jax.jit(f).lower(...).compile().cost_analysis()["flops"]` of each piece
-(the per-device SPMD program, multiplied by the device count); "model" is
-jest_pod.train.flops.step_flops. --data is a data-set folder (default: the config's
-input.data when it holds a data set — `data/demo/web` after `jest-pod demo` — else a
-2048-example toy set with 20% swapped captions, built in a temp dir). The reference is the checkpoint that
-config.selection.reference names when it exists, else a randomly initialised copy of the
-learner's towers (same cost; the timings do not depend on its weights).
-
-CPU mesh: XLA_FLAGS=--xla_force_host_platform_device_count=8 jest-pod bench step
-(fake devices share the host's cores: timings there measure overheads, not speed).
+Runs `jest_pod.train.main.train` — the loop a run uses, with its input thread, device
+prefetch and JEST step — for --steps steps of a uniform config and of the JEST config
+(same B, same towers), and reports from each run's own log:
+  step (s)           wall time per step over all steps after the first (compilation),
+                     with input and compute overlapped as in a run
+  examples/s         trained examples per second (B / step)
+  input (s/batch)    the input thread's time to read, decode and transfer one batch
+  input wait         share of the loop's time spent waiting for the input
+  split              one sampled step run part by part (scoring, reference, selection,
+                     train), each waited for
+  FLOPs/step         the analytic model (jest_pod/train/flops.py), charged (reference
+                     forward on every scored example) and amortised (reference cache)
+  model FLOPs/s, MFU amortised FLOPs per step / step time, and / the device's peak
+                     where it is known (bf16 dense peaks of common accelerators)
+The reference is config.selection.reference when it exists, else a 1-step run of the
+learner's towers (same cost; timings do not depend on its weights). With
+--reference-cache on (the default) its embeddings are cached first, as a real JEST run
+would. --data: a data set folder (default: the config's, else a 2,048-example toy set).
+--xla-check (CPU only: on GPU XLA's cost_analysis skips library calls such as cuBLAS,
+measured at 0.01-0.34 of the real count) compares XLA's FLOP count of the train step
+with the model's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
-import statistics
 import sys
 import tempfile
-import time
 
-PARTS = ("data", "scoring", "reference", "selection", "train")
+# bf16 dense peak FLOP/s per chip by device_kind (substring match, lower case).
+PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12,
+              "tpu v6": 918e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
+              "tpu v4": 275e12}
 
 
 def _parse(argv):
+  from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="jest-pod bench step", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  from jest_pod import config as config_lib
   default = os.path.join(config_lib.CONFIGS_DIR, "jest.py") + ":runlocal"
   p.add_argument("--config", default=default,
                  help="a JEST config FILE[:ARG] (default: the repo's configs/jest.py:runlocal); "
-                 "the uniform step uses the same B and towers")
+                 "the uniform run uses the same B and towers")
   p.add_argument("--data", default=None, help="data set folder (default: the config's, else toy data)")
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=2)
-  return p.parse_args(argv)
+  p.add_argument("--steps", type=int, default=20, help="steps per run (the first is compilation)")
+  p.add_argument("--reference-cache", choices=("on", "off"), default="on")
+  p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
+  p.add_argument("--xla-check", action="store_true")
+  args = p.parse_args(argv)
+  if args.steps < 4:
+    p.error("--steps must be >= 4 (one compiles, one is sampled part by part)")
+  return args
 
 
 def _load(spec):
-  from jest_pod import config as config_lib
+  from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--config {spec}: no file {path}")
   return config_lib.sibling_config(os.path.abspath(path), os.path.basename(path), arg)
 
 
-def _flops(jitted, *args) -> float:
-  """XLA's FLOP count of the compiled per-device program × devices (nan if unknown)."""
-  import jax
-  cost = jitted.lower(*args).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+def peak_flops(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  for name, peak in PEAK_FLOPS.items():
+    if name in kind:
+      return peak
+  return None
+
+
+def _uniform_twin(config):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  u = ml_collections.ConfigDict(config.to_dict())
+  u.selection.method = "uniform"
+  p = config.model.image["patch_size"]
+  u.flexi.score_patch_size = 0
+  u.flexi.train_patch_sizes, u.flexi.train_fractions = (p,), (1.0,)
+  return u
+
+
+def _xla_train_flops(config) -> float:
+  """XLA's FLOP count of the compiled train step (per-device program × devices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jest_pod import sharding as shd  # pylint: disable=g-import-not-at-top
+  from jest_pod.models import build_model  # pylint: disable=g-import-not-at-top
+  from jest_pod.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from jest_pod.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh = shd.make_mesh(config.mesh)
+  model = build_model(config.model)
+  tx, schedule = state_lib.make_optimizer(config.optax, config.total_steps)
+  state, state_sh = state_lib.create_state(config, model, tx, mesh, jax.random.key(0))
+  b, s, l = config.batch_size, config.model.image_size, config.input.max_text_len
+  batch = {"image": jnp.zeros((b, s, s, 3), jnp.float32), "text": jnp.ones((b, l), jnp.int32)}
+  fn = jax.jit(step_lib.make_train_step(config, model, tx, schedule),
+               in_shardings=(state_sh, shd.batch_sharding(mesh)))
+  cost = fn.lower(state, batch).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", float("nan"))) * jax.device_count()
 
 
-def _timeit(fn, repeats, warmup):
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def main(argv):
   args = _parse(argv)
-  import jax
-  import ml_collections
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from jest_pod import config as config_lib
-  from jest_pod import sharding as shd
-  from jest_pod.data import pipeline
-  from jest_pod.models import build_model
-  from jest_pod.train import flops as flops_lib
-  from jest_pod.train import main as train_main
-  from jest_pod.train import state as state_lib
-  from jest_pod.train import step as step_lib
+  from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import toy  # pylint: disable=g-import-not-at-top
+  from jest_pod.jest import step as jest_lib  # pylint: disable=g-import-not-at-top
+  from jest_pod.train import hooks  # pylint: disable=g-import-not-at-top
+  from jest_pod.train import main as train_main  # pylint: disable=g-import-not-at-top
 
   config = _load(args.config)
   if config.selection.method == "uniform":
     print("jest-pod bench step: --config must select (method joint or independent); "
           "e.g. configs/jest.py:runlocal", file=sys.stderr)
     return 2
+  hooks.setup_logging()
+  logging.getLogger("jest_pod").setLevel(logging.WARNING)
+  tmp = tempfile.TemporaryDirectory(prefix="jest_pod_bench_step_")
+  root = args.workdir or tmp.name
   config.evals = ml_collections.ConfigDict()
-  tmp = None
   if args.data:
     config.input.data = args.data
-    if not config.input.tokenizer or not os.path.exists(config.input.tokenizer):
-      config.input.tokenizer = os.path.join(args.data, "tokenizer.model")
+    config.input.tokenizer = ""
   elif not os.path.exists(os.path.join(config.input.data, "manifest.json")):
-    from jest_pod.data import toy
-    tmp = tempfile.TemporaryDirectory(prefix="jest_pod_bench_step_")
-    toy.build_toy(tmp.name, 2048, noise=0.2, image_size=config.model.image_size)
-    config.input.data = tmp.name
-    config.input.tokenizer = os.path.join(tmp.name, "tokenizer.model")
+    data = os.path.join(root, "toy")
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+      toy.build_toy(data, 2048, noise=0.2, image_size=config.model.image_size)
+    config.input.data, config.input.tokenizer = data, ""
   config.input.mixture = ()
+  config.total_steps = args.steps
+  config.log_every = config.ckpt_every = args.steps
+  config.time_split_every = max(2, args.steps // 2)
   config_lib.validate(config)
-  uniform = ml_collections.ConfigDict(config.to_dict())
-  uniform.selection.method = "uniform"
-  p = config.model.image["patch_size"]
-  uniform.flexi.score_patch_size = 0
-  uniform.flexi.train_patch_sizes, uniform.flexi.train_fractions = (p,), (1.0,)
+  uniform = _uniform_twin(config)
 
-  mesh = shd.make_mesh(config.mesh)
-  rows = shd.batch_sharding(mesh)
-  b, n = config.batch_size, config_lib.num_super_batch(config)
-  s = config.selection
-  need_learner, need_ref = train_main._needs(s.score)  # pylint: disable=protected-access
-  model = build_model(config.model)
-  rng = jax.random.key(config.seed)
+  ref_note = "no reference (the score does not use it)"
+  if jest_lib.uses_reference(config):
+    ref = config.selection.reference
+    if not (ref and os.path.exists(ref)):
+      ref = os.path.join(root, "reference")
+      r = _uniform_twin(config)
+      r.total_steps = r.log_every = r.ckpt_every = 1
+      train_main.train(r, ref)
+      ref_note = "a 1-step run of the learner's towers as reference"
+    else:
+      ref_note = f"reference checkpoint {ref}"
+    config.selection.reference = ref
+    if args.reference_cache == "on":
+      cache = os.path.join(root, "reference_cache")
+      if not os.path.exists(os.path.join(cache, "meta.json")):
+        reference_cache.build_cache(config.input.data, ref, output=cache)
+      config.selection.reference_cache = cache
+      ref_note += ", embeddings cached"
+    else:
+      config.selection.reference_cache = "off"
 
-  # Reference: the configured checkpoint when there is one, else random towers.
-  ref_config, ref_params, ref_note = None, None, ""
-  if need_ref:
-    try:
-      ref_config, ref_model, ref_params = train_main.load_reference(config, mesh)
-      ref_note = f"reference checkpoint {s.reference}"
-    except Exception as e:  # pylint: disable=broad-except
-      ref_config, ref_model = config, model
-      ref_params = state_lib.create_state(config, model, state_lib.make_optimizer(
-          config.optax, config.total_steps)[0], mesh, jax.random.fold_in(rng, 7))[0]["params"]
-      ref_note = f"random reference towers ({type(e).__name__}: no usable {s.reference!r})"
-
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
-        f"({jax.devices()[0].device_kind}); mesh {dict(mesh.shape)}; B={b} N={n} "
-        f"(f={s.filter_ratio}); method={s.method} score={s.score}; score patch "
-        f"{config.flexi.score_patch_size or p}, train patches {tuple(config.flexi.train_patch_sizes)}; "
-        f"data {config.input.data}; {ref_note}; median of {args.repeats} after "
-        f"{args.warmup} warm-up")
+  dev = jax.devices()[0]
+  print(f"devices: {jax.device_count()} x {dev.platform} ({dev.device_kind}); B="
+        f"{config.batch_size} N={config_lib.num_super_batch(config)} "
+        f"(f={config.selection.filter_ratio}); method={config.selection.method} score="
+        f"{config.selection.score}; score patch {jest_lib.score_patch_size(config)}, train "
+        f"patches {tuple(config.flexi.train_patch_sizes)}; data {config.input.data}; "
+        f"input workers {pipeline.resolve_worker_count(config.input.worker_count)}; {ref_note}; {args.steps} steps per run",
+        flush=True)
 
   results = {}
   for name, cfg in (("uniform", uniform), ("jest", config)):
-    tx, schedule = state_lib.make_optimizer(cfg.optax, cfg.total_steps)
-    state, state_sh = state_lib.create_state(cfg, model, tx, mesh, rng)
-    nb = b if name == "uniform" else n
-    it = pipeline.make_train_iterator(cfg.input, global_batch_size=nb, seed=cfg.seed,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-    fetch = lambda it=it: train_main._to_global(next(it), rows)  # pylint: disable=protected-access
-    times, xla = {}, {}
-    times["data"] = _timeit(fetch, args.repeats, args.warmup)
-    super_batch = fetch()
-    train_step = jax.jit(step_lib.make_train_step(cfg, model, tx, schedule),
-                         in_shardings=(state_sh, rows),
-                         out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
-    batch = super_batch
-    if name == "jest":
-      lemb = remb = None
-      if need_learner:
-        embed_l = jax.jit(step_lib.make_embed_fn(model, cfg.flexi.score_patch_size or p))
-        times["scoring"] = _timeit(lambda: embed_l(state["params"], super_batch),
-                                   args.repeats, args.warmup)
-        xla["scoring"] = _flops(embed_l, state["params"], super_batch)
-        lemb = embed_l(state["params"], super_batch)
-      if need_ref:
-        embed_r = jax.jit(step_lib.make_embed_fn(ref_model, None))
-        times["reference"] = _timeit(lambda: embed_r(ref_params, super_batch),
-                                     args.repeats, args.warmup)
-        xla["reference"] = _flops(embed_r, ref_params, super_batch)
-        remb = embed_r(ref_params, super_batch)
-      select = jax.jit(step_lib.make_select_fn(cfg, mesh, num_select=b))
-      key = jax.random.key(1)
-      times["selection"] = _timeit(lambda: select(key, lemb, remb, super_batch)[0],
-                                   args.repeats, args.warmup)
-      xla["selection"] = _flops(select, key, lemb, remb, super_batch)
-      batch = select(key, lemb, remb, super_batch)[0]
-    xla["train"] = _flops(train_step, state, batch)
-    holder = {"state": state}
-
-    def one_train_step():
-      holder["state"], metrics = train_step(holder["state"], batch)
-      return metrics
-    times["train"] = _timeit(one_train_step, args.repeats, args.warmup)
-    model_flops = flops_lib.step_flops(cfg, ref_config if name == "jest" else None)
-    results[name] = (times, xla, model_flops)
-
-  # ------------------------------------------------------------ table
-  def row(label, cells):
-    return f"{label:<22}" + "".join(f"{c:>16}" for c in cells)
-
-  print()
-  print(row("part (median s)", ["uniform", "JEST", "JEST share"]))
-  jt = sum(results["jest"][0].values())
-  for part in PARTS:
-    u, j = results["uniform"][0].get(part), results["jest"][0].get(part)
-    print(row(part, [f"{u:.4f}" if u is not None else "-", f"{j:.4f}" if j is not None else "-",
-                     f"{j / jt:.1%}" if j is not None else "-"]))
-  ut = sum(results["uniform"][0].values())
-  print(row("step total", [f"{ut:.4f}", f"{jt:.4f}", "100%"]))
-  print(row("examples/s (trained)", [f"{b / ut:.1f}", f"{b / jt:.1f}", ""]))
-  print(row("JEST / uniform time", ["1.00", f"{jt / ut:.2f}", ""]))
-  print(f"selection share of the JEST step: {results['jest'][0]['selection'] / jt:.1%} "
-        f"(selection + scoring + reference: "
-        f"{sum(results['jest'][0].get(k, 0) for k in ('scoring', 'reference', 'selection')) / jt:.1%})")
-  print()
-  print(row("FLOPs per step", ["uniform XLA", "uniform model", "JEST XLA", "JEST model",
-                              "JEST XLA/model"]))
-  for part in ("scoring", "reference", "selection", "train"):
-    cells = []
-    for name in ("uniform", "jest"):
-      x, m = results[name][1].get(part), results[name][2].get(part, 0.0)
-      cells += [f"{x:.3g}" if x is not None else "-", f"{m:.3g}" if m else "-"]
-    x, m = results["jest"][1].get(part), results["jest"][2].get(part, 0.0)
-    cells.append(f"{x / m:.2f}" if x is not None and m else "-")
-    print(row(part, cells))
-  tot = []
-  for name in ("uniform", "jest"):
-    tot += [f"{sum(results[name][1].values()):.3g}", f"{results[name][2]['total']:.3g}"]
-  tot.append(f"{sum(results['jest'][1].values()) / results['jest'][2]['total']:.2f}")
-  print(row("total", tot))
-  # Checked with chunks=4 and 16: XLA's figure equals one chunk's N × c pair blocks.
-  print("XLA's cost_analysis counts a loop body once: its selection figure is one of the "
-        "n_chunks - 1 chunk updates")
-  if tmp is not None:
-    tmp.cleanup()
+    workdir = os.path.join(root, name)
+    last = train_main.train(cfg, workdir)
+    with open(os.path.join(workdir, "flops.json")) as f:
+      flops = json.load(f)
+    results[name] = (last, flops)
+  print(format_table(results, config.batch_size, peak_flops(dev.device_kind)))
+  if args.xla_check:
+    if dev.platform != "cpu":
+      print("--xla-check skipped: XLA's cost_analysis undercounts library calls off CPU")
+    else:
+      xla, model = _xla_train_flops(uniform), results["uniform"][1]["parts"]["train"]
+      print(f"train step FLOPs: XLA {xla:.3g}, model {model:.3g}, XLA/model {xla / model:.2f}")
+  tmp.cleanup()
   return 0
+
+
+def format_table(results, batch_size, peak) -> str:
+  """The comparison table from each run's last log record and flops.json."""
+  def row(label, cells):
+    return f"{label:<26}" + "".join(f"{c:>14}" for c in cells)
+
+  def cell(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+  lines = ["", row("", ["uniform", "JEST"])]
+  step = {k: r[0].get("time/step_s") for k, r in results.items()}
+  for label, key, fmt in (("step (s, real loop)", "time/step_s", ".4f"),
+                          ("input (s/batch, thread)", "time/input_s", ".4f"),
+                          ("input wait (share)", "time/input_wait_fraction", ".1%")):
+    lines.append(row(label, [cell(results[k][0].get(key), fmt) for k in results]))
+  lines.append(row("examples/s (trained)", [cell(batch_size / step[k] if step[k] else None,
+                                                 ".1f") for k in results]))
+  for part in ("scoring", "reference", "selection", "train"):
+    lines.append(row(f"split: {part} (s)", [cell(results[k][0].get(f"time/{part}_s"), ".4f")
+                                            for k in results]))
+  for view in ("charged", "amortised"):
+    lines.append(row(f"FLOPs/step ({view})", [f"{results[k][1][view]:.3g}" for k in results]))
+  rate = {k: results[k][1]["amortised"] / step[k] if step[k] else None for k in results}
+  lines.append(row("model FLOPs/s (amortised)", [cell(rate[k], ".3g") for k in results]))
+  lines.append(row("MFU", [cell(rate[k] / peak if peak and rate[k] else None, ".1%")
+                           for k in results]))
+  ratio = step["jest"] / step["uniform"] if step["jest"] and step["uniform"] else None
+  lines += ["", f"JEST / uniform step time: {cell(ratio, '.2f')}"]
+  return "\n".join(lines)

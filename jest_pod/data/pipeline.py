@@ -10,10 +10,11 @@ Training (`make_train_iterator`), per component of the mixture:
     MapDataset.mix(components, weights)                 only with a mixture
       [process_index::process_count]                    this host's share of the global order
       .map(_Decode)                decode record + PIL image + tokenize (a bad record -> marker)
-      .to_iter_dataset(ReadOptions)                     threads decode ahead, order kept
+      .to_iter_dataset(ReadOptions)  threads decode ahead, order kept; with worker_count 0
+                                   _ChunkedPrefetch instead (one task per 32 positions)
     _SkipBad                       drop bad records, count them into `skipped`
       .batch(global_batch / process_count)
-      .mp_prefetch(worker_count)   when worker_count > 0
+      .mp_prefetch(worker_count)   when worker_count > 0 (-1 = auto: resolve_worker_count)
 
 Decode sits before `to_iter_dataset` (not after, as in MaxText) so that Grain's read
 threads run it in parallel; the shuffled order is unchanged.
@@ -32,12 +33,14 @@ their index, to measure the pipeline at 2^33 records.
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent import futures
 from typing import Any
 
 import grain
@@ -52,6 +55,13 @@ from jest_pod.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
+# Decode threads per process (PIL and sentencepiece release the GIL in their C parts).
+# On a 2-core host 2, 3 and 4 threads were within the noise of each other at 32² and 224²
+# (`jest-pod bench data`); 1 was slower.
+READ_THREADS = 4
+# Consecutive positions decoded per thread-pool task with worker_count 0 (_ChunkedPrefetch).
+READ_CHUNK = 32
+
 
 def default_input_config() -> ml_collections.ConfigDict:
   """The `config.input` fields of the contract (WORKSPACE_NOTES.md), with defaults."""
@@ -61,9 +71,42 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.max_text_len = 16
   c.tokenizer = ""          # '' -> <first data dir>/tokenizer.model
-  c.worker_count = 0        # 0 = decode in this process (threads)
+  # Grain worker processes. 0 = decode in this process (READ_THREADS threads); -1 = auto:
+  # resolve_worker_count() = 0 on hosts with <= 2 usable cores (on 2 cores, cores - 1 = 1
+  # worker was no faster than threads in-process and costs ~2 s start-up; 2 workers leave
+  # no core to the trainer: `jest-pod bench data`), else min(cores - 1, 16). The order of
+  # examples depends on the count, and exact resume needs the same count: set it
+  # explicitly to resume on a host with another core count, and wherever the order must
+  # match a worker_count 0 run (multi-host equivalence tests).
+  c.worker_count = -1
   c.worker_buffer_size = 2  # batches buffered per worker process
   return c
+
+
+AUTO_MAX_WORKERS = 16
+
+
+def usable_cpus() -> int:
+  """Cores this process may run on (the affinity mask: containers, taskset), else cpu_count."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def resolve_worker_count(worker_count: Any, cpus: int | None = None) -> int:
+  """config.input.worker_count -> the number of Grain worker processes (>= 0).
+
+  -1 (auto): 0 with <= 2 usable cores, else min(cores - 1, 16) (one core is left to
+  the training process, which also runs the batch transfer).
+  """
+  w = int(worker_count)
+  if w >= 0:
+    return w
+  if w != -1:
+    raise ValueError(f"config.input.worker_count={w}: use >= 0, or -1 for auto")
+  cpus = usable_cpus() if cpus is None else int(cpus)
+  return 0 if cpus <= 2 else min(cpus - 1, AUTO_MAX_WORKERS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,6 +130,18 @@ def open_source(spec: str):
   return grain.sources.ArrayRecordDataSource(paths), list(manifest.get("sources", []))
 
 
+def _warn_if_upscaled(spec: str, image_size: int) -> None:
+  """The manifest's `image_max_side` (ingest --max-side) bounds the stored images: training
+  above it enlarges every image (blurry, and decode + resize cost for nothing)."""
+  if virtual.is_virtual(spec):
+    return
+  side = manifest_lib.read(spec).get("image_max_side")
+  if side and int(side) < image_size:
+    log.warning("%s stores images with max side %d, smaller than image_size=%d: every "
+                "image is enlarged; re-ingest with --max-side >= %d", spec, side,
+                image_size, image_size)
+
+
 def _components(input_config) -> list[tuple[str, float]]:
   mixture = list(input_config.get("mixture") or [])
   if mixture:
@@ -106,6 +161,12 @@ def source_names(input_config) -> list[str]:
   for spec, _ in _components(input_config):
     names += _names(spec)
   return names
+
+
+def resolve_tokenizer(input_config) -> tokenizer_lib.Tokenizer:
+  """The tokenizer a run's input uses: config.input.tokenizer, else
+  <first data dir>/tokenizer.model."""
+  return _tokenizer(input_config.get("tokenizer", ""), _components(input_config)[0][0])
 
 
 def _tokenizer(spec: Any, first_dir: str) -> tokenizer_lib.Tokenizer:
@@ -156,11 +217,25 @@ class _Tag(grain.transforms.MapWithIndex):
 
 def _to_array(im: Image.Image, size: int) -> np.ndarray:
   """PIL image -> float32 [size, size, 3] in [-1, 1]; transparency over white (emoji and
-  clip-art are RGBA: a plain convert("RGB") would show their hidden pixels, often black)."""
+  clip-art are RGBA: a plain convert("RGB") would show their hidden pixels, often black).
+
+  A JPEG larger than `size` is decoded at a reduced DCT scale first (`draft`: the
+  smallest of 1/1, 1/2, 1/4, 1/8 that keeps both sides >= size), then resized: a 256²
+  JPEG trained at 32² decodes 8x smaller. Call before `im.load()`.
+  """
+  if im.format == "JPEG" and min(im.size) > size:
+    im.draft("RGB", (size, size))
   if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
     im = ingest.flatten_on_white(im.convert("RGBA"))
-  im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-  return np.asarray(im, np.float32) / 127.5 - 1.0
+  elif im.mode != "RGB":
+    im = im.convert("RGB")
+  if im.size != (size, size):
+    im = im.resize((size, size), Image.Resampling.BILINEAR)
+  # uint8 -> float32 in one pass, no float64 temporary, the same values as before
+  # (float32(x) / 127.5 - 1). A 256-entry look-up table was 4x slower at 224².
+  out = np.divide(np.asarray(im), np.float32(127.5), dtype=np.float32)
+  out -= np.float32(1.0)
+  return out
 
 
 class _Decode(grain.transforms.Map):
@@ -186,7 +261,7 @@ class _Decode(grain.transforms.Map):
       return {"bad": f"{type(e).__name__}", "index": element["index"]}
     return {
         "image": image,
-        "text": self.tokenizer.encode_batch([rec.text], self.max_text_len)[0],
+        "text": self.tokenizer.encode(rec.text, self.max_text_len),
         "label": np.int32(-1 if rec.label is None else rec.label),
         "source": np.int32(self.source_ids[element["component"]].get(rec.source, -1)),
         "index": np.int64(element["index"]),
@@ -219,6 +294,90 @@ class _SkipBadIterator(grain.DatasetIterator):
 
   def set_state(self, state):
     self._parent.set_state(state)
+
+
+class _ChunkedPrefetch(grain.IterDataset):
+  """MapDataset -> iterator that reads ahead in chunks of `chunk` consecutive positions,
+  one thread-pool task per chunk (worker_count 0 only).
+
+  Grain's `to_iter_dataset(ReadOptions)` submits one future per element; on a small host
+  that bookkeeping (futures, locks, per-element stats) cost about as much CPU as decoding
+  a 32² PNG. Elements are a pure function of their position, so the order, and the state
+  `{"next_index": n}` (the same as Grain's: old checkpoints restore), are unchanged.
+  """
+
+  def __init__(self, parent: grain.MapDataset, num_threads: int, chunk: int,
+               ahead: int):
+    super().__init__(parent)
+    self.num_threads, self.chunk, self.ahead = num_threads, chunk, ahead
+
+  def __iter__(self):
+    return _ChunkedPrefetchIterator(self._parent, self.num_threads, self.chunk, self.ahead)
+
+
+def _read_chunk(ds, start: int, stop: int) -> list:
+  # Grain's batched read: one call down the chain (one ArrayRecord read of the chunk's
+  # records, stats once per chunk); the same elements as [ds[i] for i in range(...)].
+  return list(ds._getitems(list(range(start, stop))))  # pylint: disable=protected-access
+
+
+class _ChunkedPrefetchIterator(grain.DatasetIterator):
+
+  def __init__(self, ds, num_threads: int, chunk: int, ahead: int):
+    super().__init__()
+    self._ds, self._len = ds, len(ds)
+    self._chunk, self._ahead = chunk, ahead
+    self._executor = futures.ThreadPoolExecutor(num_threads,
+                                                thread_name_prefix="jest-pod-decode")
+    self._next = 0           # position of the next element returned (the state)
+    self._submitted = 0      # first position not yet submitted
+    self._pending = collections.deque()  # futures of consecutive chunks
+    self._current, self._offset = [], 0  # the chunk being returned from
+
+  def _fill(self):
+    while len(self._pending) < self._ahead and self._submitted < self._len:
+      stop = min(self._submitted + self._chunk, self._len)
+      self._pending.append(
+          self._executor.submit(_read_chunk, self._ds, self._submitted, stop))
+      self._submitted = stop
+
+  def __next__(self):
+    self._assert_not_closed()
+    if self._offset == len(self._current):
+      self._fill()
+      if not self._pending:
+        raise StopIteration
+      self._current, self._offset = self._pending.popleft().result(), 0
+      self._fill()
+    element = self._current[self._offset]
+    self._current[self._offset] = None  # do not hold returned elements
+    self._offset += 1
+    self._next += 1
+    return element
+
+  def get_state(self):
+    return {"next_index": self._next}
+
+  def set_state(self, state):
+    n = int(state["next_index"])
+    if not 0 <= n <= self._len:
+      raise IndexError(f"checkpoint next_index {n} out of range [0, {self._len}]")
+    for f in self._pending:
+      f.cancel()
+    self._pending.clear()
+    self._current, self._offset = [], 0
+    self._next = self._submitted = n
+
+  def close(self):
+    if not self._closed:
+      for f in self._pending:
+        f.cancel()
+      self._pending.clear()
+      try:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+      except Exception:  # pylint: disable=broad-except
+        pass  # called from __del__ at interpreter exit, modules half torn down
+    super().close()
 
 
 def _ensure_absl_flags_parsed():
@@ -270,8 +429,14 @@ class _HostBlocks(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
+    return self._parent[self._global(index)]
+
+  def _global(self, index: int) -> int:
     q, r = divmod(index, self.b)
-    return self._parent[(q * self.pc + self.p) * self.b + r]
+    return (q * self.pc + self.p) * self.b + r
+
+  def _getitems(self, indices):
+    return self._parent._getitems([self._global(i) for i in indices])  # pylint: disable=protected-access
 
 
 def train_map_dataset(input_config, *, seed: int, process_index: int,
@@ -284,10 +449,11 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
   without iterating to it.
   """
   comps = _components(input_config)
-  tok = _tokenizer(input_config.get("tokenizer", ""), comps[0][0])
+  tok = resolve_tokenizer(input_config)
   datasets, source_ids, offset = [], [], 0
   for c, (spec, _) in enumerate(comps):
     source, names = open_source(spec)
+    _warn_if_upscaled(spec, input_config.image_size)
     source_ids.append({n: offset + i for i, n in enumerate(names)})
     offset += len(names)
     ds = grain.MapDataset.source(source).map_with_index(_Tag(c, len(source)))
@@ -319,11 +485,16 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
   b = global_batch_size // pc
   ds = train_map_dataset(input_config, seed=seed, process_index=pi, process_count=pc,
                          block=b)
+  workers = resolve_worker_count(input_config.get("worker_count", 0))
   # Threads decode ahead; a buffer of ~2 batches keeps memory bounded at large images.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4,
-                                            prefetch_buffer_size=min(2 * b, 1024)))
+  ahead = min(2 * b, 1024)
+  if workers > 0:  # Grain's prefetch: mp_prefetch slices it across the worker processes
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                              prefetch_buffer_size=ahead))
+  else:
+    chunk = max(1, min(READ_CHUNK, b))
+    ds = _ChunkedPrefetch(ds, READ_THREADS, chunk, max(2, math.ceil(ahead / chunk)))
   ds = _SkipBad(ds).batch(b, drop_remainder=True)
-  workers = int(input_config.get("worker_count", 0))
   if workers > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(

@@ -56,7 +56,8 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int) ->
 
 
 class Tokenizer:
-  """A sentencepiece model: `encode_batch(texts, max_len) -> int32 [b, max_len]`."""
+  """A sentencepiece model: `encode(text, max_len) -> int32 [max_len]`,
+  `encode_batch(texts, max_len) -> int32 [b, max_len]`."""
 
   def __init__(self, path: str | None = None, *, model_proto: bytes | None = None):
     if model_proto is None:
@@ -75,6 +76,18 @@ class Tokenizer:
   @property
   def sha256(self) -> str:
     return hashlib.sha256(self._proto).hexdigest()
+
+  def encode(self, text: str, max_len: int) -> np.ndarray:
+    """One text -> int32 ids [max_len], truncated, padded with 0: equal to
+    `encode_batch([text], max_len)[0]`, the pipeline's per-example path.
+
+    sentencepiece's list encoder starts a thread pool per call, whose cost grows with the
+    host's core count (69 µs vs 3.6 µs for one caption on a 2-core host; 3x slower on 16).
+    """
+    ids = self._sp.encode(text)[:max_len]
+    out = np.zeros((max_len,), np.int32)
+    out[:len(ids)] = ids
+    return out
 
   def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
     """texts [b] -> int32 ids [b, max_len], truncated, padded with 0 (PAD_ID)."""

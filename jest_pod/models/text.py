@@ -16,17 +16,23 @@ class TextTransformer(nn.Module):
   mlp_dim: int
   out_dim: int
   dtype: str = "float32"
+  attention: str = "auto"
+  remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, text):
     if text.shape[1] > self.max_len:
       raise ValueError(f"text length {text.shape[1]} exceeds model.text.max_len={self.max_len}")
     mask = text != 0
-    x = nn.Embed(self.vocab_size, self.width, name="embedding")(text)
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embedding")(text)
     posemb = self.param("posemb", nn.initializers.normal(0.02), (1, self.max_len, self.width))
-    x = (x + posemb[:, :text.shape[1]]).astype(self.dtype)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x, mask)
-    m = mask[..., None].astype(x.dtype)
-    # An all-padding caption (empty text) pools to zeros rather than NaN.
-    x = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-    return nn.Dense(self.out_dim, name="head")(x)
+    x = x + posemb[:, :text.shape[1]].astype(self.dtype)
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
+                attention=self.attention, remat=self.remat, scan_layers=self.scan_layers,
+                name="encoder")(x, mask)
+    m = mask[..., None]
+    # where, not x * m: padded rows may hold anything (cuDNN with 0 real keys), and an
+    # all-padding caption (empty text) pools to zeros rather than NaN.
+    x = jnp.sum(jnp.where(m, x, 0.0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    return nn.Dense(self.out_dim, dtype=self.dtype, name="head")(x).astype(jnp.float32)

@@ -9,6 +9,7 @@ from jest_pod.models.vit import FlexiViT
 
 
 def _l2_normalize(x, eps=1e-6):
+  x = x.astype(jnp.float32)  # losses and selection work in float32 whatever the compute dtype
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -25,11 +26,15 @@ class TwoTower(nn.Module):
   temperature_init: float = 10.0
   bias_init: float = -10.0
   dtype: str = "float32"
+  attention: str = "auto"
+  remat: bool = False
+  scan_layers: bool = False
 
   def setup(self):
-    self.img = FlexiViT(image_size=self.image_size, out_dim=self.embed_dim, dtype=self.dtype,
-                        **self.image)
-    self.txt = TextTransformer(out_dim=self.embed_dim, dtype=self.dtype, **self.text)
+    kw = dict(out_dim=self.embed_dim, dtype=self.dtype, attention=self.attention,
+              remat=self.remat, scan_layers=self.scan_layers)
+    self.img = FlexiViT(image_size=self.image_size, **kw, **self.image)
+    self.txt = TextTransformer(**kw, **self.text)
     self.t_prime = self.param("t_prime", nn.initializers.constant(jnp.log(self.temperature_init)),
                               ())
     self.b = self.param("b", nn.initializers.constant(self.bias_init), ())
@@ -42,7 +47,13 @@ class TwoTower(nn.Module):
 
 def build_model(model_config, image_size=None) -> TwoTower:
   """TwoTower from `config.model` (image: {patch_size, width, depth, num_heads, mlp_dim},
-  text: {vocab_size, max_len, width, depth, num_heads, mlp_dim}, embed_dim, image_size)."""
+  text: {vocab_size, max_len, width, depth, num_heads, mlp_dim}, embed_dim, image_size).
+
+  Optional fields: dtype (compute dtype; params stay float32), attention
+  ("auto" | "xla" | "cudnn"), remat, scan_layers (see layers.Encoder).
+  """
   mc = model_config
   return TwoTower(image=dict(mc.image), text=dict(mc.text), embed_dim=mc.embed_dim,
-                  image_size=image_size or mc.image_size, dtype=mc.get("dtype", "float32"))
+                  image_size=image_size or mc.image_size, dtype=mc.get("dtype", "float32"),
+                  attention=mc.get("attention", "auto"), remat=mc.get("remat", False),
+                  scan_layers=mc.get("scan_layers", False))

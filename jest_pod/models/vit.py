@@ -62,6 +62,9 @@ class FlexiViT(nn.Module):
   mlp_dim: int
   out_dim: int
   dtype: str = "float32"
+  attention: str = "auto"
+  remat: bool = False
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, image, patch_size=None):
@@ -78,9 +81,12 @@ class FlexiViT(nn.Module):
     k = pi_resize_kernel(kernel, p)
     patches = image.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (w // p), p, p, c)
-    x = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype), k.astype(self.dtype)) + bias
+    # The PI-resize runs in float32 (a pinv product); the patch projection in self.dtype.
+    x = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype), k.astype(self.dtype))
     assert h == w, "square images only"
-    x = x + resize_posemb(posemb, h // p).astype(x.dtype)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
+    x = x + bias.astype(self.dtype) + resize_posemb(posemb, h // p).astype(self.dtype)
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
+                attention=self.attention, remat=self.remat, scan_layers=self.scan_layers,
+                name="encoder")(x)
     x = jnp.mean(x, axis=1)
-    return nn.Dense(self.out_dim, name="head")(x)
+    return nn.Dense(self.out_dim, dtype=self.dtype, name="head")(x).astype(jnp.float32)

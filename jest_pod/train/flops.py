@@ -35,12 +35,17 @@ def example_forward_flops(model_config, image_size, patch_size, text_len) -> flo
           + text_forward_flops(model_config, text_len))
 
 
-def step_flops(config, reference_config=None, *, reference_cached=False) -> dict[str, float]:
+def step_flops(config, reference_config=None, *,
+               reference_example_flops: float | None = None) -> dict[str, float]:
   """FLOPs of one training step by part: train (fwd+bwd over B at the Flexi split),
-  scoring (learner forward over N at the scoring patch), reference (forward over N,
-  0 if cached), selection (pair blocks of both models: N rows × the B − c examples of the
-  first n_chunks − 1 chunks, each added to the conditional scores once)."""
-  from jest_pod.config import num_super_batch
+  scoring (learner forward over N at the scoring patch), reference (forward over N:
+  always charged, also when its rows come from a cache — the caller subtracts it for the
+  amortised view), selection (pair blocks of the models the score uses: N rows × the
+  B − c examples of the first n_chunks − 1 chunks, each added to the conditional scores
+  once). `reference_example_flops` overrides the reference's per-example forward cost
+  (known from a cache's metadata when no reference config is at hand)."""
+  from jest_pod.config import num_super_batch  # pylint: disable=g-import-not-at-top
+  from jest_pod.jest.step import score_patch_size, uses_models  # pylint: disable=g-import-not-at-top
   mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
   b, d = config.batch_size, mc.embed_dim
   out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0}
@@ -50,14 +55,16 @@ def step_flops(config, reference_config=None, *, reference_cached=False) -> dict
   s = config.selection
   if s.method != "uniform":
     n = num_super_batch(config)
-    if s.score != "easy_reference":
-      patch = config.flexi.score_patch_size or mc.image["patch_size"]
-      out["scoring"] = n * example_forward_flops(mc, size, patch, text_len)
-    if s.score != "hard_learner" and not reference_cached:
-      rc = reference_config or config
-      out["reference"] = n * example_forward_flops(
-          rc.model, rc.model.image_size, rc.model.image["patch_size"], text_len)
-    models = 1 if s.score != "learnability" else 2
+    learner, reference = uses_models(s.score)
+    if learner:
+      out["scoring"] = n * example_forward_flops(mc, size, score_patch_size(config), text_len)
+    if reference:
+      if reference_example_flops is None:
+        rc = reference_config or config
+        reference_example_flops = example_forward_flops(
+            rc.model, rc.model.image_size, rc.model.image["patch_size"], text_len)
+      out["reference"] = n * reference_example_flops
+    models = int(learner) + int(reference)
     per_pair = 2 * d * 2 * models  # x_k·y_j and x_j·y_k for each model
     diagonal = n * d * 2 * models  # L_kk, all that independent selection needs
     conditioned = b - b // s.n_chunks  # the last chunk conditions nothing

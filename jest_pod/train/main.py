@@ -2,7 +2,10 @@
 
   jest-pod train --config configs/siglip.py:runlocal --workdir /tmp/run [--config.key=value ...]
 
-Sections: setup · data · model and state · reference · step functions · loop.
+Sections: setup · data · model and state · JEST step · loop. The loop only orchestrates:
+the input runs ahead in a thread (train/feed.py), the JEST step turns a super-batch into
+the trained batch (jest/step.py), and nothing on the hot path waits for the device — the
+host reads metrics back at log steps and before every checkpoint save.
 Every host runs this same program (multi-controller JAX); only process 0 writes logs.
 """
 
@@ -10,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import signal
 import sys
 import time
 
@@ -22,128 +23,26 @@ from etils import epath
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
+from jest_pod import distributed
+from jest_pod import runinfo
 from jest_pod import sharding as shd
+from jest_pod.data import pipeline
+from jest_pod.data import reference_cache
+from jest_pod.jest import step as jest_lib
 from jest_pod.models import build_model
 from jest_pod.train import DEVICE_KEYS
+from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
+from jest_pod.train import hooks
 from jest_pod.train import state as state_lib
 from jest_pod.train import step as step_lib
-
+from jest_pod.train import writers
 
 log = logging.getLogger("jest_pod")
 
-
-def setup_logging():
-  """Our progress at INFO on the console; Orbax/absl chatter only at WARNING and above."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  if not log.handlers:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s",
-                                           "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class _Preemption:
-  """SIGTERM (a TPU VM's maintenance or spot reclaim notice) → stop at an agreed step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def install(self):
-    for sig in (signal.SIGTERM,):
-      self._previous[sig] = signal.signal(sig, self._handle)
-
-  def uninstall(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def _handle(self, signum, frame):
-    log.warning("received signal %d: saving a checkpoint at the next step, then exiting",
-                    signum)
-    self.requested = True
-
-  def agreed(self) -> bool:
-    """True on every host as soon as any host was signalled (one tiny all-gather)."""
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-    return bool(np.any(flags))
-
-
-class _JsonlWriter:
-  """WORKDIR/metrics.jsonl: one object per log event (what `jest-pod plot` reads)."""
-
-  def __init__(self, workdir, enabled, name="metrics.jsonl"):
-    self.path = epath.Path(workdir) / name
-    self.enabled = enabled
-
-  def drop_after(self, step):
-    """On resume: forget events logged after the checkpoint we resume from (they will be
-    logged again), so every step appears once."""
-    if self.enabled and self.path.exists():
-      kept = []
-      for line in self.path.read_text().splitlines():
-        try:
-          if json.loads(line).get("step", 0) <= step:
-            kept.append(line + "\n")
-        except json.JSONDecodeError:  # a line torn by a kill mid-write
-          pass
-      self.path.write_text("".join(kept))
-
-  def write(self, record):
-    if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _fmt_time(seconds):
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def _to_global(host_batch, sharding):
-  """This host's rows → global arrays sharded over the data axes."""
-  out = {}
-  for k in DEVICE_KEYS:
-    if k in host_batch:
-      v = np.asarray(host_batch[k])
-      if v.dtype == np.int64:  # x64 is off: ids keep their low 31 bits on device
-        v = (v & 0x7FFFFFFF).astype(np.int32)
-      out[k] = jax.make_array_from_process_local_data(sharding, v)
-  return out
-
-
-def _host_array(x) -> np.ndarray:
-  """A global jax array as one numpy array on every host (a collective when the array
-  spans processes: every process must call it at the same point)."""
-  if getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _process_sum(value: int) -> int:
-  """Sum of a host-side count over all processes (a collective)."""
-  if jax.process_count() == 1:
-    return int(value)
-  from jax.experimental import multihost_utils
-  return int(np.sum(multihost_utils.process_allgather(np.array([value], np.int64))))
-
-
-def _needs(score):
-  return score != "easy_reference", score != "hard_learner"  # (learner, reference)
+# Kept importable from here: callers and tests use these names.
+setup_logging = hooks.setup_logging
+TrainingDiverged = hooks.TrainingDiverged
 
 
 def load_reference(config, mesh):
@@ -175,28 +74,84 @@ def load_reference(config, mesh):
   return ref_config, ref_model, ref_params
 
 
-def _open_reference_cache(config):
-  from jest_pod.data import reference_cache
+def open_reference_cache(config):
+  """The reference cache JEST reads θ*'s embeddings from, or None (forward passes).
+
+  config.selection.reference_cache: a cache folder; '' = DATA/reference_cache when it
+  exists (the default); 'off' = never. A cache built from another reference checkpoint,
+  tokenizer, image size or data set is refused.
+  """
+  s = config.selection
+  if not jest_lib.uses_reference(config) or s.reference_cache == "off":
+    return None
   if config.input.get("mixture"):
-    raise ValueError("config.selection.reference_cache works with one data set "
-                     "(config.input.data), not a mixture: the cache is indexed by record")
-  return reference_cache.ReferenceCache(config.selection.reference_cache, config.input.data)
+    if s.reference_cache:
+      raise ValueError("config.selection.reference_cache works with one data set "
+                       "(config.input.data), not a mixture: the cache is indexed by record")
+    return None
+  path = s.reference_cache or reference_cache.default_cache_path(config.input.data)
+  if not path:
+    return None
+  tokenizer = pipeline.resolve_tokenizer(config.input)
+  cache = reference_cache.open_cache(
+      path, data_dir=config.input.data, reference=s.reference or None,
+      image_size=config.model.image_size, max_text_len=config.input.max_text_len,
+      tokenizer_sha256=tokenizer.sha256)
+  log.info("reference: embeddings from the cache %s%s", path,
+           "" if s.reference_cache else " (found beside the data; "
+           "config.selection.reference_cache=off runs the reference instead)")
+  return cache
 
 
-def _cached_embeddings(cache, index, sharding):
-  from jest_pod.selection import Embeddings
-  image, text = cache.lookup(index)
-  return Embeddings(image=jax.make_array_from_process_local_data(sharding, image),
-                    text=jax.make_array_from_process_local_data(sharding, text),
-                    temperature=jax.numpy.float32(cache.temperature),
-                    bias=jax.numpy.float32(cache.bias))
+def make_jest_step(config, model, mesh):
+  """The run's JestStep (None for uniform), with the reference from cache or checkpoint."""
+  s = config.selection
+  if s.method == "uniform":
+    return None
+  cache = open_reference_cache(config)
+  reference = None
+  if jest_lib.uses_reference(config) and cache is None:
+    if not s.reference:
+      raise ValueError(f"config.selection.score={s.score!r} needs a reference model: set "
+                       "config.selection.reference=<workdir of a run of configs/reference.py>"
+                       " or build a cache with `jest-pod data cache-reference`")
+    reference = load_reference(config, mesh)
+  return jest_lib.JestStep(config, model, mesh, reference=reference, cache=cache)
+
+
+def run_flops(config, jest) -> dict[str, float]:
+  """FLOPs per step in two views, and the cache's one-time cost. `charged`: the
+  reference's forward pass counted on every scored example (the paper's accounting);
+  `amortised`: reference rows read from a cache built once (its cost reported once)."""
+  ref_example = None
+  cache = jest.cache if jest is not None else None
+  if cache is not None:
+    ref_example = cache.meta["flops_per_example"]
+  ref_config = None
+  if ref_example is None and config.selection.reference and jest is not None:
+    ref_config = ckpt_lib.load_config(config.selection.reference)
+  parts = flops_lib.step_flops(config, ref_config, reference_example_flops=ref_example)
+  amortised = parts["total"] - (parts["reference"] if cache is not None else 0.0)
+  return {"charged": parts["total"], "amortised": amortised, "parts": parts,
+          "reference_cache_one_time": float(cache.meta.get("flops", 0.0)) if cache else 0.0}
+
+
+def _source_shares(selected_source, pool_source, names):
+  """Share of each source (origin / damage kind) among selected rows and in the pool."""
+  sel = distributed.host_array(selected_source)  # every process calls this (a collective)
+  pool = distributed.host_array(pool_source)
+  out = {}
+  for i, name in enumerate(names):
+    key = name.replace(":", "/")
+    out[f"select/share/{key}"] = float(np.mean(sel == i)) if sel.size else 0.0
+    out[f"pool/share/{key}"] = float(np.mean(pool == i)) if pool.size else 0.0
+  return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) a training run. Returns the last logged metrics."""
   # ---------------------------------------------------------------- setup
   config_lib.validate(config)
-  from jest_pod import distributed
   distributed.initialize()
   primary = jax.process_index() == 0
   workdir = epath.Path(workdir)
@@ -205,11 +160,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(config.mesh)
   batch_sharding = shd.batch_sharding(mesh)
-  from jest_pod import runinfo
   if primary:
     runinfo.write(workdir, runinfo.collect(config, mesh))
   log.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape),
-               jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
+           jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
 
   s = config.selection
   b = config.batch_size
@@ -219,7 +173,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"{jax.device_count()} devices")
 
   # ---------------------------------------------------------------- data
-  from jest_pod.data import pipeline
   data_iter = pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -238,161 +191,164 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpointer.restore(start, abstract, data_iter)
     log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
 
-  # ---------------------------------------------------------------- reference
-  need_learner, need_ref = _needs(s.score)
-  ref_config, ref_params, embed_ref, ref_cache = None, None, None, None
-  if s.method != "uniform" and need_ref and s.reference_cache:
-    ref_cache = _open_reference_cache(config)
-  elif s.method != "uniform" and need_ref:
-    ref_config, ref_model, ref_params = load_reference(config, mesh)
-    embed_ref = jax.jit(step_lib.make_embed_fn(ref_model, None))
-
-  # ---------------------------------------------------------------- step functions
+  # ---------------------------------------------------------------- JEST step
+  jest = make_jest_step(config, model, mesh)
   train_step = jax.jit(step_lib.make_train_step(config, model, tx, schedule),
                        in_shardings=(state_sh, batch_sharding),
                        out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
-  embed_learner = select = None
-  if s.method != "uniform":
-    score_patch = config.flexi.score_patch_size or config.model.image["patch_size"]
-    embed_learner = jax.jit(step_lib.make_embed_fn(model, score_patch)) if need_learner else None
-    select = jax.jit(step_lib.make_select_fn(config, mesh, num_select=b))
-  step_flops = flops_lib.step_flops(config, ref_config, reference_cached=ref_cache is not None)
+  flops = run_flops(config, jest)
+  if primary:
+    (workdir / "flops.json").write_text(json.dumps(flops, indent=1))
 
   evaluators = []
   if config.evals:
-    from jest_pod.evaluators import build_evaluators
+    from jest_pod.evaluators import build_evaluators  # pylint: disable=g-import-not-at-top
     evaluators = build_evaluators(config, model, mesh)
 
   # ---------------------------------------------------------------- loop
-  from clu import metric_writers
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not primary,
-                                                asynchronous=False)
-  jsonl = _JsonlWriter(workdir, primary)
+  writer = writers.create_scalar_writer(workdir, primary)
+  jsonl = writers.JsonlWriter(workdir, primary)
   # The global `index` of each selected row, per step (later lines win after a resume).
-  ids_log = _JsonlWriter(workdir, primary, name="selected_ids.jsonl")
+  ids_log = writers.JsonlWriter(workdir, primary, name="selected_ids.jsonl")
   jsonl.drop_after(start)
   ids_log.drop_after(start)
-  log_ids = bool(config.get("log_selected_ids", False)) and s.method != "uniform"
-  preemption = _Preemption()
+  log_ids = bool(config.get("log_selected_ids", False)) and jest is not None
+  preemption = hooks.Preemption(every=config.preemption_check_every)
   preemption.install()
-  examples = start * b
-  flops_done = start * step_flops["total"]
-  t_start, steps_timed, last = None, 0, {}
-  timings = {"data": 0.0, "scoring": 0.0, "selection": 0.0, "train": 0.0}
-  skipped = 0
-  log.info("training %s (%s, f=%.2f): steps %d→%d, B=%d, N=%d, %.3g FLOPs/step",
-               s.method, s.score, s.filter_ratio if s.method != "uniform" else 0.0, start,
-               config.total_steps, b, n, step_flops["total"])
+
+  def to_device(host_batch):  # runs in the prefetch thread
+    extras = jest.host_inputs(host_batch) if jest is not None else {}
+    return feed.to_global({**host_batch, **extras}, batch_sharding,
+                          DEVICE_KEYS + jest_lib.CACHE_KEYS)
+
+  prefetcher = feed.DevicePrefetcher(data_iter, to_device, depth=config.device_prefetch)
+  examples, skipped = start * b, 0
+  t_window, wait0, produce0, batches0 = None, 0.0, 0.0, 0
+  sampled_s, sampled_n = 0.0, 0  # sampled steps are left out of the loop's rate
+  split, last, pending = {}, {}, []
+  log.info("training %s (%s, f=%.2f): steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g "
+           "amortised)", s.method, s.score, s.filter_ratio if jest else 0.0, start,
+           config.total_steps, b, n, flops["charged"], flops["amortised"])
   try:
     for step in range(start, config.total_steps):
-      t0 = time.perf_counter()
-      host_batch = next(data_iter)
-      skipped += int(np.sum(host_batch.get("skipped", 0)))
-      super_batch = _to_global(host_batch, batch_sharding)
-      t1 = time.perf_counter()
-      timings["data"] += t1 - t0
-      select_metrics = {}
-      if s.method == "uniform":
-        batch = super_batch
-      else:
-        lemb = embed_learner(state["params"], super_batch) if need_learner else None
-        if ref_cache is not None:  # cached θ* embeddings, looked up by example index
-          remb = _cached_embeddings(ref_cache, host_batch["index"], batch_sharding)
-        else:
-          remb = embed_ref(ref_params, super_batch) if need_ref else None
-        jax.block_until_ready((lemb, remb))
-        t2 = time.perf_counter()
-        batch, _, select_metrics = select(jax.random.fold_in(select_rng, step), lemb, remb,
-                                          super_batch)
-        jax.block_until_ready(batch)
-        t3 = time.perf_counter()
-        timings["scoring"] += t2 - t1
-        timings["selection"] += t3 - t2
-        if log_ids:  # int32 on device (low 31 bits of the id), sharded over the hosts
-          ids = _host_array(batch["index"])
-          ids_log.write({"step": step + 1, "ids": [int(i) for i in ids]})
-        t1 = time.perf_counter()
-      state, metrics = train_step(state, batch)
-      loss = float(metrics["train/loss"])  # one sync per step: catches NaN at once
-      param_norm = float(metrics["train/param_norm"])
-      timings["train"] += time.perf_counter() - t1
-      if not (math.isfinite(loss) and math.isfinite(param_norm)):
-        checkpointer.wait()
-        good = checkpointer.latest_step()
-        raise TrainingDiverged(
-            f"loss is {loss} (parameter norm {param_norm}) at step {step + 1}; stopping "
-            "without saving. The last good "
-            f"checkpoint is step {good} in {ckpt_lib.checkpoint_dir(workdir)}. Lower "
-            "config.optax.lr or raise config.optax.warmup_steps, then rerun to resume.")
-      examples += b
-      flops_done += step_flops["total"]
       done = step + 1
-      if t_start is None:  # the first step includes compilation: time from the second
-        t_start = time.perf_counter()
+      host_batch, super_batch = next(prefetcher)
+      skipped += int(np.sum(host_batch.get("skipped", 0)))
+      # A sampled step runs its parts one by one with barriers, for the time split.
+      sample = config.time_split_every > 0 and (done == start + 2 or
+                                                done % config.time_split_every == 0)
+      if sample:
+        jax.block_until_ready(state)
+        t_sample = time.perf_counter()
+      sel_metrics, times = {}, {}
+      if jest is None:
+        batch = super_batch
+      elif sample:
+        batch, sel_metrics, times = jest.timed_call(
+            state["params"], super_batch, jax.random.fold_in(select_rng, step))
       else:
-        steps_timed += 1
+        batch, sel_metrics = jest(state["params"], super_batch,
+                                  jax.random.fold_in(select_rng, step))
+      if log_ids:  # a host sync: a debugging aid, off by default
+        ids = distributed.host_array(batch["index"])
+        ids_log.write({"step": done, "ids": [int(i) for i in ids]})
+      t = time.perf_counter()
+      state, metrics = train_step(state, batch)
+      if sample:
+        jax.block_until_ready(state)
+        times["train"] = time.perf_counter() - t
+        split = times
+        if t_window is not None:
+          sampled_s += time.perf_counter() - t_sample
+          sampled_n += 1
+      pending.append((done, metrics))
+      examples += b
+      if t_window is None:  # the first step includes compilation: time from the next
+        jax.block_until_ready(state)
+        t_window, batches0 = time.perf_counter(), prefetcher.batches
+        wait0, produce0 = prefetcher.wait_seconds, prefetcher.produce_seconds
 
-      if done % config.log_every == 0 or done == config.total_steps:
-        scalars = {k: float(v) for k, v in metrics.items()}
-        scalars.update({k: float(v) for k, v in select_metrics.items()})
-        if s.method != "uniform" and "source" in batch:
-          scalars.update(_source_shares(batch["source"], super_batch["source"], source_names))
-        elapsed = time.perf_counter() - t_start
+      is_log = done % config.log_every == 0 or done == config.total_steps
+      preempted = preemption.agreed(done)
+      saving = preempted or checkpointer.due(done) or done == config.total_steps
+      if is_log or saving:  # the NaN guard: a non-finite state is never saved
+        bad = hooks.first_nonfinite(pending)
+        pending = []
+        if bad is not None:
+          checkpointer.wait()
+          good = checkpointer.latest_step()
+          raise TrainingDiverged(
+              f"loss is {bad[1]} (parameter norm {bad[2]}) at step {bad[0]}; stopping "
+              "without saving. The last good "
+              f"checkpoint is step {good} in {ckpt_lib.checkpoint_dir(workdir)}. Lower "
+              "config.optax.lr or raise config.optax.warmup_steps, then rerun to resume.")
+
+      if is_log:
+        now = time.perf_counter()
+        steps_timed = prefetcher.batches - batches0 - sampled_n
+        elapsed = max(now - t_window - sampled_s, 1e-9)
         rate = steps_timed / elapsed if steps_timed else float("nan")
-        total_t = sum(timings.values()) or 1.0
-        scalars.update({"progress/examples": examples, "progress/flops": flops_done,
-                        "progress/steps_per_sec": rate, "progress/examples_per_sec": rate * b,
-                        "data/skipped_records": _process_sum(skipped)})
-        scalars.update({f"time/{k}_fraction": v / total_t for k, v in timings.items()})
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars.update({k: float(v) for k, v in jax.device_get(sel_metrics).items()})
+        if jest is not None and "source" in batch:
+          scalars.update(_source_shares(batch["source"], super_batch["source"], source_names))
+        scalars.update({
+            "progress/examples": examples, "progress/flops": done * flops["charged"],
+            "progress/flops_amortised": done * flops["amortised"],
+            "progress/steps_per_sec": rate, "progress/examples_per_sec": rate * b,
+            "data/skipped_records": distributed.process_sum(skipped)})
+        if steps_timed:
+          input_s = (prefetcher.produce_seconds - produce0) / steps_timed
+          scalars["time/step_s"] = elapsed / steps_timed
+          scalars["time/input_s"] = input_s  # the input thread's time per batch
+          scalars["time/input_wait_fraction"] = (prefetcher.wait_seconds - wait0) / elapsed
+        total_split = sum(split.values())
+        for part, seconds in split.items():  # from the last sampled step
+          scalars[f"time/{part}_s"] = seconds
+          scalars[f"time/{part}_fraction"] = seconds / total_split
         writer.write_scalars(done, scalars)
-        jsonl.write({"step": done, "examples": examples, "flops": flops_done, **scalars})
+        record = {"step": done, "examples": examples, "flops": done * flops["charged"],
+                  "flops_amortised": done * flops["amortised"], **scalars}
+        jsonl.write(record)
         eta = (config.total_steps - done) / rate if rate == rate and rate > 0 else float("nan")
-        log.info("step %d/%d | loss %.4f | %.2f steps/s | %.0f examples/s | ETA %s",
-                     done, config.total_steps, loss, rate, rate * b, _fmt_time(eta))
-        last = {"step": done, "examples": examples, "flops": flops_done, **scalars}
+        log.info("step %d/%d | loss %.4f | %.2f steps/s | %.0f examples/s | input wait "
+                 "%.0f%% | ETA %s", done, config.total_steps, scalars["train/loss"], rate,
+                 rate * b, 100 * scalars.get("time/input_wait_fraction", 0.0),
+                 hooks.fmt_time(eta))
+        last = record
 
       for ev in evaluators:
         if done % ev.every_steps == 0 or done == config.total_steps:
           t_ev = time.perf_counter()
           results = ev.run(state["params"])
           writer.write_scalars(done, results)
-          jsonl.write({"step": done, "examples": examples, "flops": flops_done, **results})
+          jsonl.write({"step": done, "examples": examples, "flops": done * flops["charged"],
+                       "flops_amortised": done * flops["amortised"], **results})
           last.update(results)
           log.info("eval at step %d (%.1fs): %s", done, time.perf_counter() - t_ev,
-                       ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+                   ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
-      checkpointer.save(done, state, data_iter, config)
-      if preemption.agreed():
-        checkpointer.save(done, state, data_iter, config, force=True)
+      if preempted:
+        checkpointer.save(done, state, prefetcher.state, config, force=True)
         checkpointer.wait()
         log.warning("preempted: checkpoint at step %d saved in %s; rerun the same command "
-                        "to resume", done, ckpt_lib.checkpoint_dir(workdir))
+                    "to resume", done, ckpt_lib.checkpoint_dir(workdir))
         last["preempted"] = True
         return last
-    if config.total_steps > start:
-      checkpointer.save(config.total_steps, state, data_iter, config, force=True)
+      if saving:
+        checkpointer.save(done, state, prefetcher.state, config,
+                          force=done == config.total_steps)
   finally:
+    prefetcher.close()
     preemption.uninstall()
     checkpointer.close()
     writer.flush()
   return last
 
 
-def _source_shares(selected_source, pool_source, names):
-  """Share of each source (origin / damage kind) among selected rows and in the pool."""
-  sel = _host_array(selected_source)  # every process calls this (a collective)
-  pool = _host_array(pool_source)
-  out = {}
-  for i, name in enumerate(names):
-    key = name.replace(":", "/")
-    out[f"select/share/{key}"] = float(np.mean(sel == i)) if sel.size else 0.0
-    out[f"pool/share/{key}"] = float(np.mean(pool == i)) if pool.size else 0.0
-  return out
-
-
 def main(argv: list[str]) -> int:
-  from absl import flags
-  from ml_collections import config_flags
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   fv = flags.FLAGS
   if "config" not in fv:
@@ -411,7 +367,6 @@ def main(argv: list[str]) -> int:
           "--config configs/siglip.py:runlocal --workdir /tmp/siglip", file=sys.stderr)
     return 2
   setup_logging()
-  from jest_pod import distributed
   try:
     train(fv.config, fv.workdir)  # also returns after a SIGTERM-triggered checkpoint
   except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged) as e:

@@ -1,7 +1,6 @@
-"""The jitted pieces of a step: learner/reference scoring, selection, the train update.
+"""The train update: (state, batch) → (state, metrics), one contrastive loss over B.
 
-They stay separate jits (not one fused step) so the trainer can time each part and
-log the selection's share of the step; the cost is a few host round-trips per step.
+Scoring and selection (what comes before it in a JEST step) live in `jest_pod.jest.step`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import jax.numpy as jnp
 import optax
 
 from jest_pod import losses
-from jest_pod import sharding as shd
 
 
 def split_bounds(n: int, fractions) -> list[tuple[int, int]]:
@@ -52,46 +50,3 @@ def make_train_step(config, model, tx, schedule):
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   return train_step
-
-
-def make_embed_fn(model, patch_size):
-  """(params, batch) → Embeddings of the whole (super-)batch, no gradient."""
-  from jest_pod.selection import Embeddings
-
-  def embed(params, batch):
-    zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"],
-                                  patch_size=patch_size)
-    return Embeddings(image=zimg, text=ztxt, temperature=out["t"], bias=out["b"])
-
-  return embed
-
-
-def make_select_fn(config, mesh, num_select):
-  """(key, learner_emb, reference_emb, super_batch) → (batch, idx, metrics): JEST's choice
-  of B rows out of N, gathered from the sharded super-batch."""
-  from jest_pod import selection
-
-  s = config.selection
-  batch_sharding = shd.batch_sharding(mesh)
-
-  def select(key, learner, reference, super_batch):
-    if s.method == "joint":
-      idx = selection.joint_select(key, learner, reference, num_select=num_select,
-                                   n_chunks=s.n_chunks, score=s.score, loss=config.loss,
-                                   mesh=mesh, data_axes=shd.data_axes(mesh))
-    else:
-      idx = selection.independent_select(key, learner, reference, num_select=num_select,
-                                         score=s.score, method=s.independent_method,
-                                         loss=config.loss, mesh=mesh,
-                                         data_axes=shd.data_axes(mesh))
-    batch = jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(jnp.take(x, idx, axis=0), batch_sharding),
-        super_batch)
-    metrics = {}
-    if learner is not None and reference is not None:
-      metrics["select/learnability_super_batch"] = selection.mean_learnability(learner, reference)
-      metrics["select/learnability_selected"] = selection.mean_learnability(learner, reference,
-                                                                            idx)
-    return batch, idx, metrics
-
-  return select
