@@ -1,9 +1,15 @@
-"""One checkpoint = {train state, data iterator state (per host), config}, via Orbax.
+"""One checkpoint = {train state, data iterator state (per host), config, digest}, via Orbax.
 
 Orbax writes each step into a temporary directory and renames it only when every
 item (and every host) has finished, so a step directory that exists is complete: a
 preempted or crashed save is never mistaken for a good checkpoint, and the next run
 resumes from the last complete one.
+
+A complete directory can still be damaged later (a deleted or truncated file, flipped
+bytes on disk). `Checkpointer.restore_latest` therefore checks each step's files, restores
+it, and compares the state with the fingerprint saved beside it (`digest`); a step that
+fails is moved aside as `<step>.corrupt-<time>` (never deleted) and the next older one is
+tried.
 """
 
 from __future__ import annotations
@@ -11,14 +17,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-ITEMS = ("state", "data", "config")
+from jest_pod import distributed
+
+ITEMS = ("state", "data", "config", "digest")
+# Fingerprints of a state saved and restored on different meshes differ by float32
+# summation order only (~1e-7 relative); damage changes them by far more.
+DIGEST_RTOL = 1e-5
+
+log = logging.getLogger("jest_pod")
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +61,8 @@ class Checkpointer:
         item_names=ITEMS,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()},
+                       "config": ocp.JsonCheckpointHandler(),
+                       "digest": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=True))
@@ -65,10 +82,13 @@ class Checkpointer:
       return False
     if step in self.manager.all_steps():
       return False
+    # The digest is an item of the same save, so it is committed atomically with the state.
+    digest = {"fingerprint": fingerprint(state).tolist(), "kind": FINGERPRINT_KIND}
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        digest=ocp.args.JsonSave(digest)), force=True)
 
   def restore(self, step: int, abstract_state, data_iter):
     """Restore `step` into shardings given by `abstract_state` (ShapeDtypeStructs with
@@ -78,12 +98,123 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     return out["state"]
 
+  def step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.manager.directory) / str(step)
+
+  def readable_config_step(self) -> int | None:
+    """The newest step whose saved config reads back (for the resume comparison)."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        load_config(self.step_dir(step))
+        return step
+      except (CheckpointError, ValueError):
+        continue
+    return None
+
+  def restore_latest(self, abstract_state, data_iter):
+    """(step, state) from the newest checkpoint that reads back intact; (0, None) if none.
+
+    Each step is checked (files, restore, digest) the same way on every process, and the
+    verdict is combined across processes so that all restore the same step. Steps newer
+    than the one restored are moved aside (by process 0). If no step restores, nothing
+    is moved: a checkpoint that does not fit the model (changed config) fails every step
+    alike, and that is not damage.
+    """
+    problems = {}
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        self._check_files(step)
+        state = self.restore(step, abstract_state, data_iter)
+        problem = self._check_digest(step, state)
+      except Exception as e:  # pylint: disable=broad-except  (any read error = damage)
+        problem = f"{type(e).__name__}: {str(e)[:500]}"
+      if distributed.process_any(problem is not None):
+        problems[step] = problem or "unreadable on another process"
+        log.warning("checkpoint %s cannot be restored: %s", self.step_dir(step),
+                    problems[step])
+        continue
+      if problems:
+        self._move_aside(problems)
+      return step, state
+    if problems:
+      raise CheckpointError(
+          "no checkpoint under " f"{self.manager.directory} restores: " +
+          "; ".join(f"step {k}: {v}" for k, v in problems.items()) +
+          ". If the config changed since they were written, restore the old config; if "
+          "they are damaged, move them aside (rename checkpoints/<step>) to start afresh.")
+    return 0, None
+
+  def _check_files(self, step: int) -> None:
+    """Cheap checks of the files Orbax reads, naming the first that is missing or
+    garbled (the data iterator's JSON is restored last, so a broken one would otherwise
+    surface only after the state was read)."""
+    d = self.step_dir(step)
+    for name in ("state/_METADATA", "state/manifest.ocdbt", "config/metadata"):
+      if not (d / name).exists():
+        raise CheckpointError(f"{d / name} is missing")
+    for f in [d / "state/_METADATA", d / "config/metadata", *(d / "data").glob("*.json")]:
+      try:
+        json.loads(f.read_text())
+      except ValueError as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e})") from e
+
+  def _check_digest(self, step: int, state) -> str | None:
+    """None if the restored state matches the saved fingerprint, else what differs."""
+    f = self.step_dir(step) / "digest" / "metadata"
+    got = fingerprint(state)  # every process computes it (a collective)
+    if not f.exists():
+      log.warning("checkpoint %s has no digest (written before digests were added): "
+                  "restored without verifying its contents", self.step_dir(step))
+      return None
+    saved = np.asarray(json.loads(f.read_text())["fingerprint"], np.float64)
+    if saved.shape != got.shape:
+      return f"digest has {saved.shape[0]} leaves, the restored state {got.shape[0]}"
+    scale = np.stack([saved[:, 1], saved[:, 1], saved[:, 2]], axis=1)  # |x| sums bound x sums
+    bad = ~(np.abs(got - saved) <= DIGEST_RTOL * scale + 1e-12)  # NaN counts as bad
+    if bad.any():
+      leaf = int(np.argwhere(bad)[0][0])
+      return (f"contents differ from the digest saved with it (leaf {leaf}: "
+              f"{got[leaf].tolist()} vs saved {saved[leaf].tolist()}): bytes changed on disk")
+    return None
+
+  def _move_aside(self, problems) -> None:
+    """Rename damaged steps to `<step>.corrupt-<time>` (Orbax ignores non-numeric
+    names); process 0 renames, then every process re-reads the step list."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if jax.process_index() == 0:
+      for step in problems:
+        src = self.step_dir(step)
+        dst = src.parent / f"{step}.corrupt-{stamp}"
+        src.rename(dst)
+        log.warning("moved the damaged checkpoint %s aside to %s (kept for inspection)",
+                    src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("jest_pod_checkpoint_move_aside")
+    self.manager.reload()
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+FINGERPRINT_KIND = "float32 [sum x, sum |x|, sum x^2] per numeric leaf of the state"
+
+
+@jax.jit
+def _fingerprint(tree):
+  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.number)]
+  return jnp.stack([jnp.stack([x.sum(), jnp.abs(x).sum(), (x * x).sum()]) for x in leaves])
+
+
+def fingerprint(state) -> np.ndarray:
+  """[leaves, 3] float64 numbers of the state, computed on the devices (cheap; works when
+  the arrays span processes: every process must call it)."""
+  return distributed.host_array(_fingerprint(state)).astype(np.float64)
 
 
 def _resolve(path, step):

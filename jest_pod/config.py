@@ -6,6 +6,8 @@ checks that turn a typo into a clear message live here, once.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import ml_collections
@@ -94,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 100
   c.keep_ckpts = 3
   c.evals = ml_collections.ConfigDict()
+  # Dotted keys (or prefixes, e.g. "model") that may differ from the checkpoint's config
+  # on resume; see check_resume.
+  c.allow_config_change = ()
   return c
 
 
@@ -111,8 +116,28 @@ def _choice(name, value, choices):
     raise ValueError(f"config.{name}={value!r} is not valid; choose one of {list(choices)}")
 
 
+# Counts where 0 (or less) has no meaning: each would fail later, far from the cause
+# (division by zero, a silent no-op run, a prefetcher that never reads).
+POSITIVE = ("batch_size", "total_steps", "log_every", "ckpt_every", "keep_ckpts",
+            "selection.n_chunks", "preemption_check_every", "device_prefetch")
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
 def validate(config) -> None:
   """Raise ValueError naming the key, the bad value and the valid choices."""
+  for key in POSITIVE:
+    value = _get(config, key)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{key}={value!r} must be an integer >= 1")
+  if config.time_split_every < 0:
+    raise ValueError(f"config.time_split_every={config.time_split_every} must be >= 0 "
+                     "(0 = never time the step's parts)")
   _choice("loss", config.loss, LOSSES)
   s = config.selection
   _choice("selection.method", s.method, METHODS)
@@ -146,6 +171,80 @@ def validate(config) -> None:
                      f"config.model.text.max_len={config.model.text['max_len']}")
   for name, ev in config.evals.items():
     _choice(f"evals.{name}.type", ev.get("type"), ("zeroshot", "retrieval"))
+
+
+def check_input(config) -> None:
+  """A missing data folder is named with the fix, instead of a traceback from the reader."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import virtual  # pylint: disable=g-import-not-at-top
+  mixture = list(config.input.get("mixture") or [])
+  key = "config.input.mixture" if mixture else "config.input.data"
+  dirs = [str(d) for d, _ in mixture] or [str(config.input.data)]
+  for d in dirs:
+    if not d:
+      raise ValueError("config.input.data is empty: set it to a data set folder (or set "
+                       "config.input.mixture)")
+    if not virtual.is_virtual(d) and not epath.Path(d).exists():
+      raise ValueError(f"data folder {d} ({key}) does not exist; build it with "
+                       f"`jest-pod data build demo --output {d}` (or `jest-pod data ingest`)"
+                       f" or fix {key}")
+
+
+# On resume, keys whose change alters what the run means (its data, model, objective,
+# selection or randomness); any key under these prefixes counts.
+RESUME_BREAKING = ("seed", "batch_size", "loss", "input.data", "input.mixture",
+                   "input.image_size", "input.max_text_len", "input.tokenizer", "model",
+                   "selection.method", "selection.score", "selection.filter_ratio",
+                   "selection.n_chunks", "selection.independent_method",
+                   "selection.reference", "flexi")
+# Always fine to change on resume (schedule, logging, evaluation, throughput knobs).
+RESUME_ALLOWED = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "evals",
+                  "time_split_every", "preemption_check_every", "device_prefetch",
+                  "input.worker_count", "model.remat", "model.attention",
+                  "allow_config_change")
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _under(key, prefixes) -> bool:
+  return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_resume(saved, config) -> None:
+  """Refuse to resume a checkpoint written with a config of another meaning.
+
+  `saved`: the checkpoint's config. Raises ValueError listing `key: old → new` for each
+  breaking difference; config.allow_config_change names keys changed on purpose.
+  Other differences (e.g. optax.lr) are only logged.
+  """
+  # Compare as JSON, the way the checkpoint stored it (tuples become lists).
+  old = _flatten(json.loads(ml_collections.ConfigDict(saved).to_json_best_effort()))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  extra = config.get("allow_config_change", ()) or ()
+  allowed = RESUME_ALLOWED + ((extra,) if isinstance(extra, str) else tuple(extra))
+  diffs = {k: (old.get(k, "<absent>"), new.get(k, "<absent>"))
+           for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+  breaking = {k: d for k, d in diffs.items()
+              if _under(k, RESUME_BREAKING) and not _under(k, allowed)}
+  if breaking:
+    lines = "\n".join(f"  {k}: {a!r} → {b!r}" for k, (a, b) in breaking.items())
+    raise ValueError(
+        "the config differs from the checkpoint's in keys that change the run's meaning:\n"
+        f"{lines}\nRestore those values, use a new --workdir, or allow the change on "
+        f"purpose: config.allow_config_change = {tuple(breaking)!r}")
+  other = {k: d for k, d in diffs.items() if not _under(k, RESUME_ALLOWED)}
+  if other:
+    logging.getLogger("jest_pod").warning(
+        "resuming with config changes: %s",
+        ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in other.items()))
 
 
 def _has_default_cache(config, s) -> bool:

@@ -55,3 +55,47 @@ def test_cli_rejects_an_unknown_override_naming_it():
                        cwd=ROOT)
   assert out.returncode == 2
   assert "learning_rate" in out.stderr
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 0, r"config.batch_size=0 must be an integer >= 1"),
+    ("total_steps", 0, r"config.total_steps=0"),
+    ("log_every", 0, r"config.log_every=0"),
+    ("ckpt_every", -1, r"config.ckpt_every=-1"),
+    ("keep_ckpts", 0, r"config.keep_ckpts=0"),
+    ("selection.n_chunks", 0, r"config.selection.n_chunks=0"),
+    ("preemption_check_every", 0, r"config.preemption_check_every=0"),
+    ("device_prefetch", 0, r"config.device_prefetch=0"),
+    ("time_split_every", -1, r"config.time_split_every=-1 must be >= 0"),
+])
+def test_counts_that_make_no_sense_name_the_key(key, value, message):
+  c = config_lib.base_config()
+  *path, last = key.split(".")
+  (c[path[0]] if path else c)[last] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(c)
+
+
+def test_missing_data_folder_names_it_and_the_fix(tmp_path):
+  c = config_lib.base_config()
+  c.input.data = str(tmp_path / "nope")
+  with pytest.raises(ValueError, match=r"data folder .*nope \(config.input.data\) does not "
+                     r"exist; build it with `jest-pod data build"):
+    config_lib.check_input(c)
+  c.input.mixture = [(str(tmp_path), 1.0), (str(tmp_path / "gone"), 1.0)]
+  with pytest.raises(ValueError, match=r"gone \(config.input.mixture\)"):
+    config_lib.check_input(c)
+
+
+def test_resume_check_refuses_meaning_changes_unless_allowed():
+  saved = config_lib.base_config()
+  c = config_lib.base_config()
+  c.total_steps, c.log_every, c.evals = 5000, 1, {"x": {"type": "zeroshot"}}
+  c.optax.lr = 5e-4  # neither breaking nor always allowed: logged only
+  config_lib.check_resume(saved.to_dict(), c)
+  c.batch_size, c.model.text["width"], c.selection.method = 512, 128, "joint"
+  with pytest.raises(ValueError, match=r"(?s)batch_size: 256 → 512.*model.text.width: 64 → "
+                     r"128.*selection.method: 'uniform' → 'joint'"):
+    config_lib.check_resume(saved.to_dict(), c)
+  c.allow_config_change = ("batch_size", "model", "selection.method")
+  config_lib.check_resume(saved.to_dict(), c)

@@ -1,5 +1,6 @@
 """`jest-pod data cache-reference`: cached reference embeddings replace the reference pass."""
 
+import json
 import logging
 import os
 import shutil
@@ -152,17 +153,27 @@ def test_rebuild_replaces_the_cache(setup, tmp_path):
 
 
 def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
-  """Goes through the trainer (`config.selection.reference_cache`): depends on how
-  jest_pod/train/main.py opens the cache."""
+  """The trainer reads θ* from the cache by default (it sits beside the data), and that
+  trains as the forward pass does (reference_cache=off)."""
   toy, ref, path = setup
-  runs = {}
-  for name, extra in (("forward", {}), ("cached", {"selection.reference_cache": path})):
+  assert path == reference_cache.default_cache_path(toy)
+  runs, flops = {}, {}
+  for name, cache in (("forward", "off"), ("cached", ""), ("explicit", path)):
     config = tiny_config(toy, steps=3, method="joint", reference=ref,
-                         **{"selection.filter_ratio": 0.5, **extra})
+                         **{"selection.filter_ratio": 0.5, "selection.reference_cache": cache})
     train_main.train(config, str(tmp_path / name))
     runs[name] = read_metrics(str(tmp_path / name))
+    with open(tmp_path / name / "flops.json") as f:
+      flops[name] = json.load(f)
+  assert flops["forward"]["reference_cache_one_time"] == 0
+  assert flops["forward"]["amortised"] == flops["forward"]["charged"]
+  for name in ("cached", "explicit"):
+    assert flops[name]["reference_cache_one_time"] > 0
+    assert flops[name]["charged"] == flops["forward"]["charged"]
+    assert flops[name]["amortised"] < flops[name]["charged"]
   # bf16 storage: the cached embeddings differ from the forward pass by ~1e-3.
   for step in (1, 2, 3):
+    assert runs["cached"][step]["train/loss"] == runs["explicit"][step]["train/loss"]
     for key in ("train/loss", "select/learnability_selected"):
       np.testing.assert_allclose(runs["cached"][step][key], runs["forward"][step][key],
                                  rtol=2e-2, atol=2e-2)

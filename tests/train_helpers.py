@@ -24,6 +24,7 @@ def tiny_config(data_dir, *, steps=12, method="uniform", reference="", **overrid
   c.selection.reference = reference
   c.optax.warmup_steps = 2
   c.log_every, c.ckpt_every = 1, 100
+  c.preemption_check_every = 1  # 8-step runs: hosts must agree at the next step
   c.evals = {}
   for key, value in overrides.items():
     node = c

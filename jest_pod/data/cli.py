@@ -6,6 +6,7 @@
                       [--overwrite] [--seed S] [--workers N]
   jest-pod data tokenizer ...        (jest_pod.data.tokenizer)
   jest-pod data cache-reference ...  (jest_pod.data.reference_cache)
+  jest-pod data verify DIR           (jest_pod.data.verify: shard sizes + sha256)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 DELEGATES = {
     "tokenizer": "jest_pod.data.tokenizer",
     "cache-reference": "jest_pod.data.reference_cache",
+    "verify": "jest_pod.data.verify",
 }
 
 

@@ -170,6 +170,17 @@ def validate(manifest: dict, data_dir: str | None = None, *, check_sha256: bool 
       raise ManifestError(f"shard {path} fails its sha256 check; rebuild it with --overwrite")
 
 
+def size_mismatches(manifest: dict, data_dir: str) -> list[str]:
+  """Shards whose file size differs from the manifest's `bytes` (cheap: a stat each, no
+  hashing; shards without a recorded size are not checked). One line per bad shard."""
+  out = []
+  for s in manifest["shards"]:
+    path = os.path.join(data_dir, s["file"])
+    if "bytes" in s and os.path.exists(path) and os.path.getsize(path) != s["bytes"]:
+      out.append(f"{path}: {os.path.getsize(path)} bytes, the manifest says {s['bytes']}")
+  return out
+
+
 def is_complete(data_dir: str) -> bool:
   """True if `data_dir` holds a valid manifest whose shard files all exist."""
   try:

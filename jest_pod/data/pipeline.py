@@ -2,7 +2,8 @@
 
 Training (`make_train_iterator`), per component of the mixture:
 
-    MapDataset.source(ArrayRecordDataSource(shards))   random access, O(1) start-up
+    MapDataset.source(_SafeSource(shards))   random access, O(1) start-up; a record on
+                                   damaged storage becomes a counted skip, not a crash
       .map_with_index(_Tag)        keep the example's index in its source (batch["index"])
       .shuffle(seed_c)             lazy global shuffle (index_shuffle, O(1) memory) ...
       .repeat()                    ... reseeded per epoch: shuffle before repeat, so index
@@ -33,11 +34,14 @@ their index, to measure the pipeline at 2^33 records.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import io
+import itertools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent import futures
@@ -61,6 +65,10 @@ log = logging.getLogger(__name__)
 READ_THREADS = 4
 # Consecutive positions decoded per thread-pool task with worker_count 0 (_ChunkedPrefetch).
 READ_CHUNK = 32
+# Images above this many pixels are skipped (reason "too_many_pixels") before decoding:
+# PIL reads the size from the header without decoding, and a tiny PNG can declare
+# 40,000² pixels (a decompression bomb: gigabytes of RAM in every decode thread).
+MAX_PIXELS = 40_000_000
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -80,6 +88,7 @@ def default_input_config() -> ml_collections.ConfigDict:
   # match a worker_count 0 run (multi-host equivalence tests).
   c.worker_count = -1
   c.worker_buffer_size = 2  # batches buffered per worker process
+  c.max_pixels = MAX_PIXELS  # larger images are skipped and counted, never decoded
   return c
 
 
@@ -116,18 +125,112 @@ def resolve_worker_count(worker_count: Any, cpus: int | None = None) -> int:
 def _names(spec: str) -> list[str]:
   if virtual.is_virtual(spec):
     return list(virtual.SOURCES)
-  return list(manifest_lib.read(spec).get("sources", []))
+  return list(manifest_lib.read(spec, check_files=False).get("sources", []))
+
+
+class Unreadable:
+  """What `_SafeSource` returns for a record it cannot read; `_Decode` skips it."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+class _SafeSource:
+  """Random-access source over a data set's shards that never raises on damaged storage.
+
+  Delegates to one `grain.sources.ArrayRecordDataSource` per shard, opened on first use
+  (per process: it pickles without readers into Grain workers). A record that fails to
+  read (Riegeli "chunk data hash mismatch", a truncated chunk, ...) becomes an
+  `Unreadable` marker that `_Decode` turns into a counted skip, so a flipped bit costs
+  the records of one chunk, not the run; a shard that cannot be opened at all (random
+  bytes, lost footer) has all its records returned as markers.
+
+  Only `__getitem__`, no `_getitems`: Grain then reads element by element, exactly as it
+  does from `ArrayRecordDataSource` (which has no `_getitems` either).
+  """
+
+  def __init__(self, data_dir: str, shards: Sequence[tuple[str, int]]):
+    self.data_dir = data_dir
+    self.paths = [p for p, _ in shards]
+    self.counts = [int(n) for _, n in shards]
+    self.ends = list(itertools.accumulate(self.counts))
+    self._reset()
+
+  def _reset(self):
+    self._sources = [None] * len(self.paths)  # None: not opened; False: cannot open
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # readers and locks do not pickle; each worker reopens lazily
+    return {k: v for k, v in self.__dict__.items() if k not in ("_sources", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._reset()
+
+  def __len__(self) -> int:
+    return self.ends[-1] if self.ends else 0
+
+  def locate(self, index: int) -> tuple[int, int]:
+    """Global record index -> (shard number, position in that shard)."""
+    shard = bisect.bisect_right(self.ends, index)
+    return shard, index - (self.ends[shard - 1] if shard else 0)
+
+  def _open(self, shard: int):
+    with self._lock:
+      if self._sources[shard] is None:
+        path = self.paths[shard]
+        try:  # without a [start:end] suffix the constructor opens the file: fails here
+          src = grain.sources.ArrayRecordDataSource(path)
+        except Exception as e:  # pylint: disable=broad-except
+          log.error("cannot open shard %s (%s: %s): its %d records are skipped; run "
+                    "`jest-pod data verify %s`, then restore the shard or re-ingest",
+                    path, type(e).__name__, e, self.counts[shard], self.data_dir)
+          src = False
+        else:
+          if len(src) != self.counts[shard]:
+            log.error("shard %s holds %d records, the manifest says %d: the missing ones "
+                      "are skipped; run `jest-pod data verify %s`", path, len(src),
+                      self.counts[shard], self.data_dir)
+        self._sources[shard] = src
+      return self._sources[shard]
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} not in [0, {len(self)})")  # a bug, not storage
+    shard, pos = self.locate(index)
+    src = self._sources[shard]
+    if src is None:
+      src = self._open(shard)
+    if src is False:
+      return Unreadable("shard_unreadable")
+    try:
+      return src[pos]
+    except Exception as e:  # pylint: disable=broad-except
+      _bad_log(f"cannot read record {pos} of shard {self.paths[shard]} "
+               f"({type(e).__name__}: {e}); run `jest-pod data verify {self.data_dir}`")
+      return Unreadable("record_unreadable")
 
 
 def open_source(spec: str):
   """A data set spec -> (grain random-access source, source names [str])."""
   if virtual.is_virtual(spec):
     return virtual.parse(spec), _names(spec)
-  manifest = manifest_lib.read(spec)  # validated: listed shards exist, counts agree
-  paths = [os.path.join(spec, s["file"]) for s in manifest["shards"] if s["num_records"] > 0]
-  if not paths:
+  manifest = manifest_lib.read(spec, check_files=False)  # fields and counts agree
+  for s in manifest["shards"]:
+    if not os.path.exists(os.path.join(spec, s["file"])):
+      raise manifest_lib.ManifestError(
+          f"shard {os.path.join(spec, s['file'])} listed in the manifest is missing; "
+          f"restore it, or rebuild the data set with --overwrite")
+  # A size mismatch (a stat per shard, no hashing) warns but does not refuse: the damaged
+  # shard's unreadable records become counted skips (`_SafeSource`).
+  for line in manifest_lib.size_mismatches(manifest, spec):
+    log.warning("damaged shard %s; run `jest-pod data verify %s`", line, spec)
+  shards = [(os.path.join(spec, s["file"]), s["num_records"])
+            for s in manifest["shards"] if s["num_records"] > 0]
+  if not shards:
     raise ValueError(f"data set {spec!r} has no records (manifest lists no non-empty shard)")
-  return grain.sources.ArrayRecordDataSource(paths), list(manifest.get("sources", []))
+  return _SafeSource(spec, shards), list(manifest.get("sources", []))
 
 
 def _warn_if_upscaled(spec: str, image_size: int) -> None:
@@ -135,7 +238,7 @@ def _warn_if_upscaled(spec: str, image_size: int) -> None:
   above it enlarges every image (blurry, and decode + resize cost for nothing)."""
   if virtual.is_virtual(spec):
     return
-  side = manifest_lib.read(spec).get("image_max_side")
+  side = manifest_lib.read(spec, check_files=False).get("image_max_side")
   if side and int(side) < image_size:
     log.warning("%s stores images with max side %d, smaller than image_size=%d: every "
                 "image is enlarged; re-ingest with --max-side >= %d", spec, side,
@@ -245,15 +348,23 @@ class _Decode(grain.transforms.Map):
   """
 
   def __init__(self, image_size: int, max_text_len: int,
-               tokenizer: tokenizer_lib.Tokenizer, source_ids: Sequence[dict]):
+               tokenizer: tokenizer_lib.Tokenizer, source_ids: Sequence[dict],
+               max_pixels: int = MAX_PIXELS):
     self.image_size, self.max_text_len = image_size, max_text_len
+    self.max_pixels = int(max_pixels)
     self.tokenizer = tokenizer
     self.source_ids = [dict(d) for d in source_ids]  # per component: name -> global id
 
   def map(self, element):
+    if isinstance(element["raw"], Unreadable):  # already logged by _SafeSource
+      return {"bad": element["raw"].reason, "index": element["index"]}
     try:
       rec = records.decode(element["raw"])
-      with Image.open(io.BytesIO(rec.image)) as im:
+      with Image.open(io.BytesIO(rec.image)) as im:  # lazy: reads the header only
+        if im.size[0] * im.size[1] > self.max_pixels:
+          _bad_log(f"source component {element['component']} index {element['index']}: "
+                   f"{im.size[0]}x{im.size[1]} image exceeds max_pixels={self.max_pixels}")
+          return {"bad": "too_many_pixels", "index": element["index"]}
         image = _to_array(im, self.image_size)
     except Exception as e:  # bad proto, bad image bytes: skip, never crash a long run
       _bad_log(f"source component {element['component']} index {element['index']}: "
@@ -466,7 +577,8 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
     ds = ds[process_index::process_count]
   else:
     ds = _HostBlocks(ds, process_index, process_count, block)
-  return ds.map(_Decode(input_config.image_size, input_config.max_text_len, tok, source_ids))
+  return ds.map(_Decode(input_config.image_size, input_config.max_text_len, tok, source_ids,
+                        input_config.get("max_pixels", MAX_PIXELS)))
 
 
 def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
@@ -544,12 +656,13 @@ class _EvalDecode(grain.transforms.Map):
 def make_eval_iterator(data_dir: str, *, batch_size: int, image_size: int,
                        max_text_len: int, tokenizer: Any = "",
                        process_index: int | None = None,
-                       process_count: int | None = None) -> grain.DatasetIterator:
+                       process_count: int | None = None,
+                       max_pixels: int = MAX_PIXELS) -> grain.DatasetIterator:
   """One ordered pass over this host's records [process_index::process_count].
 
   Every host yields ceil(ceil(n / P) / batch_size) batches of `batch_size`; the keys of
   the train batch plus `mask` f32 [b] (1 real, 0 padding or a record that failed to
-  decode, which also counts in `skipped`). `tokenizer`: path, Tokenizer, or '' for
+  read or decode, or has over `max_pixels` pixels, which also counts in `skipped`). `tokenizer`: path, Tokenizer, or '' for
   data_dir/tokenizer.model.
   """
   pi, pc = _process(process_index, process_count)
@@ -557,7 +670,8 @@ def make_eval_iterator(data_dir: str, *, batch_size: int, image_size: int,
   tok = _tokenizer(tokenizer, data_dir)
   per_host = math.ceil(len(source) / pc)
   num_batches = math.ceil(per_host / batch_size)
-  decode = _Decode(image_size, max_text_len, tok, [{n: i for i, n in enumerate(names)}])
+  decode = _Decode(image_size, max_text_len, tok, [{n: i for i, n in enumerate(names)}],
+                   max_pixels)
   ds = (grain.MapDataset.range(num_batches * batch_size)
         .map(_EvalRead(source, pi, pc)).map(_EvalDecode(decode))
         .batch(batch_size))

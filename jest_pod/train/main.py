@@ -28,12 +28,14 @@ from jest_pod import runinfo
 from jest_pod import sharding as shd
 from jest_pod.data import pipeline
 from jest_pod.data import reference_cache
+from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.jest import step as jest_lib
 from jest_pod.models import build_model
 from jest_pod.train import DEVICE_KEYS
 from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import hooks
+from jest_pod.train import lock as lock_lib
 from jest_pod.train import state as state_lib
 from jest_pod.train import step as step_lib
 from jest_pod.train import writers
@@ -150,12 +152,23 @@ def _source_shares(selected_source, pool_source, names):
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) a training run. Returns the last logged metrics."""
-  # ---------------------------------------------------------------- setup
   config_lib.validate(config)
+  config_lib.check_input(config)
   distributed.initialize()
-  primary = jax.process_index() == 0
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # One trainer per workdir: two would interleave checkpoints and logs.
+  lock = lock_lib.WorkdirLock(workdir)
+  try:
+    lock.acquire()  # process 0 only; every process raises if it could not
+    return _train(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+  # ---------------------------------------------------------------- setup
+  primary = jax.process_index() == 0
   if primary:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = shd.make_mesh(config.mesh)
@@ -173,6 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"{jax.device_count()} devices")
 
   # ---------------------------------------------------------------- data
+  tokenizer_lib.check_vocab(pipeline.resolve_tokenizer(config.input),
+                            config.model.text["vocab_size"])
   data_iter = pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -185,10 +200,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_sh = state_lib.create_state(config, model, tx, mesh, init_rng)
   checkpointer = ckpt_lib.Checkpointer(workdir, every_steps=config.ckpt_every,
                                        keep=config.keep_ckpts)
-  start = checkpointer.latest_step() or 0
+  saved_step = checkpointer.readable_config_step()
+  if saved_step:  # before restoring: a changed model would fail to restore, not be damage
+    config_lib.check_resume(ckpt_lib.load_config(checkpointer.step_dir(saved_step)), config)
+  abstract = state_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
+  start, restored = checkpointer.restore_latest(abstract, data_iter)
   if start:
-    abstract = state_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
-    state = checkpointer.restore(start, abstract, data_iter)
+    state = restored
     log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
 
   # ---------------------------------------------------------------- JEST step
@@ -277,11 +295,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if bad is not None:
           checkpointer.wait()
           good = checkpointer.latest_step()
+          hint = ("Lower config.optax.lr or raise config.optax.warmup_steps, then rerun "
+                  "to resume.")
+          if start and bad[0] <= start + config.log_every:  # right after a resume
+            hint = (f"This is within {config.log_every} step(s) of resuming: the restored "
+                    f"checkpoint {checkpointer.step_dir(start)} may be damaged; move it "
+                    f"aside (rename it to {start}.bad) and rerun to resume from the "
+                    f"previous one. Otherwise: {hint}")
           raise TrainingDiverged(
               f"loss is {bad[1]} (parameter norm {bad[2]}) at step {bad[0]}; stopping "
               "without saving. The last good "
-              f"checkpoint is step {good} in {ckpt_lib.checkpoint_dir(workdir)}. Lower "
-              "config.optax.lr or raise config.optax.warmup_steps, then rerun to resume.")
+              f"checkpoint is step {good} in {ckpt_lib.checkpoint_dir(workdir)}. {hint}")
 
       if is_log:
         now = time.perf_counter()
@@ -369,7 +393,8 @@ def main(argv: list[str]) -> int:
   setup_logging()
   try:
     train(fv.config, fv.workdir)  # also returns after a SIGTERM-triggered checkpoint
-  except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged) as e:
+  except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged, lock_lib.WorkdirBusy,
+          tokenizer_lib.TokenizerError) as e:
     # Raised alike on every host (config checks, replicated loss): leave together.
     log.error("%s", e)
     print(f"jest-pod train: error: {e}", file=sys.stderr)

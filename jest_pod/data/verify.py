@@ -1,0 +1,142 @@
+"""`jest-pod data verify DIR`: checks every shard against the manifest.
+
+  jest-pod data verify DIR [--workers N]
+
+Per shard: the file exists, its size equals the manifest's `bytes` (where recorded: sets
+written by `jest-pod data ingest`/`build` have it), and its sha256 equals the manifest's.
+A shard failing the hash is opened with the ArrayRecord reader to say more (cannot be
+opened / how many records it holds). Shards are hashed in parallel threads (hashlib
+releases the GIL), with a progress line (shards done / total, MB/s, ETA) on stderr.
+Exit 0 if every shard is intact, 1 listing each bad shard and what to do.
+
+Training never needs this to run: damaged records are skipped and counted
+(`pipeline._SafeSource`); this tells you which shards to restore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import threading
+import time
+from concurrent import futures
+
+from jest_pod.data import manifest as manifest_lib
+
+CHUNK = 4 << 20  # read size: large enough that hashing, not the syscall, dominates
+
+
+class _Progress:
+  """Thread-safe byte/shard counter printing at most one line a second."""
+
+  def __init__(self, total_shards: int, total_bytes: int, out=sys.stderr):
+    self.total_shards, self.total_bytes, self.out = total_shards, total_bytes, out
+    self.shards = self.bytes = 0
+    self.start = self.last = time.monotonic()
+    self.lock = threading.Lock()
+
+  def add(self, nbytes: int = 0, shards: int = 0):
+    with self.lock:
+      self.bytes += nbytes
+      self.shards += shards
+      now = time.monotonic()
+      if now - self.last >= 1.0 or self.shards == self.total_shards and shards:
+        self.last = now
+        self.out.write(self.line() + "\n")
+        self.out.flush()
+
+  def line(self) -> str:
+    elapsed = max(time.monotonic() - self.start, 1e-9)
+    rate = self.bytes / elapsed
+    left = max(self.total_bytes - self.bytes, 0)
+    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+    return (f"verify: {self.shards}/{self.total_shards} shards, "
+            f"{self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, "
+            f"{rate / 1e6:.1f} MB/s, ETA {eta}")
+
+
+def _sha256(path: str, progress: _Progress) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(CHUNK):
+      h.update(block)
+      progress.add(len(block))
+  return h.hexdigest()
+
+
+def _records(path: str, expected: int) -> str:
+  """What the ArrayRecord reader makes of a shard (only for shards failing their hash)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  try:  # Riegeli may raise at open, at num_records or at close: all mean "damaged"
+    reader = array_record_module.ArrayRecordReader(path)
+    n = reader.num_records()
+    reader.close()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"the reader cannot read it ({type(e).__name__}: {str(e)[:160]})"
+  return f"the reader sees {n} records (manifest: {expected})"
+
+
+def check_shard(data_dir: str, shard: dict, progress: _Progress) -> list[str]:
+  """Problems with one shard ([] if intact)."""
+  path = os.path.join(data_dir, shard["file"])
+  if not os.path.exists(path):
+    progress.add(shards=1)
+    return ["file is missing"]
+  problems = []
+  size = os.path.getsize(path)
+  if "bytes" in shard and size != shard["bytes"]:
+    problems.append(f"size {size} bytes, manifest says {shard['bytes']}")
+  digest = _sha256(path, progress)
+  if digest != shard["sha256"]:
+    problems.append(f"sha256 {digest[:16]}…, manifest says {shard['sha256'][:16]}…")
+    problems.append(_records(path, shard["num_records"]))
+  progress.add(shards=1)
+  return problems
+
+
+def verify(data_dir: str, *, workers: int | None = None, out=sys.stderr) -> dict[str, list[str]]:
+  """{shard file: problems} for every damaged shard of `data_dir` ({} if all intact)."""
+  m = manifest_lib.read(data_dir, check_files=False)
+  shards = m["shards"]
+  total = sum(os.path.getsize(p) for s in shards
+              if os.path.exists(p := os.path.join(data_dir, s["file"])))
+  progress = _Progress(len(shards), total, out)
+  # Hashing a cached file is CPU-bound: threads beyond the cores only add contention.
+  workers = workers or max(1, min(8, len(shards), os.cpu_count() or 1))
+  with futures.ThreadPoolExecutor(workers) as pool:
+    results = pool.map(lambda s: (s["file"], check_shard(data_dir, s, progress)), shards)
+    bad = {f: p for f, p in results if p}
+  return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="jest-pod data verify",
+                              description="check every shard's size and sha256 "
+                                          "against DIR/manifest.json")
+  p.add_argument("dir", help="data set folder")
+  p.add_argument("--workers", type=int, default=None,
+                 help="shards hashed at once (default: min(8, shards, cores))")
+  args = p.parse_args(argv)
+  try:
+    bad = verify(args.dir, workers=args.workers)
+  except manifest_lib.ManifestError as e:
+    print(f"jest-pod data verify: error: {e}", file=sys.stderr)
+    return 1
+  n = len(manifest_lib.read(args.dir, check_files=False)["shards"])
+  if not bad:
+    print(f"{args.dir}: all {n} shards match the manifest")
+    return 0
+  print(f"{args.dir}: {len(bad)} of {n} shards are damaged:")
+  for f, problems in sorted(bad.items()):
+    print(f"  {f}: " + "; ".join(problems))
+  print("Training skips (and counts) the records it cannot read from these shards. Restore "
+        "each from its source (a backup or the original copy: same file name), or re-ingest "
+        f"the data set (`jest-pod data ingest ... --output {args.dir} --overwrite`); then "
+        "run this check again.")
+  return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,145 @@
+"""Damaged storage is a counted skip, never a crash; `jest-pod data verify` names the
+damaged shards; an image with too many pixels is skipped before it is decoded."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from array_record.python import array_record_module
+from PIL import Image
+
+from jest_pod.data import cli as data_cli
+from jest_pod.data import manifest as manifest_lib
+from jest_pod.data import pipeline, records
+from tests import helpers_data
+
+N = 40  # records, in 2 shards of 20
+
+
+def _config(data, **kw):
+  c = pipeline.default_input_config()
+  c.data, c.worker_count, c.image_size, c.max_text_len = data, 0, 8, 8
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _epoch(data_dir, batch=4, **kw):
+  """One epoch of the training iterator -> (indices of the good records, records skipped).
+
+  Each example's `skipped` counts the bad positions just before it, so walking the
+  batches recovers which positions were good; stop at the end of the first epoch."""
+  it = pipeline.make_train_iterator(_config(data_dir, **kw), global_batch_size=batch,
+                                    seed=0, process_index=0, process_count=1)
+  good, skipped, pos = [], 0, 0
+  while pos < N:
+    b = next(it)
+    for index, s in zip(b["index"], b["skipped"]):
+      skipped += min(int(s), max(N - pos, 0))  # skips of epoch 0 only
+      pos += int(s)
+      if pos < N:
+        good.append(int(index))
+      pos += 1
+  return good, skipped
+
+
+def _check_epoch(data_dir, bad: set, **kw):
+  good, skipped = _epoch(data_dir, **kw)
+  assert sorted(good) == sorted(set(range(N)) - bad)  # every intact record, once
+  assert skipped == len(bad) and len(good) + skipped == N
+
+
+def _shard(data_dir, k=0):
+  return os.path.join(data_dir, manifest_lib.read(data_dir)["shards"][k]["file"])
+
+
+def _flip(path, offset):
+  data = bytearray(open(path, "rb").read())
+  data[offset] ^= 0x01
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.fixture
+def data(tmp_path):
+  return helpers_data.write_dataset(str(tmp_path / "d"), N)
+
+
+def test_flipped_byte_is_a_counted_skip(data):
+  path = _shard(data)
+  offset = open(path, "rb").read().find(helpers_data.png(7))  # inside record 7's chunk
+  assert offset > 0
+  _flip(path, offset + 100)
+  src, _ = pipeline.open_source(data)
+  assert isinstance(src[7], pipeline.Unreadable) and isinstance(src[8], bytes)
+  _check_epoch(data, {7})
+  # Evaluation: the same record is masked out and counted, the rest are real.
+  batches = list(pipeline.make_eval_iterator(data, batch_size=16, image_size=8,
+                                             max_text_len=8, process_index=0,
+                                             process_count=1))
+  mask = np.concatenate([b["mask"] for b in batches])[:N]
+  assert mask[7] == 0 and mask.sum() == N - 1
+  assert sum(int(b["skipped"].sum()) for b in batches) == 1
+
+
+def test_random_bytes_shard_is_skipped_and_counted(data, caplog):
+  path = _shard(data, 1)
+  size = os.path.getsize(path)
+  with open(path, "wb") as f:
+    f.write(np.random.default_rng(0).bytes(size))
+  _check_epoch(data, set(range(20, 40)))
+  assert any("jest-pod data verify" in r.getMessage() and path in r.getMessage()
+             for r in caplog.records)
+
+
+def test_truncated_shard_warns_at_start_and_skips(data, caplog):
+  m = manifest_lib.read(data)
+  for s in m["shards"]:  # a manifest with sizes, as ingest writes it
+    s["bytes"] = os.path.getsize(os.path.join(data, s["file"]))
+  with open(os.path.join(data, "manifest.json"), "w") as f:
+    json.dump(m, f)
+  path = _shard(data, 0)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 3)
+  _check_epoch(data, set(range(20)))
+  assert any("damaged shard" in r.getMessage() and path in r.getMessage()
+             for r in caplog.records)
+
+
+def test_verify_reports_bad_shard(data, capsys):
+  assert data_cli.main(["verify", data]) == 0
+  assert "all 2 shards match" in capsys.readouterr().out
+  path = _shard(data, 1)
+  _flip(path, os.path.getsize(path) // 2)
+  assert data_cli.main(["verify", data]) == 1
+  out = capsys.readouterr()
+  assert os.path.basename(path) in out.out and "sha256" in out.out
+  assert _shard(data, 0) not in out.out and "re-ingest" in out.out
+  assert "verify: 2/2 shards" in out.err
+
+
+def _bomb_png(side: int) -> bytes:
+  buf = io.BytesIO()
+  Image.new("L", (side, side)).save(buf, "PNG")  # uniform: a few KB for 64 Mpx
+  return buf.getvalue()
+
+
+def test_pixel_bomb_is_skipped_before_decoding(tmp_path):
+  d = helpers_data.write_dataset(str(tmp_path / "d"), 4, num_shards=1)
+  bomb = records.encode(records.Record(image=_bomb_png(8000), text="big", id="b",
+                                       source="toy"))
+  assert len(bomb) < 100_000
+  w = array_record_module.ArrayRecordWriter(_shard(d), "group_size:1")  # record 0: bomb
+  for blob in [bomb] + [records.encode(helpers_data.toy_record(i)) for i in (1, 2, 3)]:
+    w.write(blob)
+  w.close()
+  batch = next(iter(pipeline.make_eval_iterator(d, batch_size=4, image_size=8,
+                                                max_text_len=8, process_index=0,
+                                                process_count=1, max_pixels=1_000_000)))
+  np.testing.assert_array_equal(batch["mask"], [0, 1, 1, 1])
+  assert batch["skipped"].sum() == 1
+  b = next(pipeline.make_train_iterator(_config(d, max_pixels=1_000_000),
+                                        global_batch_size=3, seed=0, process_index=0,
+                                        process_count=1))
+  assert sorted(b["index"]) == [1, 2, 3] and b["skipped"].sum() == 1
