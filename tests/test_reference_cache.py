@@ -158,7 +158,7 @@ def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
   toy, ref, path = setup
   assert path == reference_cache.default_cache_path(toy)
   runs, flops = {}, {}
-  for name, cache in (("forward", "off"), ("cached", ""), ("explicit", path)):
+  for name, cache in (("forward", "off"), ("cached", "")):
     config = tiny_config(toy, steps=3, method="joint", reference=ref,
                          **{"selection.filter_ratio": 0.5, "selection.reference_cache": cache})
     train_main.train(config, str(tmp_path / name))
@@ -167,13 +167,11 @@ def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
       flops[name] = json.load(f)
   assert flops["forward"]["reference_cache_one_time"] == 0
   assert flops["forward"]["amortised"] == flops["forward"]["charged"]
-  for name in ("cached", "explicit"):
-    assert flops[name]["reference_cache_one_time"] > 0
-    assert flops[name]["charged"] == flops["forward"]["charged"]
-    assert flops[name]["amortised"] < flops[name]["charged"]
+  assert flops["cached"]["reference_cache_one_time"] > 0
+  assert flops["cached"]["charged"] == flops["forward"]["charged"]
+  assert flops["cached"]["amortised"] < flops["cached"]["charged"]
   # bf16 storage: the cached embeddings differ from the forward pass by ~1e-3.
   for step in (1, 2, 3):
-    assert runs["cached"][step]["train/loss"] == runs["explicit"][step]["train/loss"]
     for key in ("train/loss", "select/learnability_selected"):
       np.testing.assert_allclose(runs["cached"][step][key], runs["forward"][step][key],
                                  rtol=2e-2, atol=2e-2)
