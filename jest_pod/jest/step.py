@@ -105,8 +105,10 @@ class JestStep:
     self._learner = (jax.jit(make_embed_fn(model, score_patch_size(config)))
                      if self.uses_learner else None)
     self._reference = None
+    # The reference's config, for its FLOPs (None with a cache: its meta has them).
+    self.reference_config = None
     if self.uses_reference and self.cache is None:
-      _, ref_model, self._ref_params = reference
+      self.reference_config, ref_model, self._ref_params = reference
       self._reference = jax.jit(make_embed_fn(ref_model, None))
     self._select = jax.jit(make_select_fn(config, mesh, config.batch_size))
 

@@ -76,7 +76,7 @@ def load_reference(config, mesh):
   return ref_config, ref_model, ref_params
 
 
-def open_reference_cache(config):
+def open_reference_cache(config, tokenizer_sha256: str):
   """The reference cache JEST reads θ*'s embeddings from, or None (forward passes).
 
   config.selection.reference_cache: a cache folder; '' = DATA/reference_cache when it
@@ -94,23 +94,22 @@ def open_reference_cache(config):
   path = s.reference_cache or reference_cache.default_cache_path(config.input.data)
   if not path:
     return None
-  tokenizer = pipeline.resolve_tokenizer(config.input)
   cache = reference_cache.open_cache(
       path, data_dir=config.input.data, reference=s.reference or None,
       image_size=config.model.image_size, max_text_len=config.input.max_text_len,
-      tokenizer_sha256=tokenizer.sha256)
+      tokenizer_sha256=tokenizer_sha256)
   log.info("reference: embeddings from the cache %s%s", path,
            "" if s.reference_cache else " (found beside the data; "
            "config.selection.reference_cache=off runs the reference instead)")
   return cache
 
 
-def make_jest_step(config, model, mesh):
+def make_jest_step(config, model, mesh, tokenizer_sha256: str):
   """The run's JestStep (None for uniform), with the reference from cache or checkpoint."""
   s = config.selection
   if s.method == "uniform":
     return None
-  cache = open_reference_cache(config)
+  cache = open_reference_cache(config, tokenizer_sha256)
   reference = None
   if jest_lib.uses_reference(config) and cache is None:
     if not s.reference:
@@ -129,9 +128,7 @@ def run_flops(config, jest) -> dict[str, float]:
   cache = jest.cache if jest is not None else None
   if cache is not None:
     ref_example = cache.meta["flops_per_example"]
-  ref_config = None
-  if ref_example is None and config.selection.reference and jest is not None:
-    ref_config = ckpt_lib.load_config(config.selection.reference)
+  ref_config = jest.reference_config if jest is not None else None
   parts = flops_lib.step_flops(config, ref_config, reference_example_flops=ref_example)
   amortised = parts["total"] - (parts["reference"] if cache is not None else 0.0)
   return {"charged": parts["total"], "amortised": amortised, "parts": parts,
@@ -186,8 +183,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                      f"{jax.device_count()} devices")
 
   # ---------------------------------------------------------------- data
-  tokenizer_lib.check_vocab(pipeline.resolve_tokenizer(config.input),
-                            config.model.text["vocab_size"])
+  tokenizer = pipeline.resolve_tokenizer(config.input)
+  tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
   data_iter = pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -210,7 +207,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
 
   # ---------------------------------------------------------------- JEST step
-  jest = make_jest_step(config, model, mesh)
+  jest = make_jest_step(config, model, mesh, tokenizer.sha256)
   train_step = jax.jit(step_lib.make_train_step(config, model, tx, schedule),
                        in_shardings=(state_sh, batch_sharding),
                        out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
