@@ -1,6 +1,6 @@
 """jest_pod: SigLIP-style two-tower training with joint example selection (JEST).
 
-Data flows through the sub-packages in this order (shared/DESIGN.md §3):
+Data flows through the sub-packages in this order (WORKSPACE_NOTES.md, "Layout"):
   data/ -> models/ -> scoring + selection -> train/ -> checkpoint, evaluators/
 """
 

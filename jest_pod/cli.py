@@ -9,7 +9,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("jest_pod.train.main", "train a model from a config (uniform or JEST)"),
+    "train": ("jest_pod.train.cli", "train a model from a config (uniform or JEST)"),
     "data": ("jest_pod.data.cli", "ingest, build real offline data sets, tokenizer, reference cache"),
     "eval": ("jest_pod.evaluators.cli", "evaluate a checkpoint: zero-shot and retrieval"),
     "plot": ("jest_pod.plot", "draw learning curves of several runs"),
@@ -28,6 +28,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if len(argv) > 1 and argv[0] == "help" and argv[1] in SUBCOMMANDS:
+    argv = [argv[1], "--help"]  # `jest-pod help train` = `jest-pod train --help`
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_usage())
     return 0

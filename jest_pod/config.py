@@ -13,6 +13,8 @@ import os
 import ml_collections
 
 from jest_pod import selection
+# The config.input defaults, from a leaf module: not data.pipeline (Grain, decoders).
+from jest_pod.data.input_config import default_input_config
 
 # The repo's configs/ folder (the package is installed editable beside it).
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -47,14 +49,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """The full set of fields with small, CPU-friendly defaults; configs override."""
-  from jest_pod.data import pipeline  # the input fields are the pipeline's contract
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 256                  # B: examples trained on per step (global)
   c.loss = "sigmoid"                  # sigmoid (SigLIP) | softmax (CLIP)
 
-  c.input = pipeline.default_input_config()
+  c.input = default_input_config()  # the input pipeline's contract
 
   c.model = ml_collections.ConfigDict()
   c.model.image_size = 32
@@ -70,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=50, grad_clip=1.0,
       end_lr_fraction=0.0))
 
-  # JEST (shared/DESIGN.md §1). method=uniform trains on the first B of each batch.
+  # JEST selection (scores and joint sampling: the jest_pod/selection.py docstring).
+  # method=uniform trains on the first B of each batch.
   c.selection = ml_collections.ConfigDict(dict(
       method="uniform", score="learnability", filter_ratio=0.8, n_chunks=16,
       independent_method="topk",
@@ -79,10 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
       # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
       reference_cache="",
   ))
-  # Flexi-JEST: score at a large patch, train split across patch sizes.
+  # Flexi-JEST: score at a large patch, train split across patch sizes. The defaults
+  # follow model.image.patch_size (with a fixed (4,), a ViT-B/16 config that forgot this
+  # field trained at patch 4); read them only through score_patch_size/train_patch_sizes.
   c.flexi = ml_collections.ConfigDict(dict(
       score_patch_size=0,             # 0 = the model's base patch size
-      train_patch_sizes=(4,), train_fractions=(1.0,)))
+      train_patch_sizes=(),           # () = (the model's base patch size,)
+      train_fractions=(1.0,)))
 
   # Device mesh: (name, size) with one size -1 = all remaining devices.
   c.mesh = (("data", -1), ("fsdp", 1))
@@ -100,6 +105,17 @@ def base_config() -> ml_collections.ConfigDict:
   # on resume; see check_resume.
   c.allow_config_change = ()
   return c
+
+
+def score_patch_size(config) -> int:
+  """The patch the learner scores at (config.flexi.score_patch_size; 0 = base patch)."""
+  return int(config.flexi.score_patch_size or config.model.image["patch_size"])
+
+
+def train_patch_sizes(config) -> tuple[int, ...]:
+  """The Flexi training patch sizes (config.flexi.train_patch_sizes; () = the base patch)."""
+  return tuple(int(p) for p in config.flexi.train_patch_sizes) or (
+      int(config.model.image["patch_size"]),)
 
 
 def num_super_batch(config) -> int:
@@ -154,13 +170,13 @@ def validate(config) -> None:
     raise ValueError(f"config.selection.score={s.score!r} needs a reference model: set "
                      "config.selection.reference=<workdir of a run of configs/reference.py>"
                      " (or build its embedding cache: `jest-pod data cache-reference`)")
-  f = config.flexi
-  if len(f.train_patch_sizes) != len(f.train_fractions) or abs(sum(f.train_fractions) - 1) > 1e-6:
+  f, train_patches = config.flexi, train_patch_sizes(config)
+  if len(train_patches) != len(f.train_fractions) or abs(sum(f.train_fractions) - 1) > 1e-6:
     raise ValueError("config.flexi.train_patch_sizes and train_fractions must have the same "
-                     f"length and the fractions must sum to 1; got {f.train_patch_sizes}, "
+                     f"length and the fractions must sum to 1; got {train_patches}, "
                      f"{f.train_fractions}")
   size = config.model.image_size
-  for p in (*f.train_patch_sizes, f.score_patch_size or config.model.image.patch_size):
+  for p in (*train_patches, score_patch_size(config)):
     if size % p:
       raise ValueError(f"patch size {p} (config.flexi) does not divide "
                        f"config.model.image_size={size}")
@@ -185,9 +201,13 @@ def check_input(config) -> None:
       raise ValueError("config.input.data is empty: set it to a data set folder (or set "
                        "config.input.mixture)")
     if not virtual.is_virtual(d) and not epath.Path(d).exists():
-      raise ValueError(f"data folder {d} ({key}) does not exist; build it with "
-                       f"`jest-pod data build demo --output {d}` (or `jest-pod data ingest`)"
-                       f" or fix {key}")
+      path = epath.Path(d)
+      if path.name in ("web", "curated", "eval_fashion", "eval_retrieval"):
+        make = f"`jest-pod data build demo --output {path.parent}` (it writes {d})"
+      else:
+        make = f"`jest-pod data ingest --input YOUR_DATA --output {d}`"
+      raise ValueError(f"data folder {d} ({key}) does not exist; make it with {make}, "
+                       f"or fix {key}")
 
 
 # On resume, keys whose change alters what the run means (its data, model, objective,
@@ -214,6 +234,18 @@ def _flatten(tree, prefix=""):
   return out
 
 
+def _resolved_patches(flat):
+  """Flexi patch defaults (0, ()) replaced by the base patch they stand for, so a
+  checkpoint that saved the explicit value (older defaults) still matches."""
+  base = flat.get("model.image.patch_size")
+  if base is not None:
+    if not flat.get("flexi.score_patch_size"):
+      flat["flexi.score_patch_size"] = base
+    if not flat.get("flexi.train_patch_sizes"):
+      flat["flexi.train_patch_sizes"] = [base]
+  return flat
+
+
 def _under(key, prefixes) -> bool:
   return any(key == p or key.startswith(p + ".") for p in prefixes)
 
@@ -226,8 +258,9 @@ def check_resume(saved, config) -> None:
   Other differences (e.g. optax.lr) are only logged.
   """
   # Compare as JSON, the way the checkpoint stored it (tuples become lists).
-  old = _flatten(json.loads(ml_collections.ConfigDict(saved).to_json_best_effort()))
-  new = _flatten(json.loads(config.to_json_best_effort()))
+  old = _resolved_patches(_flatten(json.loads(
+      ml_collections.ConfigDict(saved).to_json_best_effort())))
+  new = _resolved_patches(_flatten(json.loads(config.to_json_best_effort())))
   extra = config.get("allow_config_change", ()) or ()
   allowed = RESUME_ALLOWED + ((extra,) if isinstance(extra, str) else tuple(extra))
   diffs = {k: (old.get(k, "<absent>"), new.get(k, "<absent>"))

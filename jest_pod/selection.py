@@ -1,7 +1,8 @@
 """Joint example selection (JEST, arXiv 2406.17711): pick B of a super-batch of N.
 
-Everything here is computed from embeddings, never from the N×N score matrix
-(shared/DESIGN.md §2), except `pair_scores`, the small-N reference for tests.
+Everything here is computed from embeddings, never from the N×N score matrix (at the
+paper's B = 32k and f = 0.9, N = 320k: 410 GB in f32, on no device), except `pair_scores`, the small-N
+reference for tests.
 
 Scores of a pair (i, j), from the per-pair sigmoid loss ℓ of learner θ and reference θ*:
   learnability   L_ij = ℓ_θ(i, j) − ℓ_θ*(i, j)   (default)
@@ -136,7 +137,7 @@ def _diag_sigmoid_losses(e: Embeddings):
 
 
 def pair_scores(learner, reference, score="learnability"):
-  """[N, N] pair score matrix L of DESIGN §1 (sigmoid). For small N / tests only.
+  """[N, N] pair score matrix L_ij of the module docstring (sigmoid). Small N / tests only.
 
   learner, reference: Embeddings (either may be None when `score` does not use it).
   """

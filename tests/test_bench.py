@@ -40,3 +40,9 @@ def test_bench_selection_table_and_all_rejects_options(capsys):
   assert "1004 skipped: N not divisible by 8 devices" in out
   assert bench.main(["all", "--repeats", "3"]) == 2
   assert bench.main(["nope"]) == 2
+
+
+def test_bench_step_set_refuses_an_unknown_key(capsys):
+  assert bench.main(["step", "--set", "input.no_such_key=1"]) == 2
+  assert "config.input.no_such_key does not exist" in capsys.readouterr().err
+  assert bench.main(["step", "--set", "input.worker_count"]) == 2

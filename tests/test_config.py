@@ -80,7 +80,11 @@ def test_missing_data_folder_names_it_and_the_fix(tmp_path):
   c = config_lib.base_config()
   c.input.data = str(tmp_path / "nope")
   with pytest.raises(ValueError, match=r"data folder .*nope \(config.input.data\) does not "
-                     r"exist; build it with `jest-pod data build"):
+                     r"exist; make it with `jest-pod data ingest --input YOUR_DATA --output"):
+    config_lib.check_input(c)
+  c.input.data = str(tmp_path / "demo" / "web")  # a demo set: build its parent folder
+  with pytest.raises(ValueError, match=r"`jest-pod data build demo --output .*demo` \(it "
+                     r"writes .*demo/web\)"):
     config_lib.check_input(c)
   c.input.mixture = [(str(tmp_path), 1.0), (str(tmp_path / "gone"), 1.0)]
   with pytest.raises(ValueError, match=r"gone \(config.input.mixture\)"):

@@ -1,4 +1,4 @@
-"""Losses against direct numpy computations of shared/DESIGN.md §1."""
+"""Losses against direct numpy computations of the formulas in the jest_pod/losses.py docstring."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -84,7 +84,7 @@ class Run:
     port = _free_port()
     self.launches += 1
     self.logs = []
-    code = "import sys; from jest_pod.train import main as m; sys.exit(m.main(sys.argv[1:]))"
+    code = "import sys; from jest_pod.train import cli as m; sys.exit(m.main(sys.argv[1:]))"
     self.procs = []
     for i in range(self.processes):
       env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",

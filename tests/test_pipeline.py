@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
-from jest_pod.data import pipeline, records, tokenizer, virtual
+from jest_pod.data import decode, pipeline, records, tokenizer, virtual
 from tests import helpers_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +63,8 @@ def test_batch_contents_match_records(toy):
     rec = helpers_data.toy_record(int(i))
     np.testing.assert_array_equal(b["text"][k], tok.encode_batch([rec.text], 8)[0])
     assert b["label"][k] == rec.label and names[b["source"][k]] == rec.source
-    im = Image.open(io.BytesIO(rec.image)).convert("RGB").resize((16, 16), Image.BILINEAR)
-    np.testing.assert_allclose(b["image"][k], np.asarray(im, np.float32) / 127.5 - 1, atol=1e-6)
+    # decode.to_array itself is checked against PIL in test_decode.py.
+    np.testing.assert_array_equal(b["image"][k], decode.to_array(rec.image, 16))
 
 
 def test_reshuffles_every_epoch_and_covers_each_epoch(toy):
@@ -260,14 +260,6 @@ def test_virtual_restore_deep_is_as_fast_and_exact(toy):
   assert (batch["skipped"] == 0).all()
 
 
-def test_transparent_pixels_become_white():
-  rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black
-  rgba[0, 0] = [255, 0, 0, 255]          # one opaque red pixel
-  out = pipeline._to_array(Image.fromarray(rgba, "RGBA"), 4)
-  np.testing.assert_allclose(out[0, 0], [1, -1, -1])
-  np.testing.assert_allclose(out[3, 3], [1, 1, 1])
-
-
 def test_worker_count_auto_resolves():
   assert pipeline.default_input_config().worker_count == -1
   auto = pipeline.resolve_worker_count(-1)
@@ -286,23 +278,6 @@ def _jpeg(w, h):
   buf = io.BytesIO()
   Image.fromarray(arr).save(buf, "JPEG", quality=90)
   return buf.getvalue(), arr
-
-
-def test_large_jpeg_decodes_at_reduced_size():
-  data, arr = _jpeg(256, 192)
-  with Image.open(io.BytesIO(data)) as im:
-    out = pipeline._to_array(im, 24)
-    assert im.size == (32, 24)  # draft: 1/8 scale, both sides still >= 24
-  assert out.shape == (24, 24, 3) and out.dtype == np.float32
-  assert out.min() >= -1 and out.max() <= 1
-  # Close to a full-size decode + resize (draft averages 8x8 blocks: a smoother image).
-  full = np.asarray(Image.fromarray(arr).resize((24, 24), Image.Resampling.BILINEAR),
-                    np.float32) / 127.5 - 1
-  assert np.abs(out - full).mean() < 0.05
-  # Not larger than needed: a JPEG at the training size is decoded as is.
-  data, _ = _jpeg(24, 24)
-  with Image.open(io.BytesIO(data)) as im:
-    assert pipeline._to_array(im, 24).shape == (24, 24, 3) and im.size == (24, 24)
 
 
 def test_decode_jpeg_record(toy):

@@ -16,18 +16,12 @@ from jest_pod import checkpoint as ckpt_lib
 from jest_pod import sharding as shd
 from jest_pod.data import pipeline
 from jest_pod.data import tokenizer as tokenizer_lib
-from jest_pod.data.toy import build_toy
 from jest_pod.models import build_model
 from jest_pod.train import feed
 from jest_pod.train import lock as lock_lib
 from jest_pod.train import main as train_main
 from jest_pod.train import state as state_lib
 from train_helpers import read_metrics, tiny_config
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-  return build_toy(str(tmp_path_factory.mktemp("toy")), 384, noise=0.25, image_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +96,8 @@ def test_restore_detects_damage_and_falls_back(base_run, abstract, tmp_path, cap
   run = _copy(base_run, tmp_path)
   damage_fn, message = DAMAGE[damage]
   damage_fn(f"{run}/checkpoints/4")
-  data_iter = pipeline.make_train_iterator(config.input, global_batch_size=32, seed=0)
+  data_iter = feed.SkipCounter(
+      pipeline.make_train_iterator(config.input, global_batch_size=32, seed=0))
   checkpointer = ckpt_lib.Checkpointer(run, every_steps=2, keep=3)
   try:
     step, state = checkpointer.restore_latest(target, data_iter)
@@ -155,3 +150,25 @@ def test_tokenizer_larger_than_the_model_vocab_is_refused(toy, tmp_path):
       vocab_size=8, max_len=12, width=32, depth=1, num_heads=2, mlp_dim=64)})
   with pytest.raises(tokenizer_lib.TokenizerError, match="vocab_size=8 is smaller"):
     train_main.train(config, str(tmp_path))
+
+
+def test_sigterm_during_evaluation_saves_without_finishing_it(toy, tmp_path, monkeypatch):
+  """A preemption notice during an in-run evaluation interrupts it between batches; the
+  checkpoint is saved at once and the rerun resumes from it."""
+  import signal
+  from jest_pod.evaluators import common
+  real_run, calls = common.Evaluator.run, []
+
+  def run(self, params, should_stop=None):
+    os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives as the evaluation starts
+    calls.append(self.name)
+    return real_run(self, params, should_stop=should_stop)
+
+  monkeypatch.setattr(common.Evaluator, "run", run)
+  evals = {"toy_retrieval": {"type": "retrieval", "data": toy, "batch_size": 16,
+                             "every_steps": 2}}
+  workdir = str(tmp_path / "run")
+  last = train_main.train(tiny_config(toy, steps=6, evals=evals), workdir)
+  assert last.get("preempted") and calls == ["toy_retrieval"]
+  assert ckpt_lib.Checkpointer(workdir, every_steps=1, keep=2).latest_step() == 2
+  assert not any("r/" in k or "retrieval" in k for k in read_metrics(workdir)[2])

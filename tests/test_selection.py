@@ -1,5 +1,5 @@
-"""JEST selection: scores vs DESIGN §1 in numpy, chunked conditional scores vs brute force,
-joint > independent > uniform on a structured super-batch, 1 vs 8 devices, errors."""
+"""JEST selection: scores (jest_pod/selection.py docstring) vs numpy, chunked conditional
+scores vs brute force, joint > independent > uniform on a structured super-batch, 1 vs 8 devices, errors."""
 
 import functools
 
@@ -32,7 +32,7 @@ def _embeddings(seed, n, d=8, t=10.0, b=-5.0, noise=0.8):
 
 
 def _np_pair_losses(e):
-  """DESIGN §1 literally: ℓ(i, j) = −log σ(m_ij (t x_i·y_j + b)), m = +1 on the diagonal."""
+  """The losses.py docstring literally: ℓ(i, j) = −log σ(m_ij (t x_i·y_j + b)), m = +1 on the diagonal."""
   x, y = np.asarray(e.image, np.float64), np.asarray(e.text, np.float64)
   z = float(e.temperature) * x @ y.T + float(e.bias)
   m = 2 * np.eye(len(x)) - 1

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 from jest_pod import config as config_lib
 
@@ -49,3 +51,17 @@ def read_metrics(workdir):
 def losses(workdir):
   m = read_metrics(workdir)
   return [m[s]["train/loss"] for s in sorted(m)]
+
+
+def run_cli(config, workdir, devices, **kw):
+  """`jest-pod train` in a subprocess with `devices` fake CPU devices."""
+  cfg_file = os.path.join(workdir + "_config.json")
+  with open(cfg_file, "w") as f:
+    f.write(config.to_json())
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=ROOT)
+  code = ("import json, sys, ml_collections; from jest_pod.train import main as m; "
+          "m.setup_logging(); "
+          f"c = ml_collections.ConfigDict(json.load(open({cfg_file!r}))); "
+          f"m.train(c, {workdir!r})")
+  return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, **kw)

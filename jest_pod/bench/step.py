@@ -1,7 +1,7 @@
 """`jest-pod bench step`: the real training loop, uniform vs JEST at the same B.
 
   jest-pod bench step [--config configs/jest.py:runlocal] [--data DIR] [--steps 20]
-                      [--reference-cache on|off] [--xla-check]
+                      [--reference-cache on|off] [--xla-check] [--set KEY=VALUE ...]
 
 Runs `jest_pod.train.main.train` — the loop a run uses, with its input thread, device
 prefetch and JEST step — for --steps steps of a uniform config and of the JEST config
@@ -54,6 +54,9 @@ def _parse(argv):
   p.add_argument("--reference-cache", choices=("on", "off"), default="on")
   p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
   p.add_argument("--xla-check", action="store_true")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field for both runs (repeatable), e.g. "
+                 "--set input.worker_count=1")
   args = p.parse_args(argv)
   if args.steps < 4:
     p.error("--steps must be >= 4 (one compiles, one is sampled part by part)")
@@ -66,6 +69,22 @@ def _load(spec):
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--config {spec}: no file {path}")
   return config_lib.sibling_config(os.path.abspath(path), os.path.basename(path), arg)
+
+
+def _override(config, key: str, value: str) -> None:
+  """config.<dotted key> = value (a Python literal, else the string); the key must exist."""
+  import ast  # pylint: disable=g-import-not-at-top
+  *path, last = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  if last not in node:
+    raise KeyError(f"config.{key} does not exist")
+  try:
+    value = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    pass
+  node[last] = value
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -122,6 +141,16 @@ def main(argv):
   from jest_pod.train import main as train_main  # pylint: disable=g-import-not-at-top
 
   config = _load(args.config)
+  for item in args.set:
+    key, sep, value = item.partition("=")
+    if not sep:
+      print(f"jest-pod bench step: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+      return 2
+    try:
+      _override(config, key, value)
+    except (KeyError, ValueError) as e:
+      print(f"jest-pod bench step: --set {item}: {e}", file=sys.stderr)
+      return 2
   if config.selection.method == "uniform":
     print("jest-pod bench step: --config must select (method joint or independent); "
           "e.g. configs/jest.py:runlocal", file=sys.stderr)
@@ -172,7 +201,7 @@ def main(argv):
         f"{config.batch_size} N={config_lib.num_super_batch(config)} "
         f"(f={config.selection.filter_ratio}); method={config.selection.method} score="
         f"{config.selection.score}; score patch {jest_lib.score_patch_size(config)}, train "
-        f"patches {tuple(config.flexi.train_patch_sizes)}; data {config.input.data}; "
+        f"patches {config_lib.train_patch_sizes(config)}; data {config.input.data}; "
         f"input workers {pipeline.resolve_worker_count(config.input.worker_count)}; {ref_note}; {args.steps} steps per run",
         flush=True)
 

@@ -1,7 +1,8 @@
 """`jest-pod data ...`: ingest, build real offline data sets, tokenizer, reference cache.
 
   jest-pod data ingest --input PATH --output DIR [--max-side 64] [--shard-size N]
-                       [--workers N] [--overwrite] [--name NAME]
+                       [--workers N] [--overwrite] [--name NAME] [--follow-symlinks]
+                       [--max-image-bytes N]
   jest-pod data build {emoji,openclipart,fashion_mnist,demo} --output DIR [--limit N]
                       [--overwrite] [--seed S] [--workers N]
   jest-pod data tokenizer ...        (jest_pod.data.tokenizer)
@@ -31,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
   ing = sub.add_parser("ingest",
                        help="image-text pairs (folder, TSV/CSV, WebDataset tars) -> data set")
   ing.add_argument("--input", required=True,
-                   help="folder of images + same-stem .txt, a .tsv/.csv list, or .tar shard(s)")
+                   help="folder of images + same-stem .txt, a .tsv/.csv list, or .tar shard(s); "
+                        "a list's relative image paths resolve against the list's folder, "
+                        "absolute ones are used as given")
   ing.add_argument("--output", required=True, help="data set folder to write")
   ing.add_argument("--max-side", type=int, default=64, help="shrink images to this max side")
   ing.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
@@ -41,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
   ing.add_argument("--source", default=None, help="records' source string (default: --name)")
   ing.add_argument("--image-format", choices=("auto", "png", "jpeg"), default="auto",
                    help="auto: JPEG q90 for JPEG/WebP inputs, PNG otherwise")
+  ing.add_argument("--follow-symlinks", action="store_true",
+                   help="follow symlinks inside the input (default: skip and count each)")
+  ing.add_argument("--max-image-bytes", type=int, default=None,
+                   help="skip (unread) image files/tar members larger than this "
+                        "(default: ingest.MAX_IMAGE_BYTES, 64 MiB)")
   b = sub.add_parser("build", help="build a real offline data set from Debian packages")
   b.add_argument("name", choices=sorted(BUILDERS))
   b.add_argument("--output", required=True)
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ingest":
       ingest.ingest(args.input, args.output, name=args.name, source=args.source,
                     max_side=args.max_side, shard_size=args.shard_size, workers=args.workers,
-                    overwrite=args.overwrite, image_format=args.image_format)
+                    overwrite=args.overwrite, image_format=args.image_format,
+                    follow_symlinks=args.follow_symlinks, max_image_bytes=args.max_image_bytes)
     else:
       from jest_pod.data import builders
       builders.build(args.name, args.output, limit=args.limit, overwrite=args.overwrite,

@@ -4,19 +4,34 @@ Inputs (`--input PATH`):
   (a) a folder (nested) of images, each with a same-stem `.txt` caption (its first non-blank
       line); id = path relative to the folder without extension;
   (b) a `.tsv`/`.csv`/`.txt` list of `image_path<TAB or comma>caption[<sep>class_name]`
-      (paths relative to the list file; an optional header row is detected); id = the
-      image path without extension; a third column makes the set labelled (class_names);
+      (an optional header row is detected); id = the image path without extension; a
+      third column makes the set labelled (class_names). Image paths: a relative path
+      (`..` included) resolves against the list file's own folder, never the current
+      directory; an absolute path is used as given (lists may point at existing trees, so
+      a list can name any file the user can read: ingest only lists you trust);
   (c) WebDataset `.tar` shards as img2dataset writes them (`KEY.jpg|jpeg|png|webp` +
       `KEY.txt`, optional `KEY.json` whose "caption" is used when there is no .txt):
-      a `.tar` file, or a folder holding `*.tar` files; id = KEY.
+      a `.tar`/`.tar.gz` file, or a folder holding `*.tar` files; id = KEY.
 Images are decoded, flattened onto white (alpha), converted to RGB, shrunk to `max_side`
 keeping aspect, and re-encoded: JPEG q90 for JPEG/WebP sources (photos), PNG otherwise.
 
+Staying inside the inputs: symlinks (files and folders) inside a folder input, a tar
+folder, or on a list's image path below the list's folder are not followed, each skipped
+as `symlink`, unless `--follow-symlinks` (folder links are then walked once per real path,
+so loops end). Nothing over MAX_CAPTION_BYTES (caption) or `max_image_bytes` (image,
+default MAX_IMAGE_BYTES) is read: sizes are checked first (os.stat, tar header) and reads
+are bounded, so memory is bounded by the limits, not by the inputs (tar members stream).
+
 Bad inputs never stop an ingest: each is skipped, counted by reason in the manifest
-(`skipped`), named in a log line (the first 20 per reason) and listed in `DIR/skipped.tsv`.
-Reasons: missing_image, missing_caption, empty_caption, undecodable_image, duplicate_id,
-malformed_line (list rows), undecodable_tar (a truncated/corrupt tar: the members read
-before the damage are kept).
+(`skipped`), named in a log line (the first 20 per reason) and listed in `DIR/skipped.tsv`
+(list rows as `file:line`). Reasons: missing_image, missing_caption, empty_caption,
+undecodable_image, duplicate_id, malformed_line (list rows), symlink, name_not_utf8 (a file
+or member name that is not UTF-8, shown with \\x escapes), image_too_large,
+caption_too_large, caption_not_utf8 (captions, and list lines, must be UTF-8; a bad list
+line is skipped, the rest read), caption_control_chars (a caption holding a control
+character other than tab: skipped, not stripped), truncated_tar (a tar cut short, in a
+member or a header: the members read before the cut are kept; the detail names the last
+one) and undecodable_tar (any other tar damage, same rule).
 
 Crash safety: shards are written under temporary names, fsynced, renamed to their final
 names (`<name>-NNNNN-of-NNNNN.array_record`) once all are written, and the manifest is
@@ -26,32 +41,29 @@ written last (atomically). A folder without manifest.json is never a complete da
 from __future__ import annotations
 
 import collections
-import csv
-import dataclasses
-import glob
 import io
-import json
 import logging
 import multiprocessing
 import os
 import sys
-import tarfile
 import time
 import warnings
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from PIL import Image
 
+from jest_pod.data import ingest_read
 from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records
+# The input side lives in ingest_read; these names stay importable from here.
+from jest_pod.data.ingest_read import (HEADER_NAMES, IMAGE_EXTS, MAX_CAPTION_BYTES,  # noqa: F401
+                                       MAX_IMAGE_BYTES, TAR_IMAGE_EXTS, Inputs, Item, scan,
+                                       scan_folder, scan_list, scan_tars)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-TAR_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 LOG_SKIPS_PER_REASON = 20
 DEFAULT_SHARD_SIZE = 10_000
-HEADER_NAMES = ("image", "image_path", "path", "file", "filepath", "url")
 CHUNK = 128  # inputs per worker task: small enough for smooth progress, big enough to amortise IPC
 
 
@@ -234,221 +246,33 @@ class ShardWriter:
 
 
 # ---------------------------------------------------------------------------------------
-# Inputs: every format becomes a list of Items; workers turn Items into records.
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  """One input pair, loaded lazily by a worker.
-
-  image/caption refs: ('path', file) | ('range', file, offset, size) | ('bytes', b) | None;
-  a caption ref may also be ('text', str).
-  """
-  id: str
-  image: tuple | None
-  caption: tuple | None
-  label: int | None = None
-  where: str = ""  # for log lines: the file or tar member
-
-
-@dataclasses.dataclass
-class Inputs:
-  items: list[Item]
-  skipped: list[tuple[str, str, str]]  # (reason, where, detail)
-  class_names: list[str] | None = None
-  kind: str = ""
-
-
-def _strip_ext(p: str) -> str:
-  return os.path.splitext(p)[0]
-
-
-def _first_line(text: str) -> str:
-  for line in text.splitlines():
-    if line.strip():
-      return line.strip()
-  return ""
-
-
-def _dedupe(candidates: Iterable[Item], skipped: list) -> list[Item]:
-  """Keeps the first Item of each id; later ones are skipped as duplicate_id."""
-  seen: dict[str, str] = {}
-  out = []
-  for it in candidates:
-    if it.id in seen:
-      skipped.append(("duplicate_id", it.where, f"id {it.id!r} already taken by {seen[it.id]}"))
-      continue
-    seen[it.id] = it.where
-    out.append(it)
-  return out
-
-
-def scan_folder(root: str) -> Inputs:
-  """(a) nested folder of images + same-stem .txt captions."""
-  images: dict[str, list[str]] = collections.defaultdict(list)
-  captions: dict[str, str] = {}
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for fn in sorted(filenames):
-      rel = os.path.relpath(os.path.join(dirpath, fn), root)
-      stem, ext = os.path.splitext(rel)
-      if ext.lower() in IMAGE_EXTS:
-        images[stem].append(rel)
-      elif ext.lower() == ".txt":
-        captions[stem] = rel
-  skipped: list = []
-  cands = []
-  for stem in sorted(images):
-    for rel in images[stem]:
-      cap = captions.get(stem)
-      cands.append(Item(id=stem.replace(os.sep, "/"),
-                        image=("path", os.path.join(root, rel)),
-                        caption=("path", os.path.join(root, cap)) if cap else None, where=rel))
-  for stem in sorted(set(captions) - set(images)):
-    skipped.append(("missing_image", captions[stem], "caption file without a same-stem image"))
-  return Inputs(_dedupe(cands, skipped), skipped, kind="folder")
-
-
-def scan_list(path: str) -> Inputs:
-  """(b) TSV/CSV list: image_path<sep>caption[<sep>class_name], paths relative to the list."""
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8", newline="") as f:
-    text = f.read()
-  first = text.split("\n", 1)[0]
-  delim = "\t" if "\t" in first or path.endswith(".tsv") else ","
-  rows = list(csv.reader(io.StringIO(text), delimiter=delim))
-  skipped: list = []
-  cands = []
-  labels: list[tuple[int, str]] = []
-  for lineno, row in enumerate(rows, 1):
-    if not row or all(not c.strip() for c in row):
-      continue
-    if lineno == 1 and row[0].strip().lower() in HEADER_NAMES:
-      continue  # header row
-    where = f"{os.path.basename(path)}:{lineno}"
-    if len(row) < 2:
-      skipped.append(("malformed_line", where, f"expected image_path{delim!r}caption, got {row!r}"))
-      continue
-    rel = row[0].strip()
-    cands.append(Item(id=_strip_ext(os.path.normpath(rel)).replace(os.sep, "/"),
-                      image=("path", os.path.join(base, rel)), caption=("text", row[1]),
-                      where=where))
-    labels.append((len(cands) - 1, row[2].strip() if len(row) > 2 else ""))
-  class_names = None
-  if any(name for _, name in labels):
-    class_names = sorted({name for _, name in labels if name})
-    index = {c: i for i, c in enumerate(class_names)}
-    for i, name in labels:
-      cands[i] = dataclasses.replace(cands[i], label=index[name] if name else -1)
-  return Inputs(_dedupe(cands, skipped), skipped, class_names, kind="list")
-
-
-def _tar_files(path: str) -> list[str]:
-  if os.path.isdir(path):
-    return sorted(glob.glob(os.path.join(path, "*.tar"))
-                  + glob.glob(os.path.join(path, "*.tar.gz")))
-  return [path]
-
-
-def scan_tars(path: str) -> Inputs:
-  """(c) WebDataset tar shards (img2dataset layout): KEY.{jpg,png,webp} + KEY.txt [+ KEY.json]."""
-  skipped: list = []
-  cands = []
-  for tpath in _tar_files(path):
-    compressed = not tpath.endswith(".tar")
-    groups: dict[str, dict] = collections.OrderedDict()
-    try:
-      with tarfile.open(tpath, "r:*") as tf:
-        for m in tf:
-          if not m.isfile():
-            continue
-          key, ext = os.path.splitext(m.name)
-          ext = ext.lower()
-          if ext not in TAR_IMAGE_EXTS + (".txt", ".json"):
-            continue
-          g = groups.setdefault(key, {})
-          slot = "image" if ext in TAR_IMAGE_EXTS else ext[1:]
-          if slot in g:
-            skipped.append(("duplicate_id", f"{os.path.basename(tpath)}:{m.name}",
-                            f"second {slot} for key {key!r} in the same tar"))
-            continue
-          if compressed or ext == ".json":
-            ref = ("bytes", tf.extractfile(m).read())
-          else:  # uncompressed: workers read the member by offset, no tar parsing
-            ref = ("range", tpath, m.offset_data, m.size)
-          g[slot] = ref
-    except (tarfile.TarError, OSError) as e:
-      skipped.append(("undecodable_tar", tpath, str(e)))  # a truncated shard: keep the rest
-    for key, g in groups.items():
-      where = f"{os.path.basename(tpath)}:{key}"
-      caption = g.get("txt")
-      if caption is None and "json" in g:
-        try:
-          meta = json.loads(g["json"][1])
-          if isinstance(meta.get("caption"), str):
-            caption = ("text", meta["caption"])
-        except (ValueError, AttributeError):
-          pass
-      if "image" not in g:
-        skipped.append(("missing_image", where, "tar key without an image member"))
-        continue
-      cands.append(Item(id=os.path.basename(key), image=g["image"], caption=caption, where=where))
-  return Inputs(_dedupe(cands, skipped), skipped, kind="webdataset")
-
-
-def scan(path: str) -> Inputs:
-  """Chooses the input format of `path` (see the module docstring)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"ingest input {path!r} does not exist")
-  if os.path.isdir(path):
-    if glob.glob(os.path.join(path, "*.tar")):
-      return scan_tars(path)
-    return scan_folder(path)
-  low = path.lower()
-  if low.endswith((".tar", ".tar.gz", ".tgz")):
-    return scan_tars(path)
-  if low.endswith((".tsv", ".csv", ".txt")):
-    return scan_list(path)
-  raise ValueError(f"ingest input {path!r}: expected a folder, a .tsv/.csv list or a .tar shard")
-
-
-def _read_ref(ref: tuple) -> bytes:
-  kind = ref[0]
-  if kind == "path":
-    with open(ref[1], "rb") as f:
-      return f.read()
-  if kind == "range":
-    with open(ref[1], "rb") as f:
-      f.seek(ref[2])
-      data = f.read(ref[3])
-    if len(data) != ref[3]:
-      raise OSError(f"truncated tar member in {ref[1]}")
-    return data
-  if kind == "bytes":
-    return ref[1]
-  if kind == "text":
-    return ref[1].encode("utf-8")
-  raise ValueError(f"unknown ref {kind!r}")
+# Workers: Items (from ingest_read's scanners) -> records.
 
 
 def _process_chunk(args) -> tuple[list, list]:
   """Worker: Items -> ([(record bytes, source)], [(reason, where, detail)])."""
-  items, source, max_side, image_format = args
+  items, source, max_side, image_format, max_image_bytes = args
   out, skipped = [], []
   for it in items:
+    cap_where = it.cap_where or it.where
     if it.caption is None:
       skipped.append(("missing_caption", it.where, "no caption (.txt) for this image"))
       continue
     try:
-      caption = _first_line(_read_ref(it.caption).decode("utf-8", errors="replace"))
+      reason, caption = ingest_read.decode_caption(
+          ingest_read.read_ref(it.caption, MAX_CAPTION_BYTES))
+    except ingest_read.TooLarge as e:
+      reason, caption = "caption_too_large", f"caption: {e}"
     except OSError as e:
-      skipped.append(("missing_caption", it.where, str(e)))
-      continue
-    if not caption:
-      skipped.append(("empty_caption", it.where, "caption is empty"))
+      reason, caption = "missing_caption", str(e)
+    if reason:
+      skipped.append((reason, cap_where, caption))
       continue
     try:
-      data = _read_ref(it.image)
+      data = ingest_read.read_ref(it.image, max_image_bytes)
+    except ingest_read.TooLarge as e:  # checked from the size first: never read whole
+      skipped.append(("image_too_large", it.where, f"image: {e}"))
+      continue
     except OSError as e:
       skipped.append(("missing_image", it.where, f"{type(e).__name__}: {e}"))
       continue
@@ -507,7 +331,7 @@ class SkipLog:
     if not self.rows:
       return
     tmp = os.path.join(out_dir, ".skipped.tsv.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:  # odd file names
       f.write("reason\tinput\tdetail\n")
       for row in self.rows:
         f.write("\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in row) + "\n")
@@ -522,7 +346,8 @@ class SkipLog:
 
 def ingest(input_path: str, output: str, *, name: str | None = None, source: str | None = None,
            max_side: int = 64, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
-           overwrite: bool = False, image_format: str = "auto") -> dict:
+           overwrite: bool = False, image_format: str = "auto", follow_symlinks: bool = False,
+           max_image_bytes: int | None = None) -> dict:
   """Ingests `input_path` into the data set folder `output`; returns the manifest.
 
   Args:
@@ -533,21 +358,25 @@ def ingest(input_path: str, output: str, *, name: str | None = None, source: str
     max_side: images are shrunk to this max side, aspect kept.
     shard_size: records per shard.
     workers: decode/encode processes; default os.cpu_count(); 0 or 1 = in this process.
+    follow_symlinks: follow symlinks inside the input (default: skip each as `symlink`).
+    max_image_bytes: larger image files/members are skipped as image_too_large, unread
+      (None: MAX_IMAGE_BYTES).
   """
   name = name or os.path.basename(os.path.normpath(output))
   source = source or name
+  max_image_bytes = MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
   if not os.path.exists(input_path):  # before touching the output folder
     raise FileNotFoundError(f"ingest input {input_path!r} does not exist")
   prepare_output(output, overwrite)
   t0 = time.time()
-  inputs = scan(input_path)
+  inputs = scan(input_path, follow_symlinks=follow_symlinks, max_image_bytes=max_image_bytes)
   skips = SkipLog(f"ingest {name}")
   for row in inputs.skipped:
     skips.add(*row)
   n_in = len(inputs.items) + len(inputs.skipped)
   log.info("ingest %s: %s input %s: %d candidate pairs (%d skipped while scanning) -> %s",
            name, inputs.kind, input_path, len(inputs.items), len(inputs.skipped), output)
-  chunks = [(inputs.items[i:i + CHUNK], source, max_side, image_format)
+  chunks = [(inputs.items[i:i + CHUNK], source, max_side, image_format, max_image_bytes)
             for i in range(0, len(inputs.items), CHUNK)]
   workers = (os.cpu_count() or 1) if workers is None else workers
   writer = ShardWriter(output, name, shard_size)
@@ -570,7 +399,9 @@ def ingest(input_path: str, output: str, *, name: str | None = None, source: str
                       class_names=inputs.class_names,
                       build={"input": os.path.abspath(input_path), "format": inputs.kind,
                              "max_side": max_side, "shard_size": shard_size,
-                             "image_format": image_format, "num_inputs": n_in})
+                             "image_format": image_format, "num_inputs": n_in,
+                             "follow_symlinks": follow_symlinks,
+                             "max_image_bytes": max_image_bytes})
   except BaseException:
     writer.abort()
     raise

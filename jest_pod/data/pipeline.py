@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import io
 import itertools
 import logging
 import math
@@ -48,14 +47,15 @@ from concurrent import futures
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
-from PIL import Image
 
-from jest_pod.data import ingest
+from jest_pod.data import decode
 from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records, virtual
 from jest_pod.data import tokenizer as tokenizer_lib
+# MAX_PIXELS (the decompression-bomb limit) and default_input_config() live in the leaf
+# module input_config.py (config.py builds configs without the data stack); re-exported.
+from jest_pod.data.input_config import MAX_PIXELS, default_input_config  # pylint: disable=unused-import
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +65,6 @@ log = logging.getLogger(__name__)
 READ_THREADS = 4
 # Consecutive positions decoded per thread-pool task with worker_count 0 (_ChunkedPrefetch).
 READ_CHUNK = 32
-# Images above this many pixels are skipped (reason "too_many_pixels") before decoding:
-# PIL reads the size from the header without decoding, and a tiny PNG can declare
-# 40,000² pixels (a decompression bomb: gigabytes of RAM in every decode thread).
-MAX_PIXELS = 40_000_000
-
-
-def default_input_config() -> ml_collections.ConfigDict:
-  """The `config.input` fields of the contract (WORKSPACE_NOTES.md), with defaults."""
-  c = ml_collections.ConfigDict()
-  c.data = ""               # a data set folder, or "virtual:N"
-  c.mixture = []            # [(dir, weight), ...]; non-empty overrides `data`
-  c.image_size = 32
-  c.max_text_len = 16
-  c.tokenizer = ""          # '' -> <first data dir>/tokenizer.model
-  # Grain worker processes. 0 = decode in this process (READ_THREADS threads); -1 = auto:
-  # resolve_worker_count() = 0 on hosts with <= 2 usable cores (on 2 cores, cores - 1 = 1
-  # worker was no faster than threads in-process and costs ~2 s start-up; 2 workers leave
-  # no core to the trainer: `jest-pod bench data`), else min(cores - 1, 16). The order of
-  # examples depends on the count, and exact resume needs the same count: set it
-  # explicitly to resume on a host with another core count, and wherever the order must
-  # match a worker_count 0 run (multi-host equivalence tests).
-  c.worker_count = -1
-  c.worker_buffer_size = 2  # batches buffered per worker process
-  c.max_pixels = MAX_PIXELS  # larger images are skipped and counted, never decoded
-  return c
 
 
 AUTO_MAX_WORKERS = 16
@@ -318,29 +293,6 @@ class _Tag(grain.transforms.MapWithIndex):
     return {"raw": element, "index": index % self.length, "component": self.component}
 
 
-def _to_array(im: Image.Image, size: int) -> np.ndarray:
-  """PIL image -> float32 [size, size, 3] in [-1, 1]; transparency over white (emoji and
-  clip-art are RGBA: a plain convert("RGB") would show their hidden pixels, often black).
-
-  A JPEG larger than `size` is decoded at a reduced DCT scale first (`draft`: the
-  smallest of 1/1, 1/2, 1/4, 1/8 that keeps both sides >= size), then resized: a 256²
-  JPEG trained at 32² decodes 8x smaller. Call before `im.load()`.
-  """
-  if im.format == "JPEG" and min(im.size) > size:
-    im.draft("RGB", (size, size))
-  if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-    im = ingest.flatten_on_white(im.convert("RGBA"))
-  elif im.mode != "RGB":
-    im = im.convert("RGB")
-  if im.size != (size, size):
-    im = im.resize((size, size), Image.Resampling.BILINEAR)
-  # uint8 -> float32 in one pass, no float64 temporary, the same values as before
-  # (float32(x) / 127.5 - 1). A 256-entry look-up table was 4x slower at 224².
-  out = np.divide(np.asarray(im), np.float32(127.5), dtype=np.float32)
-  out -= np.float32(1.0)
-  return out
-
-
 class _Decode(grain.transforms.Map):
   """{raw, index, component} -> example dict (host-batch keys), or {"bad": reason}.
 
@@ -360,12 +312,10 @@ class _Decode(grain.transforms.Map):
       return {"bad": element["raw"].reason, "index": element["index"]}
     try:
       rec = records.decode(element["raw"])
-      with Image.open(io.BytesIO(rec.image)) as im:  # lazy: reads the header only
-        if im.size[0] * im.size[1] > self.max_pixels:
-          _bad_log(f"source component {element['component']} index {element['index']}: "
-                   f"{im.size[0]}x{im.size[1]} image exceeds max_pixels={self.max_pixels}")
-          return {"bad": "too_many_pixels", "index": element["index"]}
-        image = _to_array(im, self.image_size)
+      image = decode.to_array(rec.image, self.image_size, self.max_pixels)
+    except decode.TooManyPixels as e:
+      _bad_log(f"source component {element['component']} index {element['index']}: {e}")
+      return {"bad": "too_many_pixels", "index": element["index"]}
     except Exception as e:  # bad proto, bad image bytes: skip, never crash a long run
       _bad_log(f"source component {element['component']} index {element['index']}: "
                f"{type(e).__name__}: {e}")
@@ -504,6 +454,7 @@ def _init_worker(worker_index: int, worker_count: int):
   """Runs first in each Grain worker process (spawned: nothing parsed there either)."""
   del worker_index, worker_count
   _ensure_absl_flags_parsed()
+  decode.retain_freed_memory()
   logging.basicConfig(level=logging.WARNING)
 
 
@@ -590,6 +541,7 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
   source i32 [b], index i64 [b], skipped i32 [b]. `get_state()`/`set_state()` restore
   exactly (same worker_count required). process_index/count default to JAX's.
   """
+  decode.retain_freed_memory()  # per-image and per-batch blocks: reuse, do not remap
   pi, pc = _process(process_index, process_count)
   if global_batch_size % pc:
     raise ValueError(f"global batch {global_batch_size} is not divisible by the "
@@ -665,15 +617,16 @@ def make_eval_iterator(data_dir: str, *, batch_size: int, image_size: int,
   read or decode, or has over `max_pixels` pixels, which also counts in `skipped`). `tokenizer`: path, Tokenizer, or '' for
   data_dir/tokenizer.model.
   """
+  decode.retain_freed_memory()
   pi, pc = _process(process_index, process_count)
   source, names = open_source(data_dir)
   tok = _tokenizer(tokenizer, data_dir)
   per_host = math.ceil(len(source) / pc)
   num_batches = math.ceil(per_host / batch_size)
-  decode = _Decode(image_size, max_text_len, tok, [{n: i for i, n in enumerate(names)}],
+  decoder = _Decode(image_size, max_text_len, tok, [{n: i for i, n in enumerate(names)}],
                    max_pixels)
   ds = (grain.MapDataset.range(num_batches * batch_size)
-        .map(_EvalRead(source, pi, pc)).map(_EvalDecode(decode))
+        .map(_EvalRead(source, pi, pc)).map(_EvalDecode(decoder))
         .batch(batch_size))
   # The buffer holds elements (batches here): at least one per read thread, or Grain warns.
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4,

@@ -1,4 +1,4 @@
-"""The record format (shared/DESIGN.md §4): one serialized `tf.train.Example` per record.
+"""The record format (README.md, "Record format"): one serialized `tf.train.Example` per record.
 
 Features: `image` (bytes, encoded PNG/JPEG), `text` (bytes, UTF-8 caption), optional
 `label` (int64), `id` (bytes, unique), `source` (bytes: which collection / damage kind).

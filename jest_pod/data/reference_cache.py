@@ -1,6 +1,6 @@
 """Reference embeddings computed once per example, so JEST steps skip the reference pass.
 
-The reference model θ* is frozen (shared/DESIGN.md §2), so its embeddings of an example
+The reference model θ* is frozen (JEST never trains it), so its embeddings of an example
 never change: `jest-pod data cache-reference --data DIR --reference REF_WORKDIR` embeds
 every record of a data set once and writes DIR/reference_cache/ (local or gs://) with
 

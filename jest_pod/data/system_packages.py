@@ -1,4 +1,4 @@
-"""Installs the Debian packages that carry the offline data sets (shared/DESIGN.md §5).
+"""Installs the Debian packages that carry the offline data sets (README, "The demo's data").
 
 `ensure(["fonts-noto-color-emoji"])` is a no-op when the packages are installed; else it runs
 `apt-get install -y --no-install-recommends ...` (and `apt-get update` then a retry if that

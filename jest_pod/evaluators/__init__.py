@@ -1,15 +1,17 @@
 """Evaluators: zero-shot classification and image-text retrieval, in training and on checkpoints.
 
 `build_evaluators(config, model, mesh)` turns `config.evals` (name → {type, data,
-every_steps, batch_size, ...}) into objects with `.every_steps` and `.run(params) →
-{metric: value}`; `jest-pod eval` (cli.py) runs the same objects on saved checkpoints.
+every_steps, batch_size, ...}) into objects with `.every_steps` and `.run(params,
+should_stop=None) → {metric: value}` (`should_stop()` True between batches raises
+EvalInterrupted); `jest-pod eval` (cli.py) runs the same objects on saved checkpoints.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from jest_pod.evaluators.common import DEFAULT_TEMPLATES, EvalDataError, Evaluator, cfg_get
+from jest_pod.evaluators.common import (DEFAULT_TEMPLATES, EvalDataError, EvalInterrupted,
+                                       Evaluator, cfg_get)
 from jest_pod.evaluators.retrieval import RetrievalEvaluator
 from jest_pod.evaluators.zeroshot import ZeroShotEvaluator
 
@@ -18,7 +20,7 @@ EVALUATOR_TYPES = {"zeroshot": ZeroShotEvaluator, "retrieval": RetrievalEvaluato
 # Keys of one `config.evals.<name>` entry passed straight to the evaluator.
 _COMMON_KEYS = ("every_steps", "batch_size", "patch_size", "set_name")
 _TYPE_KEYS = {"zeroshot": ("class_names", "templates"),
-              "retrieval": ("group_identical_images",)}
+              "retrieval": ("group_identical_images", "group_identical_captions")}
 
 
 def input_sizes(config: Any) -> tuple[int | None, int | None]:
@@ -61,6 +63,6 @@ def build_evaluators(config: Any, model: Any, mesh) -> list[Evaluator]:
   return [build_evaluator(name, ecfg, config, model, mesh) for name, ecfg in evals.items()]
 
 
-__all__ = ["DEFAULT_TEMPLATES", "EVALUATOR_TYPES", "EvalDataError", "Evaluator",
-           "RetrievalEvaluator", "ZeroShotEvaluator", "build_evaluator", "build_evaluators",
-           "input_sizes"]
+__all__ = ["DEFAULT_TEMPLATES", "EVALUATOR_TYPES", "EvalDataError", "EvalInterrupted",
+           "Evaluator", "RetrievalEvaluator", "ZeroShotEvaluator", "build_evaluator",
+           "build_evaluators", "input_sizes"]

@@ -7,8 +7,9 @@ Loads the checkpoint (the latest complete one in a workdir, or `--step`), rebuil
 model from the config saved with it, replicates the parameters onto a mesh of this
 machine's devices (whatever it was trained on), runs the evaluators, prints a table and
 optionally writes JSON and the embeddings. Without `--data`, runs the checkpoint's own
-`config.evals`. A plain `--data DIR` runs zero-shot when the set's manifest has
-`class_names`, and retrieval always (every record has a caption).
+`config.evals`. A plain `--data DIR` runs zero-shot when the set is labelled (its manifest
+has `class_names`, or --class-names is given), else retrieval: retrieval over a labelled
+set's captions means little, ask for it with `--data retrieval:DIR`.
 """
 
 from __future__ import annotations
@@ -66,9 +67,8 @@ def eval_specs(data_args: list[str], args: argparse.Namespace) -> dict[str, dict
     name = common.set_name_of(path, manifest)
     if kind:
       kinds = [kind]
-    else:  # infer: zero-shot only where the labels have names
-      kinds = (["zeroshot"] if (manifest.get("class_names") or args.class_names) else [])
-      kinds.append("retrieval")
+    else:  # infer: zero-shot where the labels have names, else retrieval
+      kinds = ["zeroshot"] if (manifest.get("class_names") or args.class_names) else ["retrieval"]
     for k in kinds:
       spec = {"type": k, "data": path, "batch_size": args.batch_size}
       if args.tokenizer:
@@ -114,12 +114,15 @@ def check_params_fit(model: Any, config: Any, params: Any) -> None:
 
 
 def format_table(metrics: dict[str, float]) -> str:
-  """Metrics as an aligned two-column table, accuracies in percent."""
+  """Metrics as an aligned two-column table, accuracies in percent; by set, then metric
+  family, then k as a number (recall@5 before recall@10)."""
   if not metrics:
     return "(no metrics)"
   w = max(len(k) for k in metrics)
   lines = [f"{'metric':<{w}}  {'value':>7}", f"{'-' * w}  {'-' * 7}"]
-  lines += [f"{k:<{w}}  {100 * v:>6.2f}%" for k, v in sorted(metrics.items())]
+  from jest_pod.evaluators.common import metric_sort_key  # pylint: disable=import-outside-toplevel
+  lines += [f"{k:<{w}}  {100 * v:>6.2f}%"
+            for k, v in sorted(metrics.items(), key=lambda kv: metric_sort_key(kv[0]))]
   return "\n".join(lines)
 
 
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
   from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators import build_evaluator  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators.common import EvalDataError  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators.common import check_data_set  # pylint: disable=import-outside-toplevel
   from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
+  from jest_pod.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
 
   # Whatever devices this machine has, one data axis: eval is data-parallel only.
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = eval_specs(args.data, args) if args.data else dict(config.get("evals") or {})
     if not specs:
       return _fail("nothing to evaluate: pass --data DIR (the checkpoint's config has no evals)")
+    for spec in specs.values():  # a partial or foreign set: say so before any compile
+      if spec.get("data"):
+        check_data_set(spec["data"])
     evs = [build_evaluator(name, spec, config, model, mesh) for name, spec in specs.items()]
   except (EvalDataError, TokenizerError, ValueError) as e:
     return _fail(str(e))
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
       m, a = ev.evaluate(params)
-    except (EvalDataError, TokenizerError) as e:
+    except (EvalDataError, TokenizerError, ManifestError) as e:
       return _fail(f"evaluator {ev.name!r}: {e}")
     timings[ev.name] = round(time.time() - t0, 3)
     metrics.update(m)

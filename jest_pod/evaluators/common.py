@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,10 @@ ZEROSHOT_KS = (1, 5)
 
 class EvalDataError(ValueError):
   """An eval data set lacks what an evaluator needs (labels, class names, captions)."""
+
+
+class EvalInterrupted(Exception):
+  """`should_stop()` returned True between eval batches (e.g. the trainer was preempted)."""
 
 
 # ---------------------------------------------------------------------------- metric math
@@ -89,7 +94,8 @@ def zeroshot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.n
 def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,
                      caption_to_image: np.ndarray | None = None,
                      ks: Sequence[int] = RETRIEVAL_KS,
-                     block: int = 4096) -> dict[str, float]:
+                     block: int = 4096,
+                     caption_groups: np.ndarray | None = None) -> dict[str, float]:
   """Image→text and text→image recall@k; an image may have several captions.
 
   Args:
@@ -99,10 +105,12 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,
       which needs n_txt == n_img).
     ks: recall cut-offs.
     block: rows of the similarity matrix held at once (memory O(block × max(n_img, n_txt))).
+    caption_groups: [n_txt] int, equal for identical caption texts (None: all distinct).
   Returns:
     {"img2txt_recall@k": r, "txt2img_recall@k": r, ...}. img2txt: an image is a hit when
-    any of its captions is in its top k; images without captions are left out. txt2img: a
-    caption is a hit when its image is in its top k.
+    any of its captions, or a caption identical to one, is in its top k; images without
+    captions are left out. txt2img: a caption is a hit when its image, or an image with an
+    identical caption, is in its top k.
   """
   img = l2_normalize(image_emb)
   txt = l2_normalize(text_emb)
@@ -115,20 +123,36 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,
   if c2i.shape != (n_txt,) or (n_txt and (c2i.min() < 0 or c2i.max() >= n_img)):
     raise ValueError(f"retrieval: caption_to_image must be [{n_txt}] ints in [0, {n_img})")
 
-  # txt2img: rank of each caption's own image among all images.
+  groups = np.arange(n_txt) if caption_groups is None else np.asarray(caption_groups)
+  if groups.shape != (n_txt,):
+    raise ValueError(f"retrieval: caption_groups must be [{n_txt}] ints")
+  groups = np.unique(groups, return_inverse=True)[1].reshape(-1)                # 0..G-1
+  n_groups = int(groups.max()) + 1 if n_txt else 0
+  # (caption group, image) pairs: image i holds group g when one of its captions is in g.
+  pairs = np.unique(np.stack([groups, c2i], axis=1), axis=0) if n_txt else np.zeros((0, 2), int)
+  pair_group, pair_image = pairs[:, 0], pairs[:, 1]
+
+  # txt2img: rank of the best-scoring image holding the caption's text, among all images.
   t2i_rank = np.empty(n_txt, np.int64)
   for s in range(0, n_txt, block):
     sims = txt[s:s + block] @ img.T                                             # [b, n_img]
-    own = sims[np.arange(len(sims)), c2i[s:s + block]]
+    uniq, inv = np.unique(groups[s:s + block], return_inverse=True)
+    sel = np.isin(pair_group, uniq)
+    holds = np.zeros((len(uniq), n_img), bool)
+    holds[np.searchsorted(uniq, pair_group[sel]), pair_image[sel]] = True
+    own = np.where(holds[inv.reshape(-1)], sims, -np.inf).max(axis=1)
     t2i_rank[s:s + block] = _ranks_of(sims, own)
 
-  # img2txt: rank of each image's best-scoring own caption among all captions.
+  # img2txt: rank of each image's best-scoring own caption (or an identical text) among all.
   has_caption = np.zeros(n_img, bool)
   has_caption[c2i] = True
   i2t_rank = np.empty(n_img, np.int64)
   for s in range(0, n_img, block):
     sims = img[s:s + block] @ txt.T                                             # [b, n_txt]
-    own = np.where(c2i[None, :] == np.arange(s, s + len(sims))[:, None], sims, -np.inf)
+    sel = (pair_image >= s) & (pair_image < s + len(sims))
+    holds = np.zeros((len(sims), n_groups), bool)
+    holds[pair_image[sel] - s, pair_group[sel]] = True
+    own = np.where(holds[:, groups], sims, -np.inf)
     i2t_rank[s:s + block] = _ranks_of(sims, own.max(axis=1))
   i2t_rank = i2t_rank[has_caption]
 
@@ -213,7 +237,8 @@ def embed_batches(encode_fn: Callable[[Any, dict], Any], params: Any,
                   batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, *,
                   device_keys: Sequence[str], host_keys: Sequence[str] = (),
                   on_host_batch: Callable[[Mapping[str, np.ndarray], np.ndarray], None]
-                  | None = None) -> dict[str, np.ndarray]:
+                  | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
   """Run `encode_fn` over a one-pass eval iterator on `mesh`; gather real rows to the host.
 
   Args:
@@ -225,6 +250,8 @@ def embed_batches(encode_fn: Callable[[Any, dict], Any], params: Any,
     device_keys: batch keys passed to `encode_fn` (e.g. ("image",) or ("image", "text")).
     host_keys: batch keys kept on the host and returned alongside (e.g. ("label",)).
     on_host_batch: optional callback (batch, real_row_mask) for host-side bookkeeping.
+    should_stop: optional `() → bool`, asked before each batch is read; True raises
+      EvalInterrupted (a preempted trainer should not finish a long eval).
   Returns:
     {output leaf name: [n, ...], host key: [n, ...]}: n = number of real rows over the whole
     pass, in iterator order, padding dropped (the last partial batch counts exactly once).
@@ -239,7 +266,7 @@ def embed_batches(encode_fn: Callable[[Any, dict], Any], params: Any,
   _check_single_process()
 
   outs: dict[str, list[np.ndarray]] = {}
-  for batch in batches:
+  for batch in _stoppable(batches, should_stop):
     b = len(batch[device_keys[0]])
     mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(b, bool)
     if on_host_batch is not None:
@@ -258,6 +285,21 @@ def embed_batches(encode_fn: Callable[[Any, dict], Any], params: Any,
   if not outs:
     raise EvalDataError("eval iterator yielded no batches (empty data set?)")
   return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _stoppable(batches: Iterable, should_stop: Callable[[], bool] | None):
+  """`batches`, asking `should_stop()` before pulling each batch."""
+  it = iter(batches)
+  n = 0
+  while True:
+    if should_stop is not None and should_stop():
+      raise EvalInterrupted(f"evaluation stopped after {n} batch(es): should_stop() is True")
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    n += 1
+    yield batch
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
@@ -292,6 +334,40 @@ def read_manifest(data_dir: str) -> dict:
                         "(build one with `jest-pod data ...`)")
   with open(path) as f:
     return json.load(f)
+
+
+def check_data_set(data_dir: str) -> dict:
+  """The validated manifest of an eval set (fields, shard files); EvalDataError naming what
+  is missing otherwise, with fixes that apply to a set made elsewhere (the data module's
+  own hint, "rebuild with --overwrite", only applies to sets it built)."""
+  from jest_pod.data import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
+  try:
+    return manifest_lib.read(data_dir)
+  except manifest_lib.ManifestError as e:
+    what = re.split(r";\s*(?:the data set is damaged|rebuild|build it with)", str(e))[0]
+    raise EvalDataError(
+        f"eval data set {data_dir!r} is not a complete jest_pod data set: {what}. "
+        f"`jest-pod data verify {data_dir}` checks its shards; a set made elsewhere needs "
+        "converting first: `jest-pod data ingest --input SRC --output DIR` (SRC: its "
+        "images and captions), then evaluate DIR") from e
+
+
+# Metric names end in <set>_<family><k>: top1, img2txt_recall@10, ...
+_METRIC_RE = re.compile(r"^(?P<kind>(?:.*/)?)(?P<set>.+)_(?P<family>[a-z0-9]+_recall@|top)"
+                        r"(?P<k>\d+)$")
+
+
+def _natural(text: str) -> tuple:
+  return tuple((0, int(t), "") if t.isdigit() else (1, 0, t)
+               for t in re.split(r"(\d+)", text) if t)
+
+
+def metric_sort_key(name: str) -> tuple:
+  """Order metrics by set, then evaluator and family, then k as a number (@5 before @10)."""
+  m = _METRIC_RE.match(name)
+  if not m:
+    return (_natural(name), "", "", 0)
+  return (_natural(m["set"]), m["kind"], m["family"], int(m["k"]))
 
 
 def set_name_of(data_dir: str, manifest: Mapping | None = None) -> str:
@@ -406,10 +482,11 @@ class Evaluator:
     self.tokenizer = tokenizer
     self.patch_size = patch_size
     manifest = None
-    if os.path.isfile(os.path.join(data_dir, "manifest.json")):
-      manifest = read_manifest(data_dir)
-    elif iterator_fn is None:
+    if iterator_fn is None:
       read_manifest(data_dir)  # raises the clear "not a data set" error
+      manifest = check_data_set(data_dir)  # a partial set fails here, not at the first eval
+    elif os.path.isfile(os.path.join(data_dir, "manifest.json")):
+      manifest = read_manifest(data_dir)
     self.manifest = manifest or {}
     self.set_name = set_name or set_name_of(data_dir, manifest)
     self._iterator_fn = iterator_fn
@@ -423,13 +500,16 @@ class Evaluator:
         self.data_dir, batch_size=self.batch_size, image_size=self.image_size,
         max_text_len=self.max_text_len, tokenizer=self.tokenizer or "")
 
-  def evaluate(self, params: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """→ (metrics {full metric name: value}, host arrays worth saving {name: array})."""
+  def evaluate(self, params: Any, should_stop: Callable[[], bool] | None = None
+               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """→ (metrics {full metric name: value}, host arrays worth saving {name: array}).
+
+    `should_stop`: asked between batches; True raises EvalInterrupted."""
     raise NotImplementedError
 
-  def run(self, params: Any) -> dict[str, float]:
+  def run(self, params: Any, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Metrics of `params` on this set, keyed by their full `z/...` names."""
-    return self.evaluate(params)[0]
+    return self.evaluate(params, should_stop=should_stop)[0]
 
   def __repr__(self):
     return (f"{type(self).__name__}({self.name!r}, set={self.set_name!r}, "

@@ -46,18 +46,19 @@ class ZeroShotEvaluator(common.Evaluator):
                                               patch_size=self.patch_size)
     self._encode_text = common.encode_fn_for(model, image=False, text=True)
 
-  def classifier(self, params: Any) -> np.ndarray:
+  def classifier(self, params: Any, should_stop=None) -> np.ndarray:
     """Class embeddings [C, d]: prompt embeddings averaged over templates, re-normalised."""
     emb = common.embed_batches(
         self._encode_text, params,
         common.array_batches({"text": self._prompt_tokens}, self.batch_size),
-        self.mesh, device_keys=("text",))["text"]
+        self.mesh, device_keys=("text",), should_stop=should_stop)["text"]
     return common.class_embeddings(emb.reshape(len(self.class_names), len(self.templates), -1))
 
-  def evaluate(self, params):
-    class_emb = self.classifier(params)
+  def evaluate(self, params, should_stop=None):
+    class_emb = self.classifier(params, should_stop)
     got = common.embed_batches(self._encode_image, params, self.batches(), self.mesh,
-                               device_keys=("image",), host_keys=("label",))
+                               device_keys=("image",), host_keys=("label",),
+                               should_stop=should_stop)
     labels = got["label"].astype(np.int64)
     known = labels >= 0
     if not known.any():

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jest_pod import config as config_lib
 from jest_pod import selection
 from jest_pod import sharding as shd
 from jest_pod.train import DEVICE_KEYS
@@ -41,9 +42,8 @@ def uses_reference(config) -> bool:
   return s.method != "uniform" and uses_models(s.score)[1]
 
 
-def score_patch_size(config) -> int:
-  """The patch size the learner scores at (0 in the config = the model's base patch)."""
-  return config.flexi.score_patch_size or config.model.image["patch_size"]
+# The patch size the learner scores at: the one resolver, in config.py (0 = base patch).
+score_patch_size = config_lib.score_patch_size
 
 
 def make_embed_fn(model, patch_size):

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jest_pod.train import DEVICE_KEYS
+from jest_pod.train import ids
 
 
 def to_global(host_batch, sharding, keys=DEVICE_KEYS) -> dict[str, jax.Array]:
@@ -29,8 +30,8 @@ def to_global(host_batch, sharding, keys=DEVICE_KEYS) -> dict[str, jax.Array]:
   for k in keys:
     if k in host_batch:
       v = np.asarray(host_batch[k])
-      if v.dtype == np.int64:  # x64 is off: ids keep their low 31 bits on device
-        v = (v & 0x7FFFFFFF).astype(np.int32)
+      if v.dtype == np.int64:  # x64 is off: ids travel as int32 [b, 2] words (train/ids.py)
+        v = ids.split(v)
       out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
 
@@ -44,6 +45,44 @@ class IteratorState:
 
   def get_state(self) -> bytes:
     return json.dumps(self.state, indent=4).encode()
+
+
+class SkipCounter:
+  """Host-batch iterator that counts the damaged records skipped before its batches
+  (each batch's `skipped` column) and keeps the count in its state, so that
+  `data/skipped_records` continues after a resume instead of restarting at 0.
+
+  State: {"iterator": <the Grain iterator's state>, "skipped_records": n}. A plain Grain
+  state (a checkpoint from before the count was saved) restores with n = 0.
+  """
+
+  def __init__(self, data_iter):
+    self._iter, self.skipped = data_iter, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iter)
+    self.skipped += int(np.sum(batch.get("skipped", 0)))
+    return batch
+
+  def get_state(self) -> dict:
+    return {"iterator": self._iter.get_state(), "skipped_records": self.skipped}
+
+  def set_state(self, state):
+    if isinstance(state, (bytes, str)):  # Grain's checkpoint handler passes our JSON
+      state = json.loads(state)
+    if "skipped_records" in state:
+      self._iter.set_state(state["iterator"])
+      self.skipped = int(state["skipped_records"])
+    else:
+      self._iter.set_state(state)
+      self.skipped = 0
+
+  def start_prefetch(self):  # called by Grain's checkpoint handler after a restore
+    if hasattr(self._iter, "start_prefetch"):
+      self._iter.start_prefetch()
 
 
 class _Stop:

@@ -44,12 +44,12 @@ def step_flops(config, reference_config=None, *,
   B − c examples of the first n_chunks − 1 chunks, each added to the conditional scores
   once). `reference_example_flops` overrides the reference's per-example forward cost
   (known from a cache's metadata when no reference config is at hand)."""
-  from jest_pod.config import num_super_batch  # pylint: disable=g-import-not-at-top
-  from jest_pod.jest.step import score_patch_size, uses_models  # pylint: disable=g-import-not-at-top
+  from jest_pod.config import num_super_batch, score_patch_size, train_patch_sizes  # pylint: disable=g-import-not-at-top
+  from jest_pod.jest.step import uses_models  # pylint: disable=g-import-not-at-top
   mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
   b, d = config.batch_size, mc.embed_dim
   out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0}
-  for p, frac in zip(config.flexi.train_patch_sizes, config.flexi.train_fractions):
+  for p, frac in zip(train_patch_sizes(config), config.flexi.train_fractions):
     out["train"] += 3 * frac * b * image_forward_flops(mc, size, p)
   out["train"] += 3 * (b * text_forward_flops(mc, text_len) + 2 * b * b * d)
   s = config.selection

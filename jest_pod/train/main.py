@@ -1,4 +1,4 @@
-"""`jest-pod train`: the training loop, uniform or JEST, on any mesh.
+"""The training loop, uniform or JEST, on any mesh (its command line: train/cli.py).
 
   jest-pod train --config configs/siglip.py:runlocal --workdir /tmp/run [--config.key=value ...]
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 
 import jax
@@ -35,6 +34,7 @@ from jest_pod.train import DEVICE_KEYS
 from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import hooks
+from jest_pod.train import ids as ids_lib
 from jest_pod.train import lock as lock_lib
 from jest_pod.train import state as state_lib
 from jest_pod.train import step as step_lib
@@ -185,9 +185,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   # ---------------------------------------------------------------- data
   tokenizer = pipeline.resolve_tokenizer(config.input)
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
-  data_iter = pipeline.make_train_iterator(
+  data_iter = feed.SkipCounter(pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count()))
   source_names = pipeline.source_names(config.input)
 
   # ---------------------------------------------------------------- model and state
@@ -202,6 +202,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     config_lib.check_resume(ckpt_lib.load_config(checkpointer.step_dir(saved_step)), config)
   abstract = state_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
   start, restored = checkpointer.restore_latest(abstract, data_iter)
+  skipped_at_start = data_iter.skipped  # this host's count, restored with the iterator
   if start:
     state = restored
     log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
@@ -215,10 +216,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   if primary:
     (workdir / "flops.json").write_text(json.dumps(flops, indent=1))
 
-  evaluators = []
+  evaluators, eval_interrupted = [], ()
   if config.evals:
-    from jest_pod.evaluators import build_evaluators  # pylint: disable=g-import-not-at-top
-    evaluators = build_evaluators(config, model, mesh)
+    from jest_pod import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
+    evaluators = evaluators_lib.build_evaluators(config, model, mesh)
+    eval_interrupted = evaluators_lib.EvalInterrupted
 
   # ---------------------------------------------------------------- loop
   writer = writers.create_scalar_writer(workdir, primary)
@@ -237,12 +239,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                           DEVICE_KEYS + jest_lib.CACHE_KEYS)
 
   prefetcher = feed.DevicePrefetcher(data_iter, to_device, depth=config.device_prefetch)
-  examples, skipped = start * b, 0
+  examples, skipped = start * b, skipped_at_start
   t_window, wait0, produce0, batches0 = None, 0.0, 0.0, 0
   sampled_s, sampled_n = 0.0, 0  # sampled steps are left out of the loop's rate
   split, last, pending = {}, {}, []
-  log.info("training %s (%s, f=%.2f): steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g "
-           "amortised)", s.method, s.score, s.filter_ratio if jest else 0.0, start,
+  log.info("training %s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
+           f"{s.method} ({s.score}, f={s.filter_ratio:.2f})" if jest else s.method, start,
            config.total_steps, b, n, flops["charged"], flops["amortised"])
   try:
     for step in range(start, config.total_steps):
@@ -265,7 +267,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         batch, sel_metrics = jest(state["params"], super_batch,
                                   jax.random.fold_in(select_rng, step))
       if log_ids:  # a host sync: a debugging aid, off by default
-        ids = distributed.host_array(batch["index"])
+        ids = ids_lib.host_ids(batch["index"])  # int32 words → int64 (train/ids.py)
         ids_log.write({"step": done, "ids": [int(i) for i in ids]})
       t = time.perf_counter()
       state, metrics = train_step(state, batch)
@@ -339,9 +341,17 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         last = record
 
       for ev in evaluators:
+        if preempted:  # a notice during an earlier evaluation: save now, skip the rest
+          break
         if done % ev.every_steps == 0 or done == config.total_steps:
           t_ev = time.perf_counter()
-          results = ev.run(state["params"])
+          try:  # a long evaluation must not outlast a preemption notice
+            results = ev.run(state["params"], should_stop=lambda: preemption.requested)
+          except eval_interrupted:
+            log.warning("evaluation %s at step %d interrupted by a preemption notice; "
+                        "saving the checkpoint (this evaluation is not rerun)", ev.name, done)
+            preempted = True
+            continue
           writer.write_scalars(done, results)
           jsonl.write({"step": done, "examples": examples, "flops": done * flops["charged"],
                        "flops_amortised": done * flops["amortised"], **results})
@@ -365,39 +375,3 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     checkpointer.close()
     writer.flush()
   return last
-
-
-def main(argv: list[str]) -> int:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  fv = flags.FLAGS
-  if "config" not in fv:
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/siglip.py:runlocal",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go (may be gs://)")
-  try:
-    fv(["jest-pod train", *argv])
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections reports an unknown --config.key as an AttributeError naming the key.
-    print(f"jest-pod train: {e}\nusage: jest-pod train --config configs/FILE.py[:ARG] "
-          "--workdir DIR [--config.key=value ...]", file=sys.stderr)
-    return 2
-  if fv.config is None or fv.workdir is None:
-    print("jest-pod train: --config and --workdir are required, e.g.\n  jest-pod train "
-          "--config configs/siglip.py:runlocal --workdir /tmp/siglip", file=sys.stderr)
-    return 2
-  setup_logging()
-  try:
-    train(fv.config, fv.workdir)  # also returns after a SIGTERM-triggered checkpoint
-  except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged, lock_lib.WorkdirBusy,
-          tokenizer_lib.TokenizerError) as e:
-    # Raised alike on every host (config checks, replicated loss): leave together.
-    log.error("%s", e)
-    print(f"jest-pod train: error: {e}", file=sys.stderr)
-    distributed.shutdown()
-    return 1
-  # A barrier with the other processes, so none races through JAX's atexit teardown
-  # while another still runs (the coordinator would log "another task died").
-  distributed.shutdown()
-  return 0

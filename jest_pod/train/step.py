@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jest_pod import config as config_lib
 from jest_pod import losses
 
 
@@ -25,7 +26,7 @@ def split_bounds(n: int, fractions) -> list[tuple[int, int]]:
 def make_train_step(config, model, tx, schedule):
   """(state, batch) → (state, metrics). The batch's images are split across the Flexi
   training patch sizes; one contrastive loss is taken over the whole batch."""
-  patch_sizes = tuple(config.flexi.train_patch_sizes)
+  patch_sizes = config_lib.train_patch_sizes(config)  # () in the config = the base patch
   fractions = tuple(config.flexi.train_fractions)
 
   def loss_fn(params, batch):

@@ -1,4 +1,4 @@
-"""Builders of real offline data sets from Debian packages (shared/DESIGN.md §5).
+"""Builders of real offline data sets from Debian packages (README.md, "The demo's data").
 
 `jest-pod data build NAME --output DIR [--limit N] [--overwrite]`, NAME in BUILDERS:
   emoji          Noto Color Emoji rendered, caption = the emoji's English name

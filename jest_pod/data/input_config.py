@@ -1,0 +1,36 @@
+"""The `config.input` fields (the input pipeline's contract) and their defaults.
+
+A leaf module (ml_collections only): `jest_pod.config` builds every config from it
+without importing the data stack (Grain, decoders, tokenizer) that `pipeline.py` pulls
+in. `pipeline.default_input_config` and `pipeline.MAX_PIXELS` are these, re-exported.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Images above this many pixels are skipped (reason "too_many_pixels") before decoding:
+# decode.py reads the size from the header without decoding, and a tiny PNG can declare
+# 40,000² pixels (a decompression bomb: gigabytes of RAM in every decode thread).
+MAX_PIXELS = 40_000_000
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """The `config.input` fields of the contract (WORKSPACE_NOTES.md), with defaults."""
+  c = ml_collections.ConfigDict()
+  c.data = ""               # a data set folder, or "virtual:N"
+  c.mixture = []            # [(dir, weight), ...]; non-empty overrides `data`
+  c.image_size = 32
+  c.max_text_len = 16
+  c.tokenizer = ""          # '' -> <first data dir>/tokenizer.model
+  # Grain worker processes. 0 = decode in this process (pipeline.READ_THREADS threads);
+  # -1 = auto: pipeline.resolve_worker_count() = 0 on hosts with <= 2 usable cores (on 2
+  # cores, cores - 1 = 1 worker was no faster than threads in-process and costs ~2 s
+  # start-up; 2 workers leave no core to the trainer: `jest-pod bench data`), else
+  # min(cores - 1, 16). The order of examples depends on the count, and exact resume
+  # needs the same count: set it explicitly to resume on a host with another core count,
+  # and wherever the order must match a worker_count 0 run (multi-host equivalence tests).
+  c.worker_count = -1
+  c.worker_buffer_size = 2  # batches buffered per worker process
+  c.max_pixels = MAX_PIXELS  # larger images are skipped and counted, never decoded
+  return c

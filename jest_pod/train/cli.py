@@ -1,0 +1,203 @@
+"""`jest-pod train`: flags → config → `train.main.train`, with one-paragraph errors.
+
+Parses `--config FILE.py[:ARGS]`, `--config.KEY=VALUE` overrides and `--workdir` (absl +
+ml_collections, as big_vision does), and turns their failure modes (a missing file, a
+misspelled key, a bad config argument, a failed validation) into one line on stderr with
+exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import ml_collections
+
+from jest_pod import checkpoint as ckpt_lib
+from jest_pod import config as config_lib
+from jest_pod import distributed
+from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.train import lock as lock_lib
+from jest_pod.train.hooks import TrainingDiverged, setup_logging
+from jest_pod.train.main import train
+
+log = logging.getLogger("jest_pod")
+
+
+_TRAIN_USAGE = """\
+usage: jest-pod train --config FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
+
+Train a two-tower image-text model (SigLIP/CLIP), uniform or JEST. Rerun the same
+command to resume from the latest checkpoint in DIR.
+
+options:
+  --config FILE.py[:ARGS]  config file; ARGS (comma-separated KEY or KEY=VALUE) go to its
+                           get_config(), e.g. configs/siglip.py:runlocal,steps=100
+  --config.KEY=VALUE       override one field of the config (dotted key), e.g.
+                           --config.batch_size=32 --config.optax.lr=3e-4
+  --workdir DIR            checkpoints, logs and metrics (may be gs://)
+  -h, --help               show this help and exit
+
+configs: {configs}
+
+examples:
+  jest-pod train --config configs/siglip.py:runlocal --workdir /tmp/run
+  jest-pod train --config configs/reference.py:runlocal --workdir workdirs/reference
+  jest-pod train --config configs/jest.py:runlocal,reference=workdirs/reference \\
+      --workdir workdirs/jest --config.total_steps=200"""
+
+
+def _known_configs() -> list[str]:
+  import os  # pylint: disable=g-import-not-at-top
+  try:
+    names = sorted(f for f in os.listdir(config_lib.CONFIGS_DIR) if f.endswith(".py"))
+  except OSError:
+    return []
+  return [f"configs/{f}" for f in names if not f.startswith("_")]
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --name (or -name) in argv, '--name=V' or '--name V' form; last one wins."""
+  value = None
+  for i, a in enumerate(argv):
+    for prefix in (f"--{name}", f"-{name}"):
+      if a.startswith(prefix + "="):
+        value = a[len(prefix) + 1:]
+      elif a == prefix and i + 1 < len(argv):
+        value = argv[i + 1]
+  return value
+
+
+def _missing_config_file(cfg_arg: str) -> str | None:
+  """A one-paragraph error if --config's file does not exist, else None."""
+  import os  # pylint: disable=g-import-not-at-top
+  path = cfg_arg.split(":", 1)[0]
+  if os.path.isfile(path):
+    return None
+  msg = f"--config {cfg_arg}: config file {path!r} not found (relative to {os.getcwd()})."
+  in_repo = os.path.join(config_lib.CONFIGS_DIR, os.path.basename(path))
+  if os.path.isfile(in_repo):
+    msg += f" Did you mean {in_repo}?"
+  known = _known_configs()
+  if known:
+    msg += f" The repo's configs: {', '.join(known)}"
+  return msg + " (e.g. --config configs/siglip.py:runlocal)."
+
+
+def _load_config_quietly(cfg_arg: str):
+  """The config of --config (as ml_collections loads it), or None: for error messages only."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    path, *arg = cfg_arg.split(":", 1)
+    spec = importlib.util.spec_from_file_location("_jest_pod_train_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _bad_override(argv: list[str], config) -> str | None:
+  """'--config.a.bb=1: config.a has no key 'bb'; did you mean ...' for the first override
+  whose key path does not exist in `config`, else None."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    parts = a[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part in keys:
+        node = node[part]
+        continue
+      parent = ".".join(["config", *parts[:i]])
+      msg = f"{a}: {parent} has no key {part!r}"
+      close = difflib.get_close_matches(part, [str(k) for k in keys], n=3)
+      if close:
+        msg += "; did you mean " + " or ".join(
+            "--config." + ".".join([*parts[:i], c]) for c in close) + "?"
+      if keys:
+        msg += f" Keys of {parent}: {', '.join(sorted(str(k) for k in keys))}."
+      return msg
+  return None
+
+
+def _flag_error_message(e: BaseException, argv: list[str], cfg_arg: str | None) -> str:
+  """absl / ml_collections flag errors → one paragraph without a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if isinstance(e, (AttributeError, KeyError)):
+    # ml_collections: an unknown --config.key, as a KeyError whose str() is a repr.
+    config = _load_config_quietly(cfg_arg) if cfg_arg else None
+    msg = _bad_override(argv, config) if config is not None else None
+    if msg:
+      return msg
+  root = e
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  # KeyError's str() is the repr of its message; ml_collections' ValueErrors carry a
+  # formatted traceback, so the innermost exception holds the readable message.
+  text = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
+  text = " ".join(text.split())
+  outer = str(e)
+  where = outer.split(": ", 1)[0][len("flag "):] if outer.startswith("flag --") else ""
+  if isinstance(e, flags.UnrecognizedFlagError) and not cfg_arg and "config." in outer:
+    text += "; --config FILE must come before --config.KEY=VALUE overrides"
+  elif isinstance(e, flags.UnrecognizedFlagError):
+    text += "; the flags are --config, --config.KEY=VALUE and --workdir"
+  return f"{where}: {text}" if where and where not in text else text
+
+
+def main(argv: list[str]) -> int:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  def usage_error(msg: str) -> int:
+    print(f"jest-pod train: error: {msg} (`jest-pod train --help` for usage)", file=sys.stderr)
+    return 2
+
+  argv = list(argv)
+  if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv):
+    print(_TRAIN_USAGE.format(configs=", ".join(_known_configs()) or "(none found)"))
+    return 0
+  # ml_collections defers a missing file's error to the first access, with a traceback.
+  cfg_arg = _flag_value(argv, "config")
+  if cfg_arg and (missing := _missing_config_file(cfg_arg)):
+    return usage_error(missing)
+
+  fv = flags.FLAGS
+  if "config" not in fv:
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/siglip.py:runlocal",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go (may be gs://)")
+  try:
+    fv(["jest-pod train", *argv])
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    return usage_error(_flag_error_message(e, argv, cfg_arg))
+  if fv.config is None or fv.workdir is None:
+    return usage_error("--config and --workdir are required, e.g. jest-pod train "
+                       "--config configs/siglip.py:runlocal --workdir /tmp/siglip")
+  if not isinstance(fv.config, ml_collections.ConfigDict):  # ml_collections' _ErrorConfig
+    try:
+      fv.config.keys()
+    except OSError as e:
+      return usage_error(f"--config {cfg_arg}: " + " ".join(str(e).split()))
+  try:  # train() checks these too; here they are usage errors, before any set-up
+    config_lib.validate(fv.config)
+    config_lib.check_input(fv.config)
+  except ValueError as e:
+    return usage_error(str(e))
+  setup_logging()
+  try:
+    train(fv.config, fv.workdir)  # also returns after a SIGTERM-triggered checkpoint
+  except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged, lock_lib.WorkdirBusy,
+          tokenizer_lib.TokenizerError) as e:
+    # Raised alike on every host (config checks, replicated loss): leave together.
+    log.error("%s", e)
+    print(f"jest-pod train: error: {e}", file=sys.stderr)
+    distributed.shutdown()
+    return 1
+  # A barrier with the other processes, so none races through JAX's atexit teardown
+  # while another still runs (the coordinator would log "another task died").
+  distributed.shutdown()
+  return 0

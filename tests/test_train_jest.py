@@ -1,0 +1,48 @@
+"""The trainer end to end with JEST: a reference checkpoint, selection logged, 1 vs 8
+devices pick the same examples, a missing reference stops before training."""
+
+import numpy as np
+import pytest
+
+from jest_pod.train import main as train_main
+from train_helpers import read_metrics, run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train_main.train(tiny_config(toy, steps=8), workdir)
+  return workdir
+
+
+@pytest.mark.parametrize("method,score", [("joint", "learnability"),
+                                          ("independent", "easy_reference")])
+def test_jest_trains_with_a_reference_and_logs_selection(toy, reference, tmp_path, method, score):
+  config = tiny_config(toy, steps=3, method=method, reference=reference,
+                       **{"selection.score": score, "selection.filter_ratio": 0.5})
+  last = train_main.train(config, str(tmp_path))
+  assert np.isfinite(last["train/loss"])
+  if score == "learnability":
+    assert "select/learnability_selected" in last
+  assert "select/share/toy/swapped_caption" in last
+  assert last["progress/examples"] == 3 * 32
+
+
+def test_jest_one_device_matches_eight(toy, reference, tmp_path):
+  config = tiny_config(toy, steps=3, method="joint", reference=reference,
+                       **{"selection.filter_ratio": 0.5, "flexi.score_patch_size": 8,
+                          "flexi.train_patch_sizes": (4, 8), "flexi.train_fractions": (0.5, 0.5)})
+  procs = {d: run_cli(config, str(tmp_path / f"d{d}"), devices=d) for d in (1, 8)}
+  assert all(p.wait(timeout=600) == 0 for p in procs.values())
+  m1, m8 = read_metrics(str(tmp_path / "d1")), read_metrics(str(tmp_path / "d8"))
+  for step in (1, 2, 3):
+    np.testing.assert_allclose(m1[step]["train/loss"], m8[step]["train/loss"], rtol=2e-4)
+    np.testing.assert_allclose(m1[step]["select/learnability_selected"],
+                               m8[step]["select/learnability_selected"], rtol=2e-4)
+
+
+def test_missing_reference_is_a_clear_error_before_training(toy, tmp_path):
+  config = tiny_config(toy, steps=2, method="joint", reference=str(tmp_path / "nope"))
+  from jest_pod.checkpoint import CheckpointError
+  with pytest.raises(CheckpointError, match="reference.*does not exist"):
+    train_main.train(config, str(tmp_path / "run"))
