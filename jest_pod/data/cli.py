@@ -3,8 +3,8 @@
   jest-pod data ingest --input PATH --output DIR [--max-side 64] [--shard-size N]
                        [--workers N] [--overwrite] [--name NAME] [--follow-symlinks]
                        [--max-image-bytes N]
-  jest-pod data build {emoji,openclipart,fashion_mnist,demo} --output DIR [--limit N]
-                      [--overwrite] [--seed S] [--workers N]
+  jest-pod data build {emoji,openclipart,fashion_mnist,demo,icons} --output DIR [--limit N]
+                      [--overwrite] [--seed S] [--workers N] [--image-size 64 (icons)]
   jest-pod data tokenizer ...        (jest_pod.data.tokenizer)
   jest-pod data cache-reference ...  (jest_pod.data.reference_cache)
   jest-pod data verify DIR           (jest_pod.data.verify: shard sizes + sha256)
@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("--overwrite", action="store_true")
   b.add_argument("--seed", type=int, default=0)
   b.add_argument("--workers", type=int, default=None)
+  b.add_argument("--image-size", type=int, default=None,
+                 help="stored picture side in pixels (icons only; default 64)")
   return p
 
 
@@ -84,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
                     follow_symlinks=args.follow_symlinks, max_image_bytes=args.max_image_bytes)
     else:
       from jest_pod.data import builders
+      extra = {}
+      if args.image_size is not None:  # only the icons builder draws at a chosen size
+        if args.name != "icons":
+          print(f"jest-pod data build: --image-size applies to `icons` only, not "
+                f"{args.name!r}", file=sys.stderr)
+          return 2
+        extra["image_size"] = args.image_size
       builders.build(args.name, args.output, limit=args.limit, overwrite=args.overwrite,
-                     workers=args.workers, seed=args.seed)
+                     workers=args.workers, seed=args.seed, **extra)
   except (ingest.OutputNotEmptyError, system_packages.MissingPackageError,
           FileNotFoundError, ValueError) as e:
     print(f"jest-pod data {args.command}: error: {e}", file=sys.stderr)

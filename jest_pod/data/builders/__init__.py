@@ -5,6 +5,8 @@
   openclipart    openclipart PNGs, caption from the SVG twin's title/description/keywords
   fashion_mnist  Fashion-MNIST, DIR/train and DIR/test, labelled, template captions
   demo           the demo's web / curated / eval_fashion / eval_retrieval sets (demo.py)
+  icons          ~470k icons, glyphs and emoji from npm + Debian: web / curated /
+                 eval_flags / eval_retrieval (icons.py; also npm tarballs, checked by sha512)
 
 Each builder module has `PACKAGES` (Debian), `load(limit, workers) -> (examples, skipped)`
 and `build(output, limit=None, overwrite=False, workers=None, seed=0)`. A build whose output
@@ -34,6 +36,7 @@ BUILDERS = {
     "openclipart": "jest_pod.data.builders.openclipart",
     "fashion_mnist": "jest_pod.data.builders.fashion_mnist",
     "demo": "jest_pod.data.builders.demo",
+    "icons": "jest_pod.data.builders.icons",
 }
 MAX_SIDE = 64  # demo images are trained at 32x32; 64 leaves room for crops and bigger runs
 
