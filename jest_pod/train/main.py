@@ -202,7 +202,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     config_lib.check_resume(ckpt_lib.load_config(checkpointer.step_dir(saved_step)), config)
   abstract = state_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
   start, restored = checkpointer.restore_latest(abstract, data_iter)
-  skipped_at_start = data_iter.skipped  # this host's count, restored with the iterator
   if start:
     state = restored
     log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
@@ -239,7 +238,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                           DEVICE_KEYS + jest_lib.CACHE_KEYS)
 
   prefetcher = feed.DevicePrefetcher(data_iter, to_device, depth=config.device_prefetch)
-  examples, skipped = start * b, skipped_at_start
+  examples = start * b
   t_window, wait0, produce0, batches0 = None, 0.0, 0.0, 0
   sampled_s, sampled_n = 0.0, 0  # sampled steps are left out of the loop's rate
   split, last, pending = {}, {}, []
@@ -250,7 +249,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     for step in range(start, config.total_steps):
       done = step + 1
       host_batch, super_batch = next(prefetcher)
-      skipped += int(np.sum(host_batch.get("skipped", 0)))
       # A sampled step runs its parts one by one with barriers, for the time split.
       sample = config.time_split_every > 0 and (done == start + 2 or
                                                 done % config.time_split_every == 0)
@@ -319,7 +317,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
             "progress/examples": examples, "progress/flops": done * flops["charged"],
             "progress/flops_amortised": done * flops["amortised"],
             "progress/steps_per_sec": rate, "progress/examples_per_sec": rate * b,
-            "data/skipped_records": distributed.process_sum(skipped)})
+            # this host's count up to the consumed batch, restored with the iterator
+            "data/skipped_records": distributed.process_sum(
+                prefetcher.state.state["skipped_records"])})
         if steps_timed:
           input_s = (prefetcher.produce_seconds - produce0) / steps_timed
           scalars["time/step_s"] = elapsed / steps_timed
