@@ -12,11 +12,11 @@ p ∝ exp(L_kk) without replacement).
 
 from jest_pod import config as config_lib
 
-SIGLIP_KEYS = ("runlocal", "data", "steps", "batch")
+SIGLIP_KEYS = ("runlocal", "data", "steps", "batch", "pool")
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0,
+  a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0, pool=0,
                            method="joint", score="learnability", f=0.8, chunks=16, flexi=True,
                            reference="workdirs/reference", independent="topk")
   c = config_lib.sibling_config(__file__, "siglip.py", arg, keys=SIGLIP_KEYS)

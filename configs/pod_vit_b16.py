@@ -31,11 +31,9 @@ def get_config(arg=None):
   c.input.image_size = c.model.image_size = 224
   c.input.max_text_len = 64
   c.input.worker_count = 8
-  c.model.embed_dim = 768
   c.model.dtype = "bfloat16"
-  c.model.image = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)
-  c.model.text = dict(vocab_size=32_000, max_len=64, width=768, depth=12, num_heads=12,
-                      mlp_dim=3072)
+  c.model.text = dict(vocab_size=32_000, max_len=64)
+  config_lib.set_model(c, "B/16")
   c.optax = dict(lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=5000,
                  grad_clip=1.0, end_lr_fraction=0.0)
   c.selection.method = a.method
@@ -55,8 +53,7 @@ def get_config(arg=None):
     c.input.image_size = c.model.image_size = 64
     c.input.worker_count = 0
     c.model.dtype = "float32"
-    c.model.image = dict(patch_size=16, width=64, depth=1, num_heads=2, mlp_dim=128)
-    c.model.text.update(width=64, depth=1, num_heads=2, mlp_dim=128, vocab_size=1024)
-    c.model.embed_dim = 64
+    config_lib.set_model(c, "mu/16", depth=1)
+    c.model.text["vocab_size"] = 1024
     c.mesh = (("data", -1), ("fsdp", 2))
   return c

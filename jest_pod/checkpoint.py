@@ -27,7 +27,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jest_pod import distributed
+from jest_pod.parallel import distributed
+from jest_pod.parallel import sharding as shd
 
 ITEMS = ("state", "data", "config", "digest")
 # Fingerprints of a state saved and restored on different meshes differ by float32
@@ -246,22 +247,43 @@ def load_config(path, step=None) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
 
 
+def check_params_fit(model, params, image_size: int, max_text_len: int) -> None:
+  """Raise CheckpointError when restored parameters do not fit `model` (renamed layers,
+  other sizes), naming the differences: a shape error deep in jit says much less. The
+  one fit check, for evaluated checkpoints and the trainer's reference alike."""
+  want = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+                         jnp.zeros((1, max_text_len), jnp.int32)))["params"]
+  flat_want = {jax.tree_util.keystr(k): v.shape
+               for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  flat_got = {jax.tree_util.keystr(k): np.shape(v)
+              for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  problems = [f"missing {k} {s}" for k, s in flat_want.items() if k not in flat_got]
+  problems += [f"unexpected {k} {s}" for k, s in flat_got.items() if k not in flat_want]
+  problems += [f"{k}: checkpoint {flat_got[k]} vs model {s}" for k, s in flat_want.items()
+               if k in flat_got and tuple(flat_got[k]) != tuple(s)]
+  if problems:
+    shown = "\n  ".join(problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    raise CheckpointError("the checkpoint's parameters do not fit the model built from its "
+                          f"saved config.model ({len(problems)} differences):\n  {shown}{more}")
+
+
 def load_params(path, step=None, sharding=None):
   """Load a checkpoint's parameters for evaluation or as a frozen reference.
 
   Args:
     path: a workdir, WORKDIR/checkpoints, or a step folder.
     step: which step (default: the latest complete one).
-    sharding: where to place every array (default: replicated on all local devices), so
-      a checkpoint written on 8 devices loads on 1 and vice versa.
+    sharding: where to place every array (default: replicated on all devices), so a
+      checkpoint written on 8 devices loads on 1 and vice versa.
   Returns:
     (config, params, step)
   """
   root, step = _resolve(path, step)
   config = load_config(root, step)
   if sharding is None:
-    mesh = jax.sharding.Mesh(jax.devices(), ("d",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharding = shd.replicated(shd.make_mesh((("data", -1),)))
   # Only the `state` item, through its handler: a (read-only) CheckpointManager logs ~9
   # absl WARNINGs per load about the items it is not asked for and about read_only.
   state_dir = root / str(step) / "state"

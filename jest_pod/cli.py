@@ -12,10 +12,10 @@ SUBCOMMANDS = {
     "train": ("jest_pod.train.cli", "train a model from a config (uniform or JEST)"),
     "data": ("jest_pod.data.cli", "ingest, build real offline data sets, tokenizer, reference cache"),
     "eval": ("jest_pod.evaluators.cli", "evaluate a checkpoint: zero-shot and retrieval"),
-    "plot": ("jest_pod.plot", "draw learning curves of several runs"),
-    "bench": ("jest_pod.bench", "benchmarks: selection, step split, data pipeline"),
-    "demo": ("jest_pod.demo", "the end-to-end CPU demo: uniform vs JEST on real data"),
-    "sweep": ("jest_pod.sweep", "the paper's experiments in miniature over seeds, tables + figures"),
+    "plot": ("jest_pod.experiments.plot", "draw learning curves of several runs"),
+    "bench": ("jest_pod.experiments.bench", "benchmarks: selection, step split, data pipeline"),
+    "demo": ("jest_pod.experiments.demo", "the end-to-end CPU demo: uniform vs JEST on real data"),
+    "sweep": ("jest_pod.experiments.sweep", "the paper's experiments in miniature over seeds, tables + figures"),
 }
 
 

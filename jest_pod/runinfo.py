@@ -74,7 +74,7 @@ def _config_dict(config: Any) -> Any:
 
 
 def collect(config: Any = None, mesh: Any = None) -> dict[str, Any]:
-  """Facts about this run; call after `jest_pod.distributed.initialize()`.
+  """Facts about this run; call after `jest_pod.parallel.distributed.initialize()`.
 
   Args:
     config: the run's config (ml_collections.ConfigDict or dict), stored as a dict.

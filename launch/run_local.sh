@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs N processes on this machine as N "hosts" of one JAX multi-controller run.
 # Each process gets JEST_POD_COORDINATOR / JEST_POD_NUM_PROCESSES / JEST_POD_PROCESS_ID
-# (read by jest_pod.distributed.initialize) and K fake CPU devices.
+# (read by jest_pod.parallel.distributed.initialize) and K fake CPU devices.
 set -euo pipefail
 
 readonly PROG="${0##*/}"

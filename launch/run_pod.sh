@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a jest_pod config on a Cloud TPU VM pod slice, from a workstation with gcloud.
 # Every worker of the slice runs the same `jest-pod train` command (JAX multi-controller);
-# jest_pod.distributed.initialize() joins them (JEST_POD_TPU_POD=1 is set for it).
+# jest_pod.parallel.distributed.initialize() joins them (JEST_POD_TPU_POD=1 is set for it).
 # The remote scripts below are single-quoted on purpose: their $VARS expand on the workers.
 # shellcheck disable=SC2016
 set -euo pipefail

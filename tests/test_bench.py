@@ -3,7 +3,7 @@
 import os
 import re
 
-from jest_pod import bench
+from jest_pod.experiments import bench
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

@@ -329,8 +329,13 @@ def test_eval_sets_are_disjoint_from_training(built):
   assert not ({"iconify/game-icons/sword", "iconify/game-icons/sword-copy"}
               <= {r.id for r in retr})  # one picture per dHash group
 
+  web_eval = sets["eval_web"]  # unseen pictures of the training collections
+  assert web_eval and len({r.text for r in web_eval}) == len(web_eval)
+  assert {r.source for r in web_eval} <= {s.split(":")[0] for s in manifests[0]["sources"]}
+  assert manifests[4]["skipped"]["same_group_left_training"] >= 0
+
   train = sets["web"] + sets["curated"]
-  evals = sets["eval_flags"] + sets["eval_retrieval"]
+  evals = sets["eval_flags"] + sets["eval_retrieval"] + web_eval
   base = lambda rid: rid.split("#")[0]
   assert not {base(r.id) for r in train} & {r.id for r in evals}
   assert not {decoded_hash(r.image) for r in train} & {decoded_hash(r.image) for r in evals}

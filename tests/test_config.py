@@ -1,6 +1,7 @@
 """Configs: every file loads; bad keys and values are clear errors."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,35 @@ def test_resume_check_refuses_meaning_changes_unless_allowed():
     config_lib.check_resume(saved.to_dict(), c)
   c.allow_config_change = ("batch_size", "model", "selection.method")
   config_lib.check_resume(saved.to_dict(), c)
+
+
+def test_eval_sets_are_found_beside_the_pool(tmp_path):
+  # Not built yet: the demo pool's two sets.
+  assert config_lib.eval_sets(str(tmp_path / "none")) == config_lib.DEMO_EVAL_SETS
+  for name, manifest in (("eval_flags", {"class_names": ["France"]}),
+                         ("eval_retrieval", {}), ("web", {"class_names": ["x"]})):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "manifest.json", "w") as f:
+      json.dump(manifest, f)
+  os.makedirs(tmp_path / "eval_unbuilt")  # no manifest: not a set
+  assert config_lib.eval_sets(str(tmp_path)) == {"eval_flags": "zeroshot",
+                                                 "eval_retrieval": "retrieval"}
+  c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, "siglip.py"),
+                                "siglip.py", f"runlocal,data={tmp_path},pool=5")
+  assert c.evals.flags.type == "zeroshot" and c.evals.retrieval.type == "retrieval"
+  assert c.evals.flags.data == f"{tmp_path}/eval_flags" and c.input.pool_size == 5
+
+
+def test_model_variants_by_name_size_both_towers_and_flexi_follows_the_patch():
+  c = config_lib.base_config()
+  config_lib.set_model(c, "S/16")
+  assert dict(c.model.image) == dict(patch_size=16, width=384, depth=12, num_heads=6,
+                                    mlp_dim=1536)
+  assert c.model.text["width"] == 384 and c.model.text["vocab_size"] == 1000  # kept
+  assert c.model.embed_dim == 384
+  assert config_lib.score_patch_size(c) == 16 and config_lib.train_patch_sizes(c) == (16,)
+  config_lib.set_model(c, "mu/8", depth=1)
+  assert c.model.image["depth"] == c.model.text["depth"] == 1
+  for bad in ("X/16", "B", "B/0", "B/sixteen"):
+    with pytest.raises(ValueError, match="SIZE/PATCH"):
+      config_lib.set_model(c, bad)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from jest_pod.data import cli as data_cli
 from jest_pod.data import manifest as manifest_lib
-from jest_pod.data import pipeline, records
+from jest_pod.data import pipeline, records, sources
 from tests import helpers_data
 
 N = 40  # records, in 2 shards of 20
@@ -71,8 +71,8 @@ def test_flipped_byte_is_a_counted_skip(data):
   offset = open(path, "rb").read().find(helpers_data.png(7))  # inside record 7's chunk
   assert offset > 0
   _flip(path, offset + 100)
-  src, _ = pipeline.open_source(data)
-  assert isinstance(src[7], pipeline.Unreadable) and isinstance(src[8], bytes)
+  src, _ = sources.open_source(data)
+  assert isinstance(src[7], sources.Unreadable) and isinstance(src[8], bytes)
   _check_epoch(data, {7})
   # Evaluation: the same record is masked out and counted, the rest are real.
   batches = list(pipeline.make_eval_iterator(data, batch_size=16, image_size=8,

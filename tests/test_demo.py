@@ -3,7 +3,7 @@
 import json
 import os
 
-from jest_pod import demo
+from jest_pod.experiments import demo
 
 
 def test_demo_smoke_runs_all_stages_and_resumes(tmp_path, capsys):

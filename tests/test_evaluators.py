@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jest_pod import evaluators
-from jest_pod.evaluators import common
+from jest_pod import embed, evaluators
+from jest_pod.evaluators import metrics
 
 
 def _mesh(n):
@@ -27,14 +27,14 @@ def test_zeroshot_accuracy_hand_computed():
                         [1, .5, 0],     # label 1: rank 1
                         [0, .2, 1],     # label 2: rank 0
                         [.1, .2, 1]])   # label 0: rank 2
-  acc = common.zeroshot_accuracy(image_emb, class_emb, np.array([0, 1, 2, 0]), ks=(1, 2, 5))
+  acc = metrics.zeroshot_accuracy(image_emb, class_emb, np.array([0, 1, 2, 0]), ks=(1, 2, 5))
   assert acc == {"top1": 0.5, "top2": 0.75, "top5": 1.0}  # k > C: every image correct
 
 
 def test_class_embeddings_normalise_each_prompt_then_the_mean():
   prompts = np.array([[[2., 0.], [0., 1.]],      # class 0: unequal norms, equal weight
                       [[0., 3.], [0., 5.]]])
-  np.testing.assert_allclose(common.class_embeddings(prompts),
+  np.testing.assert_allclose(metrics.class_embeddings(prompts),
                              [[2 ** -.5, 2 ** -.5], [0, 1]], rtol=1e-6)
 
 
@@ -45,7 +45,7 @@ def test_retrieval_recall_hand_computed_several_captions_per_image():
                   [0, 0, 1],    # image 1: scores 0 with it, image 2 higher → rank 1
                   [0, .5, 1]])  # image 2, rank 0
   c2i = np.array([0, 0, 1, 2])
-  got = common.retrieval_recall(img, txt, c2i, ks=(1, 2, 5), block=2)
+  got = metrics.retrieval_recall(img, txt, c2i, ks=(1, 2, 5), block=2)
   # img2txt: image 0 best own caption rank 0; image 1 rank 2 (captions 0, 3 above);
   # image 2 rank 1 (caption 2 above).
   assert got["img2txt_recall@1"] == pytest.approx(1 / 3)
@@ -58,17 +58,17 @@ def test_retrieval_recall_hand_computed_several_captions_per_image():
 def test_retrieval_identity_and_uncaptioned_images():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 8))
-  perfect = common.retrieval_recall(x, x, ks=(1,))
+  perfect = metrics.retrieval_recall(x, x, ks=(1,))
   assert perfect == {"img2txt_recall@1": 1.0, "txt2img_recall@1": 1.0}
   # Image 5 has no caption: it is left out of img2txt instead of counting as a miss.
-  got = common.retrieval_recall(x, x[:5], np.arange(5), ks=(1,))
+  got = metrics.retrieval_recall(x, x[:5], np.arange(5), ks=(1,))
   assert got["img2txt_recall@1"] == 1.0
   with pytest.raises(ValueError, match="caption_to_image"):
-    common.retrieval_recall(x, x[:5])
+    metrics.retrieval_recall(x, x[:5])
 
 
 def test_group_identical():
-  first, group = common.group_identical([b"a", b"b", b"a", b"c", b"b"])
+  first, group = metrics.group_identical([b"a", b"b", b"a", b"c", b"b"])
   assert first.tolist() == [0, 1, 3] and group.tolist() == [0, 1, 0, 2, 1]
 
 
@@ -90,9 +90,9 @@ def test_embed_batches_masks_padding_and_matches_across_device_counts(batch_size
   want = images.reshape(n, -1) @ params["w"]
   got = {}
   for n_dev in (1, 8):
-    got[n_dev] = common.embed_batches(
+    got[n_dev] = embed.embed_batches(
         _projection_encode, params,
-        common.array_batches({"image": images, "label": labels}, batch_size), _mesh(n_dev),
+        embed.array_batches({"image": images, "label": labels}, batch_size), _mesh(n_dev),
         device_keys=("image",), host_keys=("label",))
     assert got[n_dev]["image"].shape == (n, 5)
     assert got[n_dev]["label"].tolist() == list(range(n))  # each row exactly once, in order
@@ -101,7 +101,7 @@ def test_embed_batches_masks_padding_and_matches_across_device_counts(batch_size
 
 
 def test_array_batches_pads_last_batch():
-  bs = list(common.array_batches({"x": np.arange(5)}, 2))
+  bs = list(embed.array_batches({"x": np.arange(5)}, 2))
   assert [b["mask"].tolist() for b in bs] == [[1, 1], [1, 1], [1, 0]]
   assert bs[-1]["x"].tolist() == [4, 0]
 
@@ -134,7 +134,11 @@ def _fake_set(tmp_path, colours, captions, labels, class_names=CLASSES):
   """A data set folder (manifest only) and the host arrays its eval iterator yields."""
   d = tmp_path / "fakeset"
   d.mkdir(exist_ok=True)
-  manifest = {"name": "fake", "num_examples": len(colours)}
+  n = len(colours)  # a valid manifest; its shard is never read (injected iterator)
+  manifest = {"name": "fake", "num_examples": n, "skipped": {}, "sources": ["fake"],
+              "source_counts": {"fake": n}, "image_max_side": 4, "created_by": "test",
+              "shards": [{"file": "fake-00000-of-00001.array_record", "num_records": n,
+                          "sha256": ""}]}
   if class_names is not None:
     manifest["class_names"] = class_names
   (d / "manifest.json").write_text(json.dumps(manifest))
@@ -158,7 +162,7 @@ def _build(config, arrays, mesh, **kw):
   params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), jnp.ones((1, 2), jnp.int32))
   evs = [evaluators.build_evaluator(
       name, ecfg, config, model, mesh,
-      iterator_fn=lambda: common.array_batches(arrays, 3), **kw)
+      iterator_fn=lambda: embed.array_batches(arrays, 3), **kw)
       for name, ecfg in config["evals"].items()]
   return evs, params["params"]
 
@@ -190,7 +194,7 @@ def test_evaluators_planted_metrics_same_on_1_and_8_devices(tmp_path):
 def test_zeroshot_without_class_names_is_a_clear_error(tmp_path):
   data_dir, arrays = _fake_set(tmp_path, [0, 1], [[1, 7], [2, 7]], [-1, -1], class_names=None)
   config = _config(data_dir)
-  with pytest.raises(common.EvalDataError, match=r"'fake'.*class_names"):
+  with pytest.raises(evaluators.EvalDataError, match=r"'fake'.*class_names"):
     _build(config, arrays, _mesh(1), tokenize_fn=_fake_tokenize)
 
 
@@ -199,7 +203,7 @@ def test_zeroshot_without_labels_is_a_clear_error(tmp_path):
   config = _config(data_dir)
   del config["evals"]["fake_retr"]
   (ev,), params = _build(config, arrays, _mesh(1), tokenize_fn=_fake_tokenize)
-  with pytest.raises(common.EvalDataError, match="no record has a label"):
+  with pytest.raises(evaluators.EvalDataError, match="no record has a label"):
     ev.run(params)
 
 
@@ -299,11 +303,11 @@ def test_eval_cli_clear_errors(saved_run, tmp_path, capsys):
 
 
 def test_incompatible_params_are_named(saved_run):
-  from jest_pod.checkpoint import CheckpointError
-  from jest_pod.evaluators.cli import check_params_fit
+  from jest_pod.checkpoint import CheckpointError, check_params_fit
+  from jest_pod.evaluators import input_sizes
   from jest_pod.models import build_model
   c = saved_run["config"].copy_and_resolve_references()
   c.model.embed_dim = 32
   with pytest.raises(CheckpointError, match=r"(?s)do not fit.*head"):
-    check_params_fit(build_model(c.model), c, saved_run["params"])
-  check_params_fit(saved_run["model"], saved_run["config"], saved_run["params"])
+    check_params_fit(build_model(c.model), saved_run["params"], *input_sizes(c))
+  check_params_fit(saved_run["model"], saved_run["params"], *input_sizes(saved_run["config"]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from jest_pod import sharding as shd
+from jest_pod.parallel import sharding as shd
 from jest_pod.train import feed
 from jest_pod.train import writers
 

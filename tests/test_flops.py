@@ -11,6 +11,7 @@ import types
 import pytest
 
 from jest_pod import config as config_lib
+from jest_pod.models import flops as model_flops
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import main as main_lib
 
@@ -57,9 +58,9 @@ def _flexi(c):
 
 def test_forward_counts_match_the_hand_count():
   c = _config()
-  assert flops_lib.image_forward_flops(c.model, 16, 4) == IMAGE_P4
-  assert flops_lib.image_forward_flops(c.model, 16, 8) == IMAGE_P8
-  assert flops_lib.text_forward_flops(c.model, 12) == TEXT
+  assert model_flops.image_forward_flops(c.model, 16, 4) == IMAGE_P4
+  assert model_flops.image_forward_flops(c.model, 16, 8) == IMAGE_P8
+  assert model_flops.text_forward_flops(c.model, 12) == TEXT
 
 
 def test_uniform_step_is_three_forwards_of_b_examples_and_the_loss():

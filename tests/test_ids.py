@@ -7,8 +7,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jest_pod import config as config_lib
-from jest_pod import selection
-from jest_pod import sharding as shd
+from jest_pod.jest import selection
+from jest_pod.parallel import sharding as shd
 from jest_pod.jest import step as jest_lib
 from jest_pod.train import feed
 from jest_pod.train import ids as ids_lib

@@ -1,5 +1,5 @@
 """Launch tooling: run_pod.sh against a fake gcloud, run_local.sh with real processes,
-jest_pod.distributed and jest_pod.runinfo."""
+jest_pod.parallel.distributed and jest_pod.runinfo."""
 
 import json
 import os
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jest_pod import distributed, runinfo
+from jest_pod import runinfo
+from jest_pod.parallel import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_POD = REPO / "launch" / "run_pod.sh"
@@ -340,7 +341,7 @@ def _local(tmp_path, *args, timeout=120, **kwargs):
 
 ALLGATHER = """\
 import sys
-from jest_pod import distributed
+from jest_pod.parallel import distributed
 mode = distributed.initialize()
 import jax
 import numpy as np
@@ -427,7 +428,7 @@ def test_run_local_usage():
   assert proc.returncode == 0 and "usage:" in proc.stdout
 
 
-# --- jest_pod.distributed ---------------------------------------------------------------------
+# --- jest_pod.parallel.distributed ---------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
-"""Losses against direct numpy computations of the formulas in the jest_pod/losses.py docstring."""
+"""Losses against direct numpy computations of the formulas in the jest_pod/jest/losses.py docstring."""
 
 import jax.numpy as jnp
 import numpy as np
 
-from jest_pod import losses
+from jest_pod.jest import losses
 
 
 def _emb(rng, n, d):

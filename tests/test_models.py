@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jest_pod import losses
+from jest_pod.jest import losses
 from jest_pod.models import build_model
 from jest_pod.models import layers, vit
 

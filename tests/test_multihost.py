@@ -1,5 +1,6 @@
 """The JEST trainer as 2 real processes ("hosts") × 4 CPU devices, joined by
-jax.distributed (gloo): same losses and selected ids as 1 process × 8 devices; SIGTERM
+jax.distributed (gloo): same losses, selected ids and in-training evaluation metrics
+(each host reads half the eval set) as 1 process × 8 devices; SIGTERM
 on one host → one agreed checkpoint, exact resume; SIGKILL → resume from the last
 complete checkpoint.
 
@@ -45,6 +46,19 @@ def jest_config(toy, tmp_path_factory):
   return tiny_config(toy, steps=STEPS, method="joint", reference=reference,
                      log_selected_ids=True,
                      **{"selection.score": "learnability", "selection.filter_ratio": 0.5})
+
+
+@pytest.fixture(scope="module")
+def eval_config(jest_config, tmp_path_factory):
+  """jest_config plus zero-shot and retrieval evaluations at the last step, on a small
+  labelled set with repeated pictures and captions; 45 records: host 1 reads one fewer,
+  and the last batches are padded."""
+  data = build_toy(str(tmp_path_factory.mktemp("eval")), 45, seed=1, noise=0.3,
+                   image_size=16, duplicate_images=0.3)
+  c = jest_config.copy_and_resolve_references()
+  c.evals = {name: {"type": name, "data": data, "every_steps": STEPS, "batch_size": 8}
+             for name in ("zeroshot", "retrieval")}
+  return c
 
 
 def _free_port():
@@ -155,17 +169,17 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def single(jest_config, tmp_path_factory):
+def single(eval_config, tmp_path_factory):
   """The reference run: 1 process × 8 devices (this pytest process), uninterrupted."""
-  run = Run(jest_config, tmp_path_factory.mktemp("x") / "single", processes=1, devices=8)
-  train_main.train(jest_config, run.workdir)
+  run = Run(eval_config, tmp_path_factory.mktemp("x") / "single", processes=1, devices=8)
+  train_main.train(eval_config, run.workdir)
   return run
 
 
 @pytest.fixture(scope="module")
-def two(jest_config, tmp_path_factory):
+def two(eval_config, tmp_path_factory):
   """2 processes × 4 devices, uninterrupted."""
-  return Run(jest_config, tmp_path_factory.mktemp("x") / "two").run()
+  return Run(eval_config, tmp_path_factory.mktemp("x") / "two").run()
 
 
 def test_two_processes_match_one(single, two):
@@ -183,6 +197,35 @@ def test_two_processes_match_one(single, two):
   data = os.path.join(two.workdir, "checkpoints", str(STEPS), "data")
   assert sorted(f for f in os.listdir(data) if f.startswith("process_")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def _eval_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {k: v for rec in map(json.loads, f) if rec["step"] == STEPS
+            for k, v in rec.items() if k.startswith("z/")}
+
+
+def test_two_processes_evaluate_like_one(single, two):
+  """Each host embeds its share of the eval sets on the global mesh and gathers labels,
+  masks, pixel and caption digests: every metric equals the 1-process run's, and the
+  1-process evaluation of the 2-process run's final parameters."""
+  got, want = _eval_metrics(two.workdir), _eval_metrics(single.workdir)
+  assert len(want) == 2 + 6 and set(got) == set(want), (got, want)
+  for k in want:
+    assert got[k] == pytest.approx(want[k], abs=1e-6), (k, got[k], want[k])
+  import jax
+  from jest_pod import checkpoint, evaluators
+  from jest_pod.models import build_model
+  config, params, step = checkpoint.load_params(two.workdir)
+  assert step == STEPS
+  model = build_model(config.model)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  here = {k: v for ev in evaluators.build_evaluators(config, model, mesh)
+          for k, v in ev.run(params).items()}
+  for k in want:
+    assert got[k] == pytest.approx(here[k], abs=1e-6), (k, got[k], here[k])
+  # The retrieval set has repeated pictures: grouping them across hosts matters.
+  assert 0 < want["z/retr/toy_img2txt_recall@10"] <= 1
 
 
 def test_sigterm_one_host_then_sigkill_both_then_resume_matches(jest_config, two, tmp_path):

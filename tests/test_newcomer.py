@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from jest_pod import evaluators
+from jest_pod import embed
+from jest_pod.evaluators import base, metrics
 from jest_pod.evaluators import cli as eval_cli
-from jest_pod.evaluators import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JEST_POD = os.path.join(REPO, ".venv", "bin", "jest-pod")
@@ -93,7 +94,9 @@ def test_metric_table_orders_k_numerically():
 def _set(tmp_path, name, class_names=None):
   d = tmp_path / name
   d.mkdir()
-  manifest = {"name": name, "num_examples": 1}
+  manifest = {"name": name, "num_examples": 1, "skipped": {}, "sources": ["x"],
+              "source_counts": {"x": 1}, "image_max_side": 4, "created_by": "test",
+              "shards": [{"file": "x.array_record", "num_records": 1, "sha256": ""}]}
   if class_names:
     manifest["class_names"] = class_names
   (d / "manifest.json").write_text(json.dumps(manifest))
@@ -117,16 +120,16 @@ def test_partial_manifest_is_a_clear_error_with_a_fix_that_applies(tmp_path):
   d = write_dataset(str(tmp_path / "foreign"), 4, num_shards=2)
   manifest = json.loads(open(os.path.join(d, "manifest.json")).read())
   os.remove(os.path.join(d, manifest["shards"][1]["file"]))
-  with pytest.raises(common.EvalDataError) as e:
-    common.check_data_set(d)
+  with pytest.raises(evaluators.EvalDataError) as e:
+    base.check_data_set(d)
   msg = str(e.value)
   assert d in msg and "is missing" in msg and "--overwrite" not in msg
   assert f"jest-pod data verify {d}" in msg and "jest-pod data ingest --input SRC" in msg
   del manifest["shards"]
   with open(os.path.join(d, "manifest.json"), "w") as f:
     json.dump(manifest, f)
-  with pytest.raises(common.EvalDataError, match=r"lacks fields \['shards'\]\. `jest-pod"):
-    common.check_data_set(d)
+  with pytest.raises(evaluators.EvalDataError, match=r"lacks fields \['shards'\]\. `jest-pod"):
+    base.check_data_set(d)
 
 
 # ----------------------------------------------------------------- identical captions
@@ -138,8 +141,8 @@ def test_identical_captions_count_as_one_text():
   # across batches), one per image; caption 2 is image 1's too.
   txt = np.array([[1., .2], [1., .1], [0., 1.]])
   c2i = np.array([0, 1, 1])
-  plain = common.retrieval_recall(img, txt, c2i, ks=(1,))
-  grouped = common.retrieval_recall(img, txt, c2i, ks=(1,), caption_groups=np.array([0, 0, 1]))
+  plain = metrics.retrieval_recall(img, txt, c2i, ks=(1,))
+  grouped = metrics.retrieval_recall(img, txt, c2i, ks=(1,), caption_groups=np.array([0, 0, 1]))
   # txt2img: caption 1 retrieves image 0 first; image 0 carries the same text → a hit.
   assert plain["txt2img_recall@1"] == pytest.approx(2 / 3)
   assert grouped["txt2img_recall@1"] == 1.0
@@ -147,7 +150,7 @@ def test_identical_captions_count_as_one_text():
   assert plain["img2txt_recall@1"] == 0.5
   assert grouped["img2txt_recall@1"] == 1.0
   # Group ids are labels only, and blocking does not change the result.
-  assert common.retrieval_recall(img, txt, c2i, ks=(1,), block=1,
+  assert metrics.retrieval_recall(img, txt, c2i, ks=(1,), block=1,
                                  caption_groups=np.array([7, 7, 3])) == grouped
 
 
@@ -162,7 +165,7 @@ def test_retrieval_evaluator_groups_identical_captions(tmp_path):
   for grouped in (False, True):
     ev = evaluators.RetrievalEvaluator(
         "r", data_dir, model, _mesh(2), group_identical_captions=grouped,
-        iterator_fn=lambda: common.array_batches(arrays, 3))
+        iterator_fn=lambda: embed.array_batches(arrays, 3))
     got[grouped] = ev.run(params["params"])["z/retr/fake_txt2img_recall@1"]
   assert got == {False: 0.75, True: 1.0}
 
@@ -177,7 +180,7 @@ def test_should_stop_interrupts_between_batches(tmp_path):
   model = FakeTwoTower()
   params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), jnp.ones((1, 2), jnp.int32))
   ev = evaluators.RetrievalEvaluator("r", data_dir, model, _mesh(1),
-                                     iterator_fn=lambda: common.array_batches(arrays, 2))
+                                     iterator_fn=lambda: embed.array_batches(arrays, 2))
   calls = []
 
   def stop_after_one_call():

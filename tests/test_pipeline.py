@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
-from jest_pod.data import decode, pipeline, records, tokenizer, virtual
+from jest_pod.data import decode, pipeline, prefetch, records, sources, tokenizer, virtual
 from tests import helpers_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,13 +58,34 @@ def test_batch_contents_match_records(toy):
   assert b["index"].dtype == np.int64 and b["label"].dtype == np.int32
   assert b["source"].dtype == np.int32 and b["skipped"].dtype == np.int32
   tok = tokenizer.Tokenizer(os.path.join(toy, "tokenizer.model"))
-  names = pipeline.source_names(_config(toy))
+  names = sources.source_names(_config(toy))
   for k, i in enumerate(b["index"]):
     rec = helpers_data.toy_record(int(i))
     np.testing.assert_array_equal(b["text"][k], tok.encode_batch([rec.text], 8)[0])
     assert b["label"][k] == rec.label and names[b["source"][k]] == rec.source
     # decode.to_array itself is checked against PIL in test_decode.py.
     np.testing.assert_array_equal(b["image"][k], decode.to_array(rec.image, 16))
+
+
+def test_pool_size_trains_on_a_fixed_subset_for_every_seed(toy):
+  def indices(seed):
+    it = _train(_config(toy, pool_size=8), 4, seed=seed)
+    return np.concatenate([next(it)["index"] for _ in range(6)]).reshape(3, 8)
+
+  a, b = indices(0), indices(1)
+  pool = sorted(a[0].tolist())
+  assert len(set(pool)) == 8 and pool != list(range(8))  # a random subset of the 20
+  for epoch in (*a, *b):  # every epoch of every seed covers exactly that subset
+    assert sorted(epoch.tolist()) == pool
+  assert not np.array_equal(a, b)  # ... in each seed's own order
+  # `index` stays the record's index in the whole set (what a reference cache is keyed by).
+  batch = next(_train(_config(toy, pool_size=8, max_text_len=8), 4))
+  tok = tokenizer.Tokenizer(os.path.join(toy, "tokenizer.model"))
+  for k, i in enumerate(batch["index"]):
+    np.testing.assert_array_equal(
+        batch["text"][k], tok.encode_batch([helpers_data.toy_record(int(i)).text], 8)[0])
+  with pytest.raises(ValueError, match="pool_size=21"):
+    _train(_config(toy, pool_size=21), 4)
 
 
 def test_reshuffles_every_epoch_and_covers_each_epoch(toy):
@@ -122,7 +143,7 @@ def test_mixture_weights_and_unique_source_ids(tmp_path):
   a = helpers_data.write_dataset(str(tmp_path / "a"), 12, origin="alpha")
   b = helpers_data.write_dataset(str(tmp_path / "b"), 12, origin="beta")
   config = _config("", mixture=[(a, 3.0), (b, 1.0)])
-  names = pipeline.source_names(config)
+  names = sources.source_names(config)
   assert names == ["alpha", "alpha:junk_image", "beta", "beta:junk_image"]
   it = _train(config, 40)
   src = np.concatenate([next(it)["source"] for _ in range(2)])
@@ -229,6 +250,24 @@ def test_virtual_first_batch_is_fast_and_small(toy):
   assert seconds < 30 and rss < 1e9, (seconds, rss)
 
 
+def test_a_new_source_kind_is_one_registry_entry(toy, monkeypatch):
+  # "mem:N": the first N records of the toy folder, named through sources.KINDS only.
+  folder = sources.KINDS[sources.FOLDER]
+  def open_mem(spec):
+    src, names = folder.open(toy)
+    return [src[i] for i in range(int(spec.split(":")[1]))], names
+  kind = sources.SourceKind(open=open_mem, manifest=lambda spec: folder.manifest(toy),
+                            tokenizer=lambda spec: folder.tokenizer(toy))
+  monkeypatch.setitem(sources.KINDS, "mem", kind)
+  assert sources.scheme("mem:5") == "mem" and not sources.is_folder("mem:5")
+  assert sources.source_names(_config("mem:5")) == sources.source_names(_config(toy))
+  b = next(_train(_config("mem:5", image_size=8, max_text_len=6), 5))
+  assert sorted(b["index"].tolist()) == [0, 1, 2, 3, 4]
+  assert sources.tokenizer_path("virtual") is None
+  with pytest.raises(tokenizer.TokenizerError, match="virtual source has no tokenizer"):
+    tokenizer.resolve(_config("virtual"))
+
+
 def test_virtual_restore_deep_is_as_fast_and_exact(toy):
   config = _config("virtual", tokenizer=os.path.join(toy, "tokenizer.model"))
   tok = tokenizer.Tokenizer(config.tokenizer)
@@ -293,13 +332,13 @@ def test_decode_jpeg_record(toy):
 def test_chunked_prefetch_keeps_order_and_exact_state():
   import grain
   ds = grain.MapDataset.range(50).map(lambda i: {"i": i})
-  it = iter(pipeline._ChunkedPrefetch(ds, num_threads=3, chunk=4, ahead=3))
+  it = iter(prefetch.ChunkedPrefetch(ds, num_threads=3, chunk=4, ahead=3))
   got = [next(it)["i"] for _ in range(7)]
   state = it.get_state()
   assert got == list(range(7)) and state == {"next_index": 7}
   rest = [e["i"] for e in it]
   assert rest == list(range(7, 50))
-  fresh = iter(pipeline._ChunkedPrefetch(ds, num_threads=2, chunk=5, ahead=2))
+  fresh = iter(prefetch.ChunkedPrefetch(ds, num_threads=2, chunk=5, ahead=2))
   fresh.set_state(state)  # not on a chunk boundary
   assert [next(fresh)["i"] for _ in range(5)] == list(range(7, 12))
   fresh.close()
@@ -307,11 +346,11 @@ def test_chunked_prefetch_keeps_order_and_exact_state():
 
 
 def test_in_process_order_equals_grain_prefetch(toy_bad):
-  # worker_count 0 (_ChunkedPrefetch) yields what Grain's own prefetch yields.
+  # worker_count 0 (ChunkedPrefetch) yields what Grain's own prefetch yields.
   config = _config(toy_bad, image_size=8)
   ds = pipeline.train_map_dataset(config, seed=0, process_index=0, process_count=1, block=4)
   import grain
-  want = pipeline._SkipBad(ds.to_iter_dataset(grain.ReadOptions(num_threads=2))).batch(4)
+  want = prefetch.SkipBad(ds.to_iter_dataset(grain.ReadOptions(num_threads=2))).batch(4)
   want, got = iter(want), _train(config, 4)
   for _ in range(6):
     _assert_batches_equal(next(got), next(want))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jest_pod import plot
+from jest_pod.experiments import plot
 
 
 def _run(tmp_path, name, selection, scale, metric="z/0shot/toy_top1"):

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from jest_pod import checkpoint
-from jest_pod.data import reference_cache
+from jest_pod.jest import reference_cache
 from jest_pod.data.toy import build_toy
-from jest_pod.evaluators import common
+from jest_pod import embed
 from jest_pod.models import build_model
 from jest_pod.data import pipeline
 from jest_pod.data import tokenizer as tokenizer_lib
-from jest_pod.train import flops as flops_lib
+from jest_pod.models import flops as flops_lib
 from jest_pod.train import main as train_main
 from train_helpers import read_metrics, tiny_config
 
@@ -55,8 +55,8 @@ def test_lookup_equals_the_reference_forward_pass(setup):
   cache = _open(path, toy, ref)
   config, params, step = checkpoint.load_params(ref)
   model = build_model(config.model)
-  direct = common.embed_batches(
-      common.encode_fn_for(model, image=True, text=True), params,
+  direct = embed.embed_batches(
+      embed.encode_fn_for(model, image=True, text=True), params,
       pipeline.make_eval_iterator(toy, batch_size=64, image_size=16, max_text_len=12,
                                   tokenizer=os.path.join(toy, "tokenizer.model")),
       jax.sharding.Mesh(jax.devices(), ("data",)), device_keys=("image", "text"),

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from jest_pod.data import reference_cache
+from jest_pod.jest import reference_cache
 from jest_pod.data.toy import build_toy
 from jest_pod.train import main as train_main
 from train_helpers import ROOT, tiny_config
@@ -30,7 +30,7 @@ def _free_port():
 
 def _launch(toy, ref, output, log_prefix, processes=2, devices=2):
   port = _free_port()
-  code = ("import sys; from jest_pod.data import reference_cache as m; "
+  code = ("import sys; from jest_pod.jest import reference_cache as m; "
           "sys.exit(m.main(sys.argv[1:]))")
   procs, logs = [], []
   for i in range(processes):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jest_pod import checkpoint as ckpt_lib
-from jest_pod import sharding as shd
+from jest_pod.parallel import sharding as shd
 from jest_pod.data import pipeline
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.models import build_model
@@ -156,15 +156,15 @@ def test_sigterm_during_evaluation_saves_without_finishing_it(toy, tmp_path, mon
   """A preemption notice during an in-run evaluation interrupts it between batches; the
   checkpoint is saved at once and the rerun resumes from it."""
   import signal
-  from jest_pod.evaluators import common
-  real_run, calls = common.Evaluator.run, []
+  from jest_pod.evaluators import base
+  real_run, calls = base.Evaluator.run, []
 
   def run(self, params, should_stop=None):
     os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives as the evaluation starts
     calls.append(self.name)
     return real_run(self, params, should_stop=should_stop)
 
-  monkeypatch.setattr(common.Evaluator, "run", run)
+  monkeypatch.setattr(base.Evaluator, "run", run)
   evals = {"toy_retrieval": {"type": "retrieval", "data": toy, "batch_size": 16,
                              "every_steps": 2}}
   workdir = str(tmp_path / "run")

@@ -1,4 +1,4 @@
-"""JEST selection: scores (jest_pod/selection.py docstring) vs numpy, chunked conditional
+"""JEST selection: scores (jest_pod/jest/selection.py docstring) vs numpy, chunked conditional
 scores vs brute force, joint > independent > uniform on a structured super-batch, 1 vs 8 devices, errors."""
 
 import functools
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jest_pod import selection as sel
+from jest_pod.jest import selection as sel
 
 STATIC = ("num_select", "n_chunks", "score", "loss", "mesh", "data_axes", "return_scores",
           "block_bytes")

@@ -85,3 +85,16 @@ def test_cli_trains_on_a_data_set_folder(tmp_path):
 def test_cli_without_manifest_fails_clearly(tmp_path, capsys):
   assert tokenizer.main(["--data", str(tmp_path)]) == 2
   assert "manifest.json" in capsys.readouterr().err
+
+
+def test_more_distinct_characters_than_pieces_still_trains(tmp_path):
+  # A multilingual pool (the icon pool's labels) has more characters than a small
+  # vocabulary: the rarest map to unk instead of failing the training.
+  rare = [chr(0x4E00 + i) for i in range(120)]  # 120 CJK characters, each seen once
+  texts = ["a red apple", "a green leaf", "the blue sky"] * 400 + rare
+  path = tokenizer.train_tokenizer(texts, str(tmp_path / "t"), vocab_size=64)
+  tok = tokenizer.Tokenizer(path)
+  assert tok.vocab_size <= 64
+  assert tok.encode_batch(["apple"], 8)[0][0] != tokenizer.UNK_ID
+  unknown = sum(tokenizer.UNK_ID in tok.encode_batch([r], 8)[0] for r in rare)
+  assert 0 < unknown < len(rare)  # the rarest are unk; what fits keeps its own piece

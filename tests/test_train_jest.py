@@ -15,11 +15,19 @@ def reference(toy, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("method,score", [("joint", "learnability"),
-                                          ("independent", "easy_reference")])
-def test_jest_trains_with_a_reference_and_logs_selection(toy, reference, tmp_path, method, score):
+# Flexi-JEST (score at patch 8, train at 4 and 8): the joint run is the config that
+# test_jest_one_device_matches_eight runs again in subprocesses, whose 8-device one then
+# loads this compile from the session's persistent compilation cache (tests/conftest.py).
+FLEXI = {"flexi.score_patch_size": 8, "flexi.train_patch_sizes": (4, 8),
+         "flexi.train_fractions": (0.5, 0.5)}
+
+
+@pytest.mark.parametrize("method,score,flexi", [("joint", "learnability", FLEXI),
+                                                ("independent", "easy_reference", {})])
+def test_jest_trains_with_a_reference_and_logs_selection(toy, reference, tmp_path, method, score,
+                                                         flexi):
   config = tiny_config(toy, steps=3, method=method, reference=reference,
-                       **{"selection.score": score, "selection.filter_ratio": 0.5})
+                       **{"selection.score": score, "selection.filter_ratio": 0.5}, **flexi)
   last = train_main.train(config, str(tmp_path))
   assert np.isfinite(last["train/loss"])
   if score == "learnability":
@@ -30,8 +38,7 @@ def test_jest_trains_with_a_reference_and_logs_selection(toy, reference, tmp_pat
 
 def test_jest_one_device_matches_eight(toy, reference, tmp_path):
   config = tiny_config(toy, steps=3, method="joint", reference=reference,
-                       **{"selection.filter_ratio": 0.5, "flexi.score_patch_size": 8,
-                          "flexi.train_patch_sizes": (4, 8), "flexi.train_fractions": (0.5, 0.5)})
+                       **{"selection.filter_ratio": 0.5}, **FLEXI)
   procs = {d: run_cli(config, str(tmp_path / f"d{d}"), devices=d) for d in (1, 8)}
   assert all(p.wait(timeout=600) == 0 for p in procs.values())
   m1, m8 = read_metrics(str(tmp_path / "d1")), read_metrics(str(tmp_path / "d8"))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
+# Host-batch keys that become global device arrays; the rest ("skipped") stay on the host.
+DEVICE_KEYS = ("image", "text", "label", "source", "index")
+
 # Images above this many pixels are skipped (reason "too_many_pixels") before decoding:
 # decode.py reads the size from the header without decoding, and a tiny PNG can declare
 # 40,000² pixels (a decompression bomb: gigabytes of RAM in every decode thread).
@@ -20,6 +23,11 @@ def default_input_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.data = ""               # a data set folder, or "virtual:N"
   c.mixture = []            # [(dir, weight), ...]; non-empty overrides `data`
+  # Train on a fixed random subset of this many records of `data` (of each mixture
+  # component; 0: all). The subset
+  # is drawn with its own seed, so every run seed sees the same pool; records keep their
+  # index in `data` (a reference cache of the whole set still applies).
+  c.pool_size = 0
   c.image_size = 32
   c.max_text_len = 16
   c.tokenizer = ""          # '' -> <first data dir>/tokenizer.model

@@ -1,19 +1,26 @@
-"""Grain input pipelines: data set folders (or the virtual source) -> host batches.
+"""Grain input pipelines: data set specs -> host batches.
+
+Modules: `sources.py` (what a spec opens to: folders, the virtual source, the registry
+`sources.KINDS`; the mixture's components and sub-pool) · `prefetch.py` (in-process
+read-ahead, skipping bad records) · this file (tagging, decoding, the hosts' shares,
+the train and eval iterators).
 
 Training (`make_train_iterator`), per component of the mixture:
 
-    MapDataset.source(_SafeSource(shards))   random access, O(1) start-up; a record on
-                                   damaged storage becomes a counted skip, not a crash
+    MapDataset.source(sources.open_source(spec))   random access, O(1) start-up; for a
+                                   folder a `_SafeSource`: a record on damaged storage
+                                   becomes a counted skip, not a crash
+                                   (sources.PoolSource: only input.pool_size fixed records)
       .map_with_index(_Tag)        keep the example's index in its source (batch["index"])
       .shuffle(seed_c)             lazy global shuffle (index_shuffle, O(1) memory) ...
       .repeat()                    ... reseeded per epoch: shuffle before repeat, so index
                                    e·len + i is permuted with seed_c + e (tested)
     MapDataset.mix(components, weights)                 only with a mixture
-      [process_index::process_count]                    this host's share of the global order
-      .map(_Decode)                decode record + PIL image + tokenize (a bad record -> marker)
+      _HostBlocks                  this host's block of every global batch (its share)
+      .map(_Decode)                decode record + image + tokenize (a bad record -> marker)
       .to_iter_dataset(ReadOptions)  threads decode ahead, order kept; with worker_count 0
-                                   _ChunkedPrefetch instead (one task per 32 positions)
-    _SkipBad                       drop bad records, count them into `skipped`
+                                   prefetch.ChunkedPrefetch instead (a task per 32 positions)
+    prefetch.SkipBad               drop bad records, count them into `skipped`
       .batch(global_batch / process_count)
       .mp_prefetch(worker_count)   when worker_count > 0 (-1 = auto: resolve_worker_count)
 
@@ -29,41 +36,31 @@ tests/test_multihost.py). With workers, each worker batches its own slice, so th
 on worker_count (deterministic for a fixed count; keep it fixed across a resume).
 
 `input_config.data` may also be `"virtual:N"` (see `virtual.py`): N records made from
-their index, to measure the pipeline at 2^33 records.
+their index, to measure the pipeline at 2^33 records; other kinds: `sources.KINDS`.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
-import itertools
 import logging
 import math
 import os
-import threading
-import time
 from collections.abc import Sequence
-from concurrent import futures
 from typing import Any
 
 import grain
 import numpy as np
 
-from jest_pod.data import decode
-from jest_pod.data import manifest as manifest_lib
-from jest_pod.data import records, virtual
+from jest_pod.data import decode, prefetch, records, sources
 from jest_pod.data import tokenizer as tokenizer_lib
 # MAX_PIXELS (the decompression-bomb limit) and default_input_config() live in the leaf
 # module input_config.py (config.py builds configs without the data stack); re-exported.
 from jest_pod.data.input_config import MAX_PIXELS, default_input_config  # pylint: disable=unused-import
 
-log = logging.getLogger(__name__)
-
 # Decode threads per process (PIL and sentencepiece release the GIL in their C parts).
 # On a 2-core host 2, 3 and 4 threads were within the noise of each other at 32² and 224²
 # (`jest-pod bench data`); 1 was slower.
 READ_THREADS = 4
-# Consecutive positions decoded per thread-pool task with worker_count 0 (_ChunkedPrefetch).
+# Consecutive positions decoded per thread-pool task with worker_count 0 (prefetch.ChunkedPrefetch).
 READ_CHUNK = 32
 
 
@@ -93,204 +90,27 @@ def resolve_worker_count(worker_count: Any, cpus: int | None = None) -> int:
   return 0 if cpus <= 2 else min(cpus - 1, AUTO_MAX_WORKERS)
 
 
-# ---------------------------------------------------------------------------------------
-# Data sets: folders and the virtual source.
-
-
-def _names(spec: str) -> list[str]:
-  if virtual.is_virtual(spec):
-    return list(virtual.SOURCES)
-  return list(manifest_lib.read(spec, check_files=False).get("sources", []))
-
-
-class Unreadable:
-  """What `_SafeSource` returns for a record it cannot read; `_Decode` skips it."""
-
-  def __init__(self, reason: str):
-    self.reason = reason
-
-
-class _SafeSource:
-  """Random-access source over a data set's shards that never raises on damaged storage.
-
-  Delegates to one `grain.sources.ArrayRecordDataSource` per shard, opened on first use
-  (per process: it pickles without readers into Grain workers). A record that fails to
-  read (Riegeli "chunk data hash mismatch", a truncated chunk, ...) becomes an
-  `Unreadable` marker that `_Decode` turns into a counted skip, so a flipped bit costs
-  the records of one chunk, not the run; a shard that cannot be opened at all (random
-  bytes, lost footer) has all its records returned as markers.
-
-  Only `__getitem__`, no `_getitems`: Grain then reads element by element, exactly as it
-  does from `ArrayRecordDataSource` (which has no `_getitems` either).
-  """
-
-  def __init__(self, data_dir: str, shards: Sequence[tuple[str, int]]):
-    self.data_dir = data_dir
-    self.paths = [p for p, _ in shards]
-    self.counts = [int(n) for _, n in shards]
-    self.ends = list(itertools.accumulate(self.counts))
-    self._reset()
-
-  def _reset(self):
-    self._sources = [None] * len(self.paths)  # None: not opened; False: cannot open
-    self._lock = threading.Lock()
-
-  def __getstate__(self):  # readers and locks do not pickle; each worker reopens lazily
-    return {k: v for k, v in self.__dict__.items() if k not in ("_sources", "_lock")}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._reset()
-
-  def __len__(self) -> int:
-    return self.ends[-1] if self.ends else 0
-
-  def locate(self, index: int) -> tuple[int, int]:
-    """Global record index -> (shard number, position in that shard)."""
-    shard = bisect.bisect_right(self.ends, index)
-    return shard, index - (self.ends[shard - 1] if shard else 0)
-
-  def _open(self, shard: int):
-    with self._lock:
-      if self._sources[shard] is None:
-        path = self.paths[shard]
-        try:  # without a [start:end] suffix the constructor opens the file: fails here
-          src = grain.sources.ArrayRecordDataSource(path)
-        except Exception as e:  # pylint: disable=broad-except
-          log.error("cannot open shard %s (%s: %s): its %d records are skipped; run "
-                    "`jest-pod data verify %s`, then restore the shard or re-ingest",
-                    path, type(e).__name__, e, self.counts[shard], self.data_dir)
-          src = False
-        else:
-          if len(src) != self.counts[shard]:
-            log.error("shard %s holds %d records, the manifest says %d: the missing ones "
-                      "are skipped; run `jest-pod data verify %s`", path, len(src),
-                      self.counts[shard], self.data_dir)
-        self._sources[shard] = src
-      return self._sources[shard]
-
-  def __getitem__(self, index):
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"record {index} not in [0, {len(self)})")  # a bug, not storage
-    shard, pos = self.locate(index)
-    src = self._sources[shard]
-    if src is None:
-      src = self._open(shard)
-    if src is False:
-      return Unreadable("shard_unreadable")
-    try:
-      return src[pos]
-    except Exception as e:  # pylint: disable=broad-except
-      _bad_log(f"cannot read record {pos} of shard {self.paths[shard]} "
-               f"({type(e).__name__}: {e}); run `jest-pod data verify {self.data_dir}`")
-      return Unreadable("record_unreadable")
-
-
-def open_source(spec: str):
-  """A data set spec -> (grain random-access source, source names [str])."""
-  if virtual.is_virtual(spec):
-    return virtual.parse(spec), _names(spec)
-  manifest = manifest_lib.read(spec, check_files=False)  # fields and counts agree
-  for s in manifest["shards"]:
-    if not os.path.exists(os.path.join(spec, s["file"])):
-      raise manifest_lib.ManifestError(
-          f"shard {os.path.join(spec, s['file'])} listed in the manifest is missing; "
-          f"restore it, or rebuild the data set with --overwrite")
-  # A size mismatch (a stat per shard, no hashing) warns but does not refuse: the damaged
-  # shard's unreadable records become counted skips (`_SafeSource`).
-  for line in manifest_lib.size_mismatches(manifest, spec):
-    log.warning("damaged shard %s; run `jest-pod data verify %s`", line, spec)
-  shards = [(os.path.join(spec, s["file"]), s["num_records"])
-            for s in manifest["shards"] if s["num_records"] > 0]
-  if not shards:
-    raise ValueError(f"data set {spec!r} has no records (manifest lists no non-empty shard)")
-  return _SafeSource(spec, shards), list(manifest.get("sources", []))
-
-
-def _warn_if_upscaled(spec: str, image_size: int) -> None:
-  """The manifest's `image_max_side` (ingest --max-side) bounds the stored images: training
-  above it enlarges every image (blurry, and decode + resize cost for nothing)."""
-  if virtual.is_virtual(spec):
-    return
-  side = manifest_lib.read(spec, check_files=False).get("image_max_side")
-  if side and int(side) < image_size:
-    log.warning("%s stores images with max side %d, smaller than image_size=%d: every "
-                "image is enlarged; re-ingest with --max-side >= %d", spec, side,
-                image_size, image_size)
-
-
-def _components(input_config) -> list[tuple[str, float]]:
-  mixture = list(input_config.get("mixture") or [])
-  if mixture:
-    out = [(str(d), float(w)) for d, w in mixture]
-    if any(w <= 0 for _, w in out):
-      raise ValueError(f"mixture weights must be positive: {out}")
-    return out
-  if not input_config.get("data"):
-    raise ValueError("config.input needs `data` (a data set folder) or a `mixture`")
-  return [(str(input_config.data), 1.0)]
-
-
-def source_names(input_config) -> list[str]:
-  """Names of the integers in `batch["source"]`: the mixture's manifest sources, in
-  component order (component c's ids are offset by the sizes of earlier lists)."""
-  names = []
-  for spec, _ in _components(input_config):
-    names += _names(spec)
-  return names
-
-
 def resolve_tokenizer(input_config) -> tokenizer_lib.Tokenizer:
-  """The tokenizer a run's input uses: config.input.tokenizer, else
-  <first data dir>/tokenizer.model."""
-  return _tokenizer(input_config.get("tokenizer", ""), _components(input_config)[0][0])
-
-
-def _tokenizer(spec: Any, first_dir: str) -> tokenizer_lib.Tokenizer:
-  if isinstance(spec, tokenizer_lib.Tokenizer):
-    return spec
-  if not spec:
-    if virtual.is_virtual(first_dir):
-      raise tokenizer_lib.TokenizerError(
-          "the virtual source has no tokenizer.model: set config.input.tokenizer to a "
-          "tokenizer path (any will do; see jest_pod/bench/data.py)")
-    spec = os.path.join(first_dir, tokenizer_lib.MODEL_NAME)
-  return tokenizer_lib.Tokenizer(spec)
+  """The tokenizer a run's input uses (the one rule: `tokenizer.resolve`)."""
+  return tokenizer_lib.resolve(input_config)
 
 
 # ---------------------------------------------------------------------------------------
 # Transforms: module-level classes so that they pickle into Grain worker processes.
 
 
-class _RateLimitedLog:
-  """Logs the first few bad records, then at most one line a minute with the count."""
-
-  def __init__(self, first: int = 5, every_s: float = 60.0):
-    self.first, self.every_s = first, every_s
-    self.count, self.last = 0, 0.0
-
-  def __call__(self, msg: str):
-    self.count += 1
-    now = time.monotonic()
-    if self.count <= self.first or now - self.last >= self.every_s:
-      self.last = now
-      log.warning("skipping a bad record (%d so far in pid %d): %s",
-                  self.count, os.getpid(), msg)
-
-
-_bad_log = _RateLimitedLog()
-
-
 class _Tag(grain.transforms.MapWithIndex):
   """bytes -> {raw, index (in the source), component}."""
 
-  def __init__(self, component: int, length: int):
-    self.component, self.length = component, length
+  def __init__(self, component: int, length: int, pool: np.ndarray | None = None):
+    self.component, self.length, self.pool = component, length, pool
 
   def map_with_index(self, index, element):
     # Epoch e reads source index i as e·len + i (the source wraps it): keep i.
-    return {"raw": element, "index": index % self.length, "component": self.component}
+    i = index % self.length
+    if self.pool is not None:  # a sub-pool: its position i is record pool[i] of the set
+      i = int(self.pool[i])
+    return {"raw": element, "index": i, "component": self.component}
 
 
 class _Decode(grain.transforms.Map):
@@ -308,17 +128,18 @@ class _Decode(grain.transforms.Map):
     self.source_ids = [dict(d) for d in source_ids]  # per component: name -> global id
 
   def map(self, element):
-    if isinstance(element["raw"], Unreadable):  # already logged by _SafeSource
+    if isinstance(element["raw"], sources.Unreadable):  # already logged by _SafeSource
       return {"bad": element["raw"].reason, "index": element["index"]}
     try:
       rec = records.decode(element["raw"])
       image = decode.to_array(rec.image, self.image_size, self.max_pixels)
     except decode.TooManyPixels as e:
-      _bad_log(f"source component {element['component']} index {element['index']}: {e}")
+      sources.bad_record_log(
+          f"source component {element['component']} index {element['index']}: {e}")
       return {"bad": "too_many_pixels", "index": element["index"]}
     except Exception as e:  # bad proto, bad image bytes: skip, never crash a long run
-      _bad_log(f"source component {element['component']} index {element['index']}: "
-               f"{type(e).__name__}: {e}")
+      sources.bad_record_log(f"source component {element['component']} index "
+                             f"{element['index']}: {type(e).__name__}: {e}")
       return {"bad": f"{type(e).__name__}", "index": element["index"]}
     return {
         "image": image,
@@ -327,118 +148,6 @@ class _Decode(grain.transforms.Map):
         "source": np.int32(self.source_ids[element["component"]].get(rec.source, -1)),
         "index": np.int64(element["index"]),
     }
-
-
-class _SkipBad(grain.IterDataset):
-  """Drops `{"bad": ...}` markers; each kept example's `skipped` counts the bad records
-  dropped just before it, so `batch["skipped"].sum()` = bad records of that batch."""
-
-  def __iter__(self):
-    return _SkipBadIterator(self._parent.__iter__())
-
-
-class _SkipBadIterator(grain.DatasetIterator):
-  # Stateless beyond the parent: one __next__ consumes the whole run of bad records.
-
-  def __next__(self):
-    skipped = 0
-    while True:
-      ex = next(self._parent)
-      if "bad" in ex:
-        skipped += 1
-        continue
-      ex["skipped"] = np.int32(skipped)
-      return ex
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-class _ChunkedPrefetch(grain.IterDataset):
-  """MapDataset -> iterator that reads ahead in chunks of `chunk` consecutive positions,
-  one thread-pool task per chunk (worker_count 0 only).
-
-  Grain's `to_iter_dataset(ReadOptions)` submits one future per element; on a small host
-  that bookkeeping (futures, locks, per-element stats) cost about as much CPU as decoding
-  a 32² PNG. Elements are a pure function of their position, so the order, and the state
-  `{"next_index": n}` (the same as Grain's: old checkpoints restore), are unchanged.
-  """
-
-  def __init__(self, parent: grain.MapDataset, num_threads: int, chunk: int,
-               ahead: int):
-    super().__init__(parent)
-    self.num_threads, self.chunk, self.ahead = num_threads, chunk, ahead
-
-  def __iter__(self):
-    return _ChunkedPrefetchIterator(self._parent, self.num_threads, self.chunk, self.ahead)
-
-
-def _read_chunk(ds, start: int, stop: int) -> list:
-  # Grain's batched read: one call down the chain (one ArrayRecord read of the chunk's
-  # records, stats once per chunk); the same elements as [ds[i] for i in range(...)].
-  return list(ds._getitems(list(range(start, stop))))  # pylint: disable=protected-access
-
-
-class _ChunkedPrefetchIterator(grain.DatasetIterator):
-
-  def __init__(self, ds, num_threads: int, chunk: int, ahead: int):
-    super().__init__()
-    self._ds, self._len = ds, len(ds)
-    self._chunk, self._ahead = chunk, ahead
-    self._executor = futures.ThreadPoolExecutor(num_threads,
-                                                thread_name_prefix="jest-pod-decode")
-    self._next = 0           # position of the next element returned (the state)
-    self._submitted = 0      # first position not yet submitted
-    self._pending = collections.deque()  # futures of consecutive chunks
-    self._current, self._offset = [], 0  # the chunk being returned from
-
-  def _fill(self):
-    while len(self._pending) < self._ahead and self._submitted < self._len:
-      stop = min(self._submitted + self._chunk, self._len)
-      self._pending.append(
-          self._executor.submit(_read_chunk, self._ds, self._submitted, stop))
-      self._submitted = stop
-
-  def __next__(self):
-    self._assert_not_closed()
-    if self._offset == len(self._current):
-      self._fill()
-      if not self._pending:
-        raise StopIteration
-      self._current, self._offset = self._pending.popleft().result(), 0
-      self._fill()
-    element = self._current[self._offset]
-    self._current[self._offset] = None  # do not hold returned elements
-    self._offset += 1
-    self._next += 1
-    return element
-
-  def get_state(self):
-    return {"next_index": self._next}
-
-  def set_state(self, state):
-    n = int(state["next_index"])
-    if not 0 <= n <= self._len:
-      raise IndexError(f"checkpoint next_index {n} out of range [0, {self._len}]")
-    for f in self._pending:
-      f.cancel()
-    self._pending.clear()
-    self._current, self._offset = [], 0
-    self._next = self._submitted = n
-
-  def close(self):
-    if not self._closed:
-      for f in self._pending:
-        f.cancel()
-      self._pending.clear()
-      try:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-      except Exception:  # pylint: disable=broad-except
-        pass  # called from __del__ at interpreter exit, modules half torn down
-    super().close()
 
 
 def _ensure_absl_flags_parsed():
@@ -503,22 +212,25 @@ class _HostBlocks(grain.MapDataset):
 
 def train_map_dataset(input_config, *, seed: int, process_index: int,
                       process_count: int, block: int = 1) -> grain.MapDataset:
-  """This host's infinite, shuffled, decoded examples (before `_SkipBad` and batching).
+  """This host's infinite, shuffled, decoded examples (before `prefetch.SkipBad` and batching).
 
   With block = 1, position k is global position process_index + k·process_count; with
   block = b (what training uses), host p reads the p-th block of b rows of every global
   batch of b·process_count. Exposed for tests and for computing what any position holds
   without iterating to it.
   """
-  comps = _components(input_config)
+  comps = sources.components(input_config)
   tok = resolve_tokenizer(input_config)
   datasets, source_ids, offset = [], [], 0
   for c, (spec, _) in enumerate(comps):
-    source, names = open_source(spec)
-    _warn_if_upscaled(spec, input_config.image_size)
+    source, names = sources.open_source(spec)
+    sources.warn_if_upscaled(spec, input_config.image_size)
     source_ids.append({n: offset + i for i, n in enumerate(names)})
     offset += len(names)
-    ds = grain.MapDataset.source(source).map_with_index(_Tag(c, len(source)))
+    pool = sources.pool_indices(len(source), input_config.get("pool_size", 0), spec)
+    if pool is not None:
+      source = sources.PoolSource(source, pool)
+    ds = grain.MapDataset.source(source).map_with_index(_Tag(c, len(source), pool))
     datasets.append(ds.shuffle(seed=_component_seed(seed, c)).repeat())
   if len(datasets) == 1:
     ds = datasets[0]
@@ -557,8 +269,8 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
                                               prefetch_buffer_size=ahead))
   else:
     chunk = max(1, min(READ_CHUNK, b))
-    ds = _ChunkedPrefetch(ds, READ_THREADS, chunk, max(2, math.ceil(ahead / chunk)))
-  ds = _SkipBad(ds).batch(b, drop_remainder=True)
+    ds = prefetch.ChunkedPrefetch(ds, READ_THREADS, chunk, max(2, math.ceil(ahead / chunk)))
+  ds = prefetch.SkipBad(ds).batch(b, drop_remainder=True)
   if workers > 0:
     _ensure_absl_flags_parsed()
     ds = ds.mp_prefetch(
@@ -619,8 +331,8 @@ def make_eval_iterator(data_dir: str, *, batch_size: int, image_size: int,
   """
   decode.retain_freed_memory()
   pi, pc = _process(process_index, process_count)
-  source, names = open_source(data_dir)
-  tok = _tokenizer(tokenizer, data_dir)
+  source, names = sources.open_source(data_dir)
+  tok = tokenizer_lib.resolve({"data": data_dir}, tokenizer)
   per_host = math.ceil(len(source) / pc)
   num_batches = math.ceil(per_host / batch_size)
   decoder = _Decode(image_size, max_text_len, tok, [{n: i for i, n in enumerate(names)}],

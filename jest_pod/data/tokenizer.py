@@ -12,12 +12,14 @@ get a working copy without touching the file system.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import io
 import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -36,23 +38,39 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int) ->
 
   `vocab_size` is a maximum: a small corpus cannot support many pieces, so we let
   sentencepiece shrink it (`hard_vocab_limit=False`); read `Tokenizer.vocab_size`.
+  Every character gets a piece when the vocabulary has room for them all (see
+  `_character_coverage` for a corpus with more).
   """
   texts = [t.replace("\n", " ") for t in texts if t and t.strip()]
   if not texts:
     raise TokenizerError("train_tokenizer: no non-empty texts to train on")
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
   model = io.BytesIO()
+  coverage = _character_coverage(texts, vocab_size)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
       model_type="unigram", pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       normalization_rule_name="nmt_nfkc_cf",  # NFKC + case folding = lowercase
-      hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
-      input_sentence_size=2_000_000, shuffle_input_sentence=True,
+      hard_vocab_limit=False, character_coverage=coverage,
+      num_threads=1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
       minloglevel=2)
   path = model_prefix + ".model"
   with open(path, "wb") as f:
     f.write(model.getvalue())
   return path
+
+
+def _character_coverage(texts: list[str], vocab_size: int) -> float:
+  """1.0 when every distinct character fits in the vocabulary with room to spare; else
+  the share of character occurrences covered by the vocab_size // 2 most frequent ones
+  (a multilingual corpus: the rarest characters map to unk, and half the vocabulary is
+  left for multi-character pieces). The icon pool: 1,174 characters for 1,024 pieces."""
+  counts = collections.Counter("".join(texts).lower())
+  if len(counts) + 4 < vocab_size:  # + pad, unk, bos, eos
+    return 1.0
+  top = sum(n for _, n in counts.most_common(vocab_size // 2))
+  # Just under: the next character is left out; sentencepiece accepts ≥ 0.98.
+  return max(0.98, top / sum(counts.values()) - 1e-9)
 
 
 class Tokenizer:
@@ -106,6 +124,43 @@ class Tokenizer:
 
   def __setstate__(self, state):
     self.__init__(state["path"], model_proto=state["proto"])
+
+
+def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
+  """The tokenizer a run's text tower was trained with: the one rule for training,
+  evaluation and the reference cache.
+
+  `explicit` (a path or Tokenizer), else `input_config.tokenizer`, else
+  `<first data dir>/tokenizer.model` (a mixture's first component). An eval set's own
+  tokenizer.model is not a fallback: another vocabulary would score garbage silently.
+  `input_config`: a ConfigDict or dict (`{"data": DIR}` for a data set's own tokenizer).
+  """
+  spec = explicit or _get(input_config, "tokenizer")
+  if isinstance(spec, Tokenizer):
+    return spec
+  if not spec:
+    mixture = list(_get(input_config, "mixture") or [])
+    first_dir = str(mixture[0][0]) if mixture else _get(input_config, "data")
+    if not first_dir:
+      raise TokenizerError("no tokenizer: config.input sets neither `tokenizer` nor a "
+                           "`data`/`mixture` folder holding tokenizer.model")
+    from jest_pod.data import sources  # pylint: disable=import-outside-toplevel
+    spec = sources.tokenizer_path(str(first_dir))
+    if spec is None:
+      raise TokenizerError(
+          f"the {sources.scheme(str(first_dir))} source has no tokenizer.model: set "
+          "config.input.tokenizer to a tokenizer path (for the virtual source any will do; "
+          "see jest_pod/experiments/bench/data.py)")
+  return Tokenizer(str(spec))
+
+
+def _get(cfg: Any, key: str) -> Any:
+  if cfg is None:
+    return None
+  try:
+    return cfg.get(key)
+  except AttributeError:
+    return getattr(cfg, key, None)
 
 
 def missing_message(path: str | None) -> str:

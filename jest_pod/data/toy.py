@@ -3,7 +3,9 @@
 `build_toy(DIR, n)` writes a data set folder in the project's record format with a
 tokenizer: "a red circle on a blue background", etc. It is learnable in a few dozen
 steps, which makes "the loss falls" a real check, and `noise` swaps a share of captions
-(source "toy:swapped_caption") so selection has something to reject.
+(source "toy:swapped_caption") so selection has something to reject; `duplicate_images`
+stores a share of pictures again under another caption (a retrieval set's "one image,
+several captions").
 """
 
 from __future__ import annotations
@@ -37,18 +39,25 @@ def _image(shape, fg, bg, size, rng) -> np.ndarray:
 
 def build_toy(out_dir: str, n: int = 512, *, noise: float = 0.0, seed: int = 0,
               image_size: int = 32, vocab_size: int = 64, shards: int = 2,
-              labelled: bool = True) -> str:
+              labelled: bool = True, duplicate_images: float = 0.0) -> str:
   """Writes `n` examples into `out_dir` (manifest.json, shards, tokenizer.model)."""
   from jest_pod.data import tokenizer as tokenizer_lib
   from jest_pod.data.builders import Example, write_examples
   rng = np.random.default_rng(seed)
   colors = list(COLORS)
-  examples = []
+  examples, drawn = [], []
   for i in range(n):
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    fg, bg = rng.choice(colors, 2, replace=False)
-    examples.append(Example(id=f"toy-{i}", image=_image(shape, fg, bg, image_size, rng),
-                            caption=f"a {fg} {shape} on a {bg} background", origin="toy",
+    # Only draws a number when asked: the default sets stay as they were.
+    if duplicate_images and drawn and rng.random() < duplicate_images:
+      shape, fg, bg, image = drawn[rng.integers(len(drawn))]
+      caption = f"{fg} {shape}, {bg} background"
+    else:
+      shape = SHAPES[rng.integers(len(SHAPES))]
+      fg, bg = rng.choice(colors, 2, replace=False)
+      image = _image(shape, fg, bg, image_size, rng)
+      drawn.append((shape, fg, bg, image))
+      caption = f"a {fg} {shape} on a {bg} background"
+    examples.append(Example(id=f"toy-{i}", image=image, caption=caption, origin="toy",
                             label=SHAPES.index(shape) if labelled else None))
   sources = ["toy"] * n
   texts = [ex.caption for ex in examples]

@@ -10,7 +10,7 @@ releases the GIL), with a progress line (shards done / total, MB/s, ETA) on stde
 Exit 0 if every shard is intact, 1 listing each bad shard and what to do.
 
 Training never needs this to run: damaged records are skipped and counted
-(`pipeline._SafeSource`); this tells you which shards to restore.
+(`sources._SafeSource`); this tells you which shards to restore.
 """
 
 from __future__ import annotations

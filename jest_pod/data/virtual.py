@@ -5,7 +5,8 @@ restoring an iterator deep into an epoch) without 2^33 records on disk. Each rec
 a real serialized tf.train.Example (`records.encode`) holding a tiny PNG and a caption,
 so training reads it through exactly the decode path of real shards.
 
-Select it with `config.input.data = "virtual:8589934592"` (or `"virtual"` = 2^33).
+Select it with `config.input.data = "virtual:8589934592"` (or `"virtual"` = 2^33); it is
+the `"virtual"` entry of `sources.KINDS`.
 Every record is a pure function of its index: `record(i)` is what position i holds.
 """
 
@@ -26,14 +27,20 @@ _SHAPES = ["square", "stripe", "dot", "cross"]
 _SIDE = 8  # pixels; small on purpose: this source measures the pipeline, not PIL
 
 
-def is_virtual(spec: str) -> bool:
-  return isinstance(spec, str) and (spec == PREFIX or spec.startswith(PREFIX + ":"))
-
-
 def parse(spec: str) -> "VirtualSource":
   """"virtual" or "virtual:N" -> VirtualSource(N)."""
   _, _, n = spec.partition(":")
   return VirtualSource(int(n) if n else DEFAULT_NUM_RECORDS)
+
+
+# The `sources.KINDS` entry's functions (the spec is "virtual" or "virtual:N").
+def open_source(spec: str) -> tuple["VirtualSource", list[str]]:
+  return parse(spec), list(SOURCES)
+
+
+def manifest(spec: str) -> dict:
+  del spec
+  return {"sources": list(SOURCES)}
 
 
 def _png(index: int) -> bytes:

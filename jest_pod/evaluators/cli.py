@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
@@ -55,16 +54,17 @@ def _fail(msg: str) -> int:
 
 def eval_specs(data_args: list[str], args: argparse.Namespace) -> dict[str, dict]:
   """`--data [TYPE:]DIR` arguments → `config.evals`-style {name: {type, data, ...}}."""
-  from jest_pod.evaluators import common  # pylint: disable=import-outside-toplevel
+  from jest_pod.data import sources  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators import base, metrics  # pylint: disable=import-outside-toplevel
   specs: dict[str, dict] = {}
   for arg in data_args:
     kind, sep, path = arg.partition(":")
-    if not sep or kind not in ("zeroshot", "retrieval"):
+    if not sep or kind not in base.TYPES:
       kind, path = "", arg
-    if not os.path.isdir(path):
-      raise common.EvalDataError(f"--data {arg}: {path!r} is not a folder")
-    manifest = common.read_manifest(path)
-    name = common.set_name_of(path, manifest)
+    if sources.is_folder(path) and not os.path.isdir(path):
+      raise metrics.EvalDataError(f"--data {arg}: {path!r} is not a folder")
+    manifest = base.check_data_set(path, check_files=False)
+    name = base.set_name_of(path, manifest)
     if kind:
       kinds = [kind]
     else:  # infer: zero-shot where the labels have names, else retrieval
@@ -75,42 +75,15 @@ def eval_specs(data_args: list[str], args: argparse.Namespace) -> dict[str, dict
         spec["tokenizer"] = args.tokenizer
       if args.patch_size:
         spec["patch_size"] = args.patch_size
-      if k == "zeroshot":
-        if args.class_names:
-          spec["class_names"] = args.class_names
-        if args.templates:
-          spec["templates"] = list(args.templates)
+      for option in base.evaluator_class(k).CONFIG_KEYS:  # e.g. --class-names, --templates
+        value = getattr(args, option, None)
+        if value:
+          spec[option] = value if isinstance(value, str) else list(value)
       key = f"{name}_{k}"
       if key in specs:
-        raise common.EvalDataError(f"--data {arg}: set {name!r} is given twice for {k}")
+        raise metrics.EvalDataError(f"--data {arg}: set {name!r} is given twice for {k}")
       specs[key] = spec
   return specs
-
-
-def check_params_fit(model: Any, config: Any, params: Any) -> None:
-  """Raise CheckpointError when the checkpoint's parameters do not fit the model its config
-  builds (renamed layers, other sizes): a shape error deep in jit says much less."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jest_pod.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators import input_sizes  # pylint: disable=import-outside-toplevel
-  image_size, max_text_len = input_sizes(config)
-  want = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
-                         jnp.zeros((1, max_text_len), jnp.int32)))["params"]
-  flat_want = {jax.tree_util.keystr(k): v.shape
-               for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-  flat_got = {jax.tree_util.keystr(k): np.shape(v)
-              for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  problems = [f"missing {k} {s}" for k, s in flat_want.items() if k not in flat_got]
-  problems += [f"unexpected {k} {s}" for k, s in flat_got.items() if k not in flat_want]
-  problems += [f"{k}: checkpoint {flat_got[k]} vs model {s}" for k, s in flat_want.items()
-               if k in flat_got and tuple(flat_got[k]) != tuple(s)]
-  if problems:
-    shown = "\n  ".join(problems[:10])
-    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-    raise CheckpointError("the checkpoint's parameters do not fit the model built from its "
-                          f"saved config.model ({len(problems)} differences):\n  {shown}{more}")
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -120,7 +93,7 @@ def format_table(metrics: dict[str, float]) -> str:
     return "(no metrics)"
   w = max(len(k) for k in metrics)
   lines = [f"{'metric':<{w}}  {'value':>7}", f"{'-' * w}  {'-' * 7}"]
-  from jest_pod.evaluators.common import metric_sort_key  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators.metrics import metric_sort_key  # pylint: disable=import-outside-toplevel
   lines += [f"{k:<{w}}  {100 * v:>6.2f}%"
             for k, v in sorted(metrics.items(), key=lambda kv: metric_sort_key(kv[0]))]
   return "\n".join(lines)
@@ -130,24 +103,24 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   import jax  # pylint: disable=import-outside-toplevel
   from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators import build_evaluator  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators.common import EvalDataError  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators.common import check_data_set  # pylint: disable=import-outside-toplevel
+  from jest_pod.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators import build_evaluator, input_sizes  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators.base import check_data_set  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
   from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
   from jest_pod.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
 
   # Whatever devices this machine has, one data axis: eval is data-parallel only.
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  mesh = shd.make_mesh((("data", -1),))
+  replicated = shd.replicated(mesh)
   try:
     config, params, step = checkpoint.load_params(args.checkpoint, args.step,
                                                   sharding=replicated)
     if "model" not in config:
       raise checkpoint.CheckpointError("the checkpoint's saved config has no `model` section")
     model = build_model(config.model)
-    check_params_fit(model, config, params)
+    checkpoint.check_params_fit(model, params, *input_sizes(config))
   except checkpoint.CheckpointError as e:
     return _fail(str(e))
 

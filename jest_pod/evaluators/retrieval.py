@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from jest_pod.evaluators import common
+from jest_pod import embed
+from jest_pod.evaluators import base, metrics
 
 
-class RetrievalEvaluator(common.Evaluator):
-  """Recall@k both ways (see `common.Evaluator` for shared args).
+class RetrievalEvaluator(base.Evaluator):
+  """Recall@k both ways (see `base.Evaluator` for shared args).
 
   Extra args:
     ks: recall cut-offs.
@@ -29,49 +30,51 @@ class RetrievalEvaluator(common.Evaluator):
     group_identical_captions: count identical captions as one text (default on).
   """
 
+  CONFIG_KEYS = ("group_identical_images", "group_identical_captions")
+
   def __init__(self, name: str, data_dir: str, model: Any, mesh, *,
-               ks: Sequence[int] = common.RETRIEVAL_KS, group_identical_images: bool = True,
+               ks: Sequence[int] = metrics.RETRIEVAL_KS, group_identical_images: bool = True,
                group_identical_captions: bool = True, **kwargs):
     super().__init__(name, data_dir, model, mesh, **kwargs)
     self.ks = tuple(ks)
     self.group_identical_images = bool(group_identical_images)
     self.group_identical_captions = bool(group_identical_captions)
-    self._encode = common.encode_fn_for(model, image=True, text=True, patch_size=self.patch_size)
+    self._encode = embed.encode_fn_for(model, image=True, text=True, patch_size=self.patch_size)
+
+  def _with_digests(self, batches):
+    """Each batch plus fixed-size columns for grouping, gathered from every host."""
+    for batch in batches:
+      text = np.asarray(batch["text"])
+      extra = {"has_text": (text != 0).any(axis=1)}
+      if self.group_identical_captions:  # identical tokens = identical model input
+        extra["caption_digest"] = metrics.row_digests(text)
+      if self.group_identical_images:
+        extra["image_digest"] = metrics.row_digests(np.asarray(batch["image"]))
+      yield {**batch, **extra}
 
   def evaluate(self, params, should_stop=None):
-    digests: list[bytes] = []
-    captions: list[bytes] = []
-    nonempty: list[np.ndarray] = []
-
-    def note_images(batch, real):
-      text = np.asarray(batch["text"])[real]
-      nonempty.append((text != 0).any(axis=1))
-      if self.group_identical_captions:  # identical tokens = identical model input
-        captions.extend(np.ascontiguousarray(t).tobytes() for t in text)
-      if self.group_identical_images:
-        digests.extend(common.image_digests(np.asarray(batch["image"])[real]))
-
-    got = common.embed_batches(self._encode, params, self.batches(), self.mesh,
-                               device_keys=("image", "text"), on_host_batch=note_images,
-                               should_stop=should_stop)
+    keys = ("has_text",) + (("caption_digest",) if self.group_identical_captions else ()) + (
+        ("image_digest",) if self.group_identical_images else ())
+    got = self.embed(self._encode, params, self._with_digests(self.batches()),
+                     device_keys=("image", "text"), host_keys=keys, should_stop=should_stop)
     # An empty caption (all padding) has nothing to retrieve: leave it out, loudly if all are.
-    has_text = np.concatenate(nonempty)
+    has_text = got["has_text"].astype(bool)
     if self.group_identical_images:
-      first, caption_to_image = common.group_identical(digests)
+      first, caption_to_image = metrics.group_identical(got["image_digest"])
       image_emb = got["image"][first]
     else:
       caption_to_image = np.arange(len(got["image"]))
       image_emb = got["image"]
     text_emb = got["text"][has_text]
     caption_to_image = caption_to_image[has_text]
-    caption_group = (common.group_identical(captions)[1] if self.group_identical_captions
-                     else np.arange(len(has_text)))[has_text]
+    caption_group = (metrics.group_identical(got["caption_digest"])[1]
+                     if self.group_identical_captions else np.arange(len(has_text)))[has_text]
     if len(text_emb) == 0:
-      raise common.EvalDataError(
+      raise metrics.EvalDataError(
           f"retrieval on {self.set_name!r} ({self.data_dir}): no record has a caption")
-    rec = common.retrieval_recall(image_emb, text_emb, caption_to_image, self.ks,
-                                  caption_groups=caption_group)
-    metrics = {f"z/retr/{self.set_name}_{k}": v for k, v in rec.items()}
+    rec = metrics.retrieval_recall(image_emb, text_emb, caption_to_image, self.ks,
+                                   caption_groups=caption_group)
+    scores = {f"z/retr/{self.set_name}_{k}": v for k, v in rec.items()}
     arrays = {"image": image_emb, "text": text_emb, "caption_to_image": caption_to_image,
               "caption_group": caption_group}
-    return metrics, arrays
+    return scores, arrays

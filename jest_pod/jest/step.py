@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jest_pod import config as config_lib
-from jest_pod import selection
-from jest_pod import sharding as shd
-from jest_pod.train import DEVICE_KEYS
+from jest_pod.jest import selection
+from jest_pod.parallel import sharding as shd
+from jest_pod.data.input_config import DEVICE_KEYS
 
 # Device keys the step adds to a super-batch when the reference comes from the cache.
 CACHE_KEYS = ("ref_image", "ref_text")
@@ -42,7 +42,7 @@ def uses_reference(config) -> bool:
   return s.method != "uniform" and uses_models(s.score)[1]
 
 
-# The patch size the learner scores at: the one resolver, in config.py (0 = base patch).
+# The patch size the learner scores at: the one resolver, in jest_pod/config (0 = base patch).
 score_patch_size = config_lib.score_patch_size
 
 

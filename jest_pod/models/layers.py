@@ -4,6 +4,7 @@ Mixed precision: `dtype` is the compute dtype of every layer; parameters stay fl
 (flax's default param_dtype), so the optimizer updates float32 master weights.
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -93,6 +94,28 @@ class _ScanBlock(EncoderBlock):
 
   def __call__(self, x, lengths=None):
     return super().__call__(x, lengths), None
+
+
+class Tower(nn.Module):
+  """The encoder fields both towers share (the text and image towers add their own).
+
+  `dtype` and the fields after it are keyword-only (so a tower may add fields without
+  defaults)."""
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  out_dim: int
+  _: dataclasses.KW_ONLY
+  dtype: str = "float32"
+  attention: str = "auto"
+  remat: bool = False
+  scan_layers: bool = False
+
+  def encoder(self) -> "Encoder":
+    return Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
+                   attention=self.attention, remat=self.remat, scan_layers=self.scan_layers,
+                   name="encoder")
 
 
 class Encoder(nn.Module):

@@ -3,22 +3,13 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jest_pod.models.layers import Encoder
+from jest_pod.models.layers import Tower
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(Tower):
   """Token ids [b, L] (0 = pad) → [b, out_dim]."""
   vocab_size: int
   max_len: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  out_dim: int
-  dtype: str = "float32"
-  attention: str = "auto"
-  remat: bool = False
-  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, text):
@@ -28,9 +19,7 @@ class TextTransformer(nn.Module):
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="embedding")(text)
     posemb = self.param("posemb", nn.initializers.normal(0.02), (1, self.max_len, self.width))
     x = x + posemb[:, :text.shape[1]].astype(self.dtype)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
-                attention=self.attention, remat=self.remat, scan_layers=self.scan_layers,
-                name="encoder")(x, mask)
+    x = self.encoder()(x, mask)
     m = mask[..., None]
     # where, not x * m: padded rows may hold anything (cuDNN with 0 real keys), and an
     # all-padding caption (empty text) pools to zeros rather than NaN.

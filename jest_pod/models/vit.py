@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jest_pod.models.layers import Encoder
+from jest_pod.models.layers import Tower
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,19 +52,10 @@ def resize_posemb(posemb, grid: int):
   return pe.reshape(1, grid * grid, -1)
 
 
-class FlexiViT(nn.Module):
+class FlexiViT(Tower):
   """ViT over images [b, H, W, 3] → [b, out_dim] (global-average-pooled, projected)."""
   image_size: int
   patch_size: int          # the base patch size p0 at which the kernel is stored
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  out_dim: int
-  dtype: str = "float32"
-  attention: str = "auto"
-  remat: bool = False
-  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, image, patch_size=None):
@@ -85,8 +76,6 @@ class FlexiViT(nn.Module):
     x = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype), k.astype(self.dtype))
     assert h == w, "square images only"
     x = x + bias.astype(self.dtype) + resize_posemb(posemb, h // p).astype(self.dtype)
-    x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
-                attention=self.attention, remat=self.remat, scan_layers=self.scan_layers,
-                name="encoder")(x)
+    x = self.encoder()(x)
     x = jnp.mean(x, axis=1)
     return nn.Dense(self.out_dim, dtype=self.dtype, name="head")(x).astype(jnp.float32)

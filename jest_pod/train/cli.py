@@ -15,7 +15,7 @@ import ml_collections
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
-from jest_pod import distributed
+from jest_pod.parallel import distributed
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.train import lock as lock_lib
 from jest_pod.train.hooks import TrainingDiverged, setup_logging

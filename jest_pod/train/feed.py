@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from jest_pod.train import DEVICE_KEYS
+from jest_pod.data.input_config import DEVICE_KEYS
 from jest_pod.train import ids
 
 

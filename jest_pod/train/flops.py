@@ -8,31 +8,7 @@ model with XLA's own count of the compiled step.
 
 from __future__ import annotations
 
-
-def _encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
-  per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)  # qkv, out, mlp
-  per_layer += 2 * 2 * tokens * tokens * width                         # q·k and attn·v
-  return depth * per_layer
-
-
-def image_forward_flops(model_config, image_size: int, patch_size: int) -> float:
-  """Forward FLOPs of one image at `patch_size` (Flexi-ViT: tokens = (S/p)²)."""
-  im = model_config.image
-  tokens = (image_size // patch_size) ** 2
-  patch = 2 * tokens * patch_size * patch_size * 3 * im["width"]
-  head = 2 * im["width"] * model_config.embed_dim
-  return patch + _encoder_flops(tokens, im["width"], im["depth"], im["mlp_dim"]) + head
-
-
-def text_forward_flops(model_config, text_len: int) -> float:
-  tx = model_config.text
-  head = 2 * tx["width"] * model_config.embed_dim
-  return _encoder_flops(text_len, tx["width"], tx["depth"], tx["mlp_dim"]) + head
-
-
-def example_forward_flops(model_config, image_size, patch_size, text_len) -> float:
-  return (image_forward_flops(model_config, image_size, patch_size)
-          + text_forward_flops(model_config, text_len))
+from jest_pod.models.flops import example_forward_flops, image_forward_flops, text_forward_flops
 
 
 def step_flops(config, reference_config=None, *,

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from jest_pod import distributed
+from jest_pod.parallel import distributed
 
 log = logging.getLogger("jest_pod")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jest_pod import distributed
+from jest_pod.parallel import distributed
 
 
 def split(ids) -> np.ndarray:

@@ -19,7 +19,7 @@ import time
 import jax
 from etils import epath
 
-from jest_pod import distributed
+from jest_pod.parallel import distributed
 
 log = logging.getLogger("jest_pod")
 LOCK_NAME = ".lock"

@@ -22,15 +22,16 @@ from etils import epath
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
-from jest_pod import distributed
+from jest_pod.parallel import distributed
 from jest_pod import runinfo
-from jest_pod import sharding as shd
+from jest_pod.parallel import sharding as shd
 from jest_pod.data import pipeline
-from jest_pod.data import reference_cache
+from jest_pod.jest import reference_cache
+from jest_pod.data import sources
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.jest import step as jest_lib
 from jest_pod.models import build_model
-from jest_pod.train import DEVICE_KEYS
+from jest_pod.data.input_config import DEVICE_KEYS
 from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import hooks
@@ -65,13 +66,12 @@ def load_reference(config, mesh):
     raise ValueError(f"reference at {path} has text vocab {rm.text['vocab_size']} < the "
                      f"learner's {config.model.text['vocab_size']}: use the same tokenizer")
   ref_model = build_model(rm)
-  # Shape check: one forward pass on the learner's input shapes fails early, not at step 1.
-  image, text = state_lib.dummy_inputs(config)
+  # On the learner's input shapes: a misfit fails here, naming the layers, not at step 1.
   try:
-    jax.eval_shape(lambda p: ref_model.apply({"params": p}, image, text), ref_params)
-  except Exception as e:
-    raise ValueError(f"reference checkpoint {path} does not fit its own saved config "
-                     f"(shape mismatch): {e}") from e
+    ckpt_lib.check_params_fit(ref_model, ref_params, config.model.image_size,
+                              config.input.max_text_len)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(f"reference checkpoint {path}: {e}") from e
   log.info("reference: %s (step %d)", path, ref_step)
   return ref_config, ref_model, ref_params
 
@@ -188,7 +188,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   data_iter = feed.SkipCounter(pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count()))
-  source_names = pipeline.source_names(config.input)
+  source_names = sources.source_names(config.input)
 
   # ---------------------------------------------------------------- model and state
   model = build_model(config.model)

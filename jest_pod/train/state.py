@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jest_pod import sharding as shd
+from jest_pod.parallel import sharding as shd
 
 
 def make_schedule(oc, total_steps):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jest_pod import config as config_lib
-from jest_pod import losses
+from jest_pod.jest import losses
 
 
 def split_bounds(n: int, fractions) -> list[tuple[int, int]]:

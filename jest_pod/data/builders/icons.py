@@ -7,6 +7,7 @@
   DIR/curated         clean subset for the reference model (clean human names only)
   DIR/eval_flags      zero-shot: country flags in many styles, labels + class_names
   DIR/eval_retrieval  retrieval: the held-out game-icons, pinhead and Carbon pictogram sets
+  DIR/eval_web        retrieval: unseen pictures of the training collections themselves
 
 Sources (icons_sources.py; all real pictures with human-written names): the iconify icon
 sets (npm @iconify/json, pinned and sha512-checked; SVG bodies in JSON), 17 Debian icon
@@ -30,6 +31,11 @@ Recipe, deterministic given --seed (icons_render.py draws, icons.py splits):
    in a seeded order one picture per dHash group (demo.dhash) and per caption is kept.
 4. Training pictures pixel-identical to, or in the dHash group of, any eval picture are
    dropped (near_eval_image).
+4b. eval_web: of the rest, a seeded sample of 1 in 20 (at most 5,000) pictures, one per
+   dHash group and per clean-name caption, leaves training with its whole dHash group
+   (web_eval_group): a held-out set in the pool's own distribution. The sets of steps 2-3
+   come from collections training lacks; at CPU scale a small model scores near chance on
+   them, while eval_web shows how well it learnt the pool itself.
 5. web: each training picture once with a caption drawn (seeded) from its name; name +
    "icon"; name + category; name + tags/aliases; a label in another language (emojibase).
    Then the demo's damage (demo.py, same fractions): swapped_caption, filename_caption,
@@ -69,9 +75,10 @@ from jest_pod.data.builders.icons_sources import clean_name, names_flag
 
 log = logging.getLogger(__name__)
 
-SETS = ("web", "curated", "eval_flags", "eval_retrieval")
+SETS = ("web", "curated", "eval_flags", "eval_retrieval", "eval_web")
+WEB_EVAL_FRACTION, WEB_EVAL_MAX = 0.05, 5000
 DAMAGES = demo.DAMAGES
-VERSION = 1  # bump when the split or captions change: old builds are then not reused
+VERSION = 2  # bump when the split or captions change: old builds are then not reused
 RENDER_VERSION = 1  # bump when drawing changes: cached parts are then redrawn
 CURATED_MAX, CURATED_FRACTION = 60_000, 0.5
 CURATED_FAMILIES = {"unicode", "fluent3d", "silk", "osm"}  # + iconify icons with a category
@@ -122,7 +129,8 @@ def curated_caption(it: dict, rng: np.random.Generator) -> str:
 
 
 def split(items: list[dict], classes: dict, rng: np.random.Generator):
-  """-> (eval_flags rows, eval_retrieval rows, training items, skip counts).
+  """-> (eval_flags rows, eval_retrieval rows, eval_web rows, training items, skip counts,
+  the eval pictures' (pixel hashes, dHash groups)).
 
   Rows are (id, png, caption, source, label)."""
   skips = collections.Counter()
@@ -165,7 +173,32 @@ def split(items: list[dict], classes: dict, rng: np.random.Generator):
       train.append(it)
   skips["held_out_set"] = len(held)
   skips["flag_for_eval"] = len(flags)
-  return eval_flags, eval_retrieval, train, skips, (bad_p, bad_d)
+  eval_web, train = hold_out_web(train, rng, skips, bad_p, bad_d)
+  return eval_flags, eval_retrieval, eval_web, train, skips, (bad_p, bad_d)
+
+
+def hold_out_web(train: list[dict], rng: np.random.Generator, skips: collections.Counter,
+                 bad_p: set, bad_d: set) -> tuple[list[tuple], list[dict]]:
+  """-> (eval_web rows, the training items left). Adds the held-out pictures' pixels and
+  dHash groups to bad_p/bad_d (damage is never drawn near them either)."""
+  n = min(WEB_EVAL_MAX, max(1, round(WEB_EVAL_FRACTION * len(train)))) if train else 0
+  rows, groups, captions = [], set(), set()
+  for i in rng.permutation(len(train)):
+    if len(rows) == n:
+      break
+    it = train[int(i)]
+    caption = clean_name(it["name"])
+    if not caption or it["dhash"] in groups or caption in captions:
+      continue
+    groups.add(it["dhash"])
+    captions.add(caption)
+    bad_p.add(it["phash"])
+    rows.append((it["id"], it["png"], caption, it["family"], None))
+  kept = [it for it in train if it["dhash"] not in groups and it["phash"] not in bad_p]
+  skips["web_eval_group"] = len(train) - len(kept) - len(rows)
+  skips["web_eval"] = len(rows)
+  bad_d |= groups
+  return rows, kept
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -195,8 +228,15 @@ def make_web(base: list[dict], rng: np.random.Generator, bad: tuple[set, set], s
     rows.append((it["id"], it["png"], caption,
                  f"{it['family']}:{kind}" if kind else it["family"], None))
 
-  def acceptable(img):
-    return image_hash(img) not in bad_p and demo.dhash(img) not in bad_d
+  def draw(make, tries: int):
+    """make() until its picture is not near an eval picture (None after `tries`)."""
+    nonlocal redrawn
+    for _ in range(tries):
+      img = make()
+      if image_hash(img) not in bad_p and demo.dhash(img) not in bad_d:
+        return img
+      redrawn += 1
+    return None
 
   clean = [int(i) for i in order[n_swap + n_file:]]
   picks = rng.choice(clean, size=min(len(clean), round(demo.FRACTIONS["near_duplicate"] * n)),
@@ -205,23 +245,15 @@ def make_web(base: list[dict], rng: np.random.Generator, bad: tuple[set, set], s
     it = base[int(i)]
     img = _decode(it["png"])
     for k in range(1, int(rng.integers(1, 4)) + 1):
-      for _ in range(5):
-        dup = demo.near_duplicate(img, rng)
-        if acceptable(dup):
-          break
-        redrawn += 1
-      else:
+      dup = draw(lambda: demo.near_duplicate(img, rng), 5)  # pylint: disable=cell-var-from-loop
+      if dup is None:
         continue
       rows.append((f"{it['id']}#dup{k}", render.encode_png(dup), it["caption"],
                    f"{it['family']}:near_duplicate", None))
   for k in range(max(1, round(demo.FRACTIONS["junk_image"] * n)) if n else 0):
     donor = base[int(rng.integers(n))]
-    for _ in range(10):
-      junk = demo.junk_image(rng, side=size)
-      if acceptable(junk):
-        break
-      redrawn += 1
-    else:
+    junk = draw(lambda: demo.junk_image(rng, side=size), 10)
+    if junk is None:
       continue
     rows.append((f"junk/{k}", render.encode_png(junk), donor["caption"],
                  f"{donor['family']}:junk_image", None))
@@ -349,7 +381,8 @@ def build(output: str, limit: int | None = None, overwrite: bool = False,
       id_set[it["id"]] = p.key
     items += its
   rng = np.random.default_rng(seed)
-  eval_flags, eval_retrieval, train, split_skips, bad = split(items, eb.classes, rng)
+  eval_flags, eval_retrieval, eval_web, train, split_skips, bad = split(items, eb.classes,
+                                                                       rng)
   for it in train:  # in place: half a million dict copies would cost ~0.5 GB
     variants = caption_variants(it)
     it["caption"] = variants[int(rng.integers(len(variants)))]
@@ -379,6 +412,10 @@ def build(output: str, limit: int | None = None, overwrite: bool = False,
                 skipped={"held_out_duplicate": split_skips["held_out_duplicate"]}, args=args,
                 size=image_size,
                 extra=dict(common, licences=_licences(eval_retrieval, id_set, licences))),
+      write_set(outs[4], "eval_web", eval_web,
+                skipped={"same_group_left_training": split_skips["web_eval_group"]},
+                args=args, size=image_size,
+                extra=dict(common, licences=_licences(eval_web, id_set, licences))),
   ]
   log.info("icons: built %s in %.0f s", {s: m["num_examples"] for s, m in zip(SETS, manifests)},
            time.time() - t0)

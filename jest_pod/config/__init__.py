@@ -12,13 +12,14 @@ import os
 
 import ml_collections
 
-from jest_pod import selection
+from jest_pod.jest import selection
+from jest_pod.config.variants import set_model  # pylint: disable=unused-import (re-export)
 # The config.input defaults, from a leaf module: not data.pipeline (Grain, decoders).
 from jest_pod.data.input_config import default_input_config
 
 # The repo's configs/ folder (the package is installed editable beside it).
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs")
+CONFIGS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 METHODS = ("uniform", "independent", "joint")
 SCORES = tuple(selection.SCORES)
@@ -64,14 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"         # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
   c.model.remat = False              # rematerialise each encoder block (memory for compute)
   c.model.scan_layers = False        # nn.scan over depth (fast compile for deep towers)
-  c.model.image = dict(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=128)
-  c.model.text = dict(vocab_size=1000, max_len=16, width=64, depth=2, num_heads=2, mlp_dim=128)
+  c.model.text = dict(vocab_size=1000, max_len=16)
+  set_model(c, "mu/4")  # both towers' sizes: config/variants.py
 
   c.optax = ml_collections.ConfigDict(dict(
       lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=50, grad_clip=1.0,
       end_lr_fraction=0.0))
 
-  # JEST selection (scores and joint sampling: the jest_pod/selection.py docstring).
+  # JEST selection (scores and joint sampling: the jest_pod/jest/selection.py docstring).
   # method=uniform trains on the first B of each batch.
   c.selection = ml_collections.ConfigDict(dict(
       method="uniform", score="learnability", filter_ratio=0.8, n_chunks=16,
@@ -185,14 +186,16 @@ def validate(config) -> None:
   if config.input.max_text_len > config.model.text["max_len"]:
     raise ValueError(f"config.input.max_text_len={config.input.max_text_len} exceeds "
                      f"config.model.text.max_len={config.model.text['max_len']}")
-  for name, ev in config.evals.items():
-    _choice(f"evals.{name}.type", ev.get("type"), ("zeroshot", "retrieval"))
+  if config.evals:
+    from jest_pod.evaluators.base import TYPES  # pylint: disable=g-import-not-at-top
+    for name, ev in config.evals.items():
+      _choice(f"evals.{name}.type", ev.get("type"), tuple(TYPES))
 
 
 def check_input(config) -> None:
   """A missing data folder is named with the fix, instead of a traceback from the reader."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import virtual  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import sources  # pylint: disable=g-import-not-at-top
   mixture = list(config.input.get("mixture") or [])
   key = "config.input.mixture" if mixture else "config.input.data"
   dirs = [str(d) for d, _ in mixture] or [str(config.input.data)]
@@ -200,7 +203,7 @@ def check_input(config) -> None:
     if not d:
       raise ValueError("config.input.data is empty: set it to a data set folder (or set "
                        "config.input.mixture)")
-    if not virtual.is_virtual(d) and not epath.Path(d).exists():
+    if sources.is_folder(d) and not epath.Path(d).exists():
       path = epath.Path(d)
       if path.name in ("web", "curated", "eval_fashion", "eval_retrieval"):
         make = f"`jest-pod data build demo --output {path.parent}` (it writes {d})"
@@ -283,8 +286,26 @@ def check_resume(saved, config) -> None:
 def _has_default_cache(config, s) -> bool:
   if s.reference_cache == "off" or config.input.get("mixture") or not config.input.data:
     return False
-  from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
+  from jest_pod.jest import reference_cache  # pylint: disable=g-import-not-at-top
   return reference_cache.default_cache_path(config.input.data) is not None
+
+
+# The demo pool's evaluation sets: assumed while its data is not built yet.
+DEMO_EVAL_SETS = {"eval_fashion": "zeroshot", "eval_retrieval": "retrieval"}
+
+
+def eval_sets(data_root: str) -> dict[str, str]:
+  """The evaluation sets beside a pool's web set: {folder name: evaluator type} for each
+  ROOT/eval_*/ with a manifest; zero-shot when the manifest names classes, else
+  retrieval. A root without any (not built yet) gets the demo pool's two sets."""
+  found = {}
+  root = data_root if os.path.isdir(data_root) else ""
+  for name in sorted(os.listdir(root)) if root else []:
+    path = os.path.join(root, name, "manifest.json")
+    if name.startswith("eval_") and os.path.exists(path):
+      with open(path) as f:
+        found[name] = "zeroshot" if json.load(f).get("class_names") else "retrieval"
+  return found or dict(DEMO_EVAL_SETS)
 
 
 def sibling_config(this_file: str, name: str, arg: str | None, keys=None):

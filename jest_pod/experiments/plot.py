@@ -26,7 +26,9 @@ class PlotError(ValueError):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-  """WORKDIR/metrics.jsonl → list of events. A torn last line (run still writing) is skipped."""
+  """WORKDIR/metrics.jsonl → list of events, in step order. A torn last line (run still
+  writing) is skipped; an event that a resumed run logged again (same step, same metric
+  names) appears once, as its last copy. The one reader of metrics files."""
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise PlotError(f"{run_dir}: no metrics.jsonl (is this a run's WORKDIR?)")
@@ -42,7 +44,8 @@ def read_metrics(run_dir: str) -> list[dict]:
       if i == len(lines) - 1:
         continue
       raise PlotError(f"{path}:{i + 1}: not JSON ({e})") from e
-  return events
+  latest = {(e.get("step"), tuple(sorted(k for k in e if "/" in k))): e for e in events}
+  return sorted(latest.values(), key=lambda e: e.get("step", 0))
 
 
 def read_config(run_dir: str) -> dict:

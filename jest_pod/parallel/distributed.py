@@ -120,7 +120,7 @@ def _call(fn) -> None:
   except RuntimeError as e:
     if "before" in str(e) or "already" in str(e):
       raise RuntimeError(
-          "jest_pod.distributed.initialize() must run before any JAX computation or "
+          "jest_pod.parallel.distributed.initialize() must run before any JAX computation or "
           "device query (jax.devices(), jnp arrays, ...): call it first thing in main. "
           f"JAX said: {e}") from e
     raise

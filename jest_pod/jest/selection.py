@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax, shard_map
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jest_pod import losses
+from jest_pod.jest import losses
 
 # score name -> (weight of the learner's losses, weight of the reference's losses).
 SCORES = {

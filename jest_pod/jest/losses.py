@@ -6,7 +6,7 @@ Softmax (CLIP): mean of the image→text and text→image cross-entropies of t �
 
 Pair losses are also exposed blockwise (`sigmoid_pair_losses(..., row_offset, col_offset)`)
 so that selection can compute the same math on a [rows, c] block of a super-batch
-without building the N×N matrix (see the jest_pod/selection.py docstring).
+without building the N×N matrix (see the jest_pod/jest/selection.py docstring).
 """
 
 import jax

@@ -194,39 +194,12 @@ def _rebuild_command(data_dir: str, reference: str, output: str | None, meta: di
 # ----------------------------------------------------------------------------- build
 
 
-def _local_encoder(model, params):
-  """A jitted (params, batch) → (image, text) embedding on this process's devices only:
-  every host embeds its own records, no cross-host communication."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from jest_pod.evaluators import common
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-  params = common.params_on_mesh(params, mesh)
-  encode = common.encode_fn_for(model, image=True, text=True)
-  fn = jax.jit(lambda p, b: encode(p, b), out_shardings=NamedSharding(mesh, P()))
-  batch_sharding = NamedSharding(mesh, P("data"))
-  n_dev = len(jax.local_devices())
-
-  def run(batch):
-    b = len(batch["image"])
-    b_pad = -(-b // n_dev) * n_dev
-    dev = {}
-    for k in ("image", "text"):
-      x = np.asarray(batch[k])
-      if b_pad != b:
-        x = np.concatenate([x, np.zeros((b_pad - b,) + x.shape[1:], x.dtype)])
-      dev[k] = jax.device_put(x, batch_sharding)
-    out = fn(params, dev)
-    return np.asarray(out["image"])[:b], np.asarray(out["text"])[:b]
-  return run
-
-
 def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
                 output: str | None = None, image_size: int | None = None,
                 max_text_len: int | None = None, tokenizer: str | None = None) -> str:
   """Embeds every record of `data_dir` with the reference checkpoint; returns the cache dir.
 
-  Call it on every process of a multi-host job (after `jest_pod.distributed.initialize()`);
+  Call it on every process of a multi-host job (after `jest_pod.parallel.distributed.initialize()`);
   each embeds and writes its share. `image_size`, `max_text_len`, `tokenizer` default to
   the reference's own config (pass the trainer's when they differ: the fingerprint must
   match the run that uses the cache).
@@ -234,21 +207,23 @@ def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
   import jax
   import ml_dtypes
 
+  from jest_pod import embed
+  from jest_pod.parallel import sharding as shd
   from jest_pod.data import pipeline
-  from jest_pod.evaluators import common
+  from jest_pod.data import tokenizer as tokenizer_lib
   from jest_pod.models import build_model
-  from jest_pod.train import flops as flops_lib
+  from jest_pod.models import flops as flops_lib
 
   t_start = time.perf_counter()
   pi, pc = jax.process_index(), jax.process_count()
   output = output or os.path.join(data_dir, CACHE_DIR)
-  local_sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(jax.local_devices()), ("d",)), jax.sharding.PartitionSpec())
-  ident, config, params = _reference_identity(reference, local_sharding)
+  # Every host embeds its own records on its own devices: no cross-host communication.
+  local_mesh = shd.make_mesh((("data", -1),), jax.local_devices())
+  ident, config, params = _reference_identity(reference, shd.replicated(local_mesh))
   model = build_model(config.model)
   image_size = int(image_size or config.model.image_size)
   max_text_len = int(max_text_len or config.input.max_text_len)
-  tokenizer = tokenizer or common.resolve_tokenizer(None, config, data_dir)
+  tok = tokenizer_lib.resolve(config.input, tokenizer)
   data = _data_fingerprint(data_dir)
   n = int(data["num_examples"])
   dim = int(config.model.embed_dim)
@@ -267,10 +242,12 @@ def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
   _barrier("reference_cache:created")
   image_arr, text_arr = _open_arrays(work)
 
-  encode = _local_encoder(model, params)
   batches = pipeline.make_eval_iterator(
       data_dir, batch_size=batch_size, image_size=image_size, max_text_len=max_text_len,
-      tokenizer=tokenizer, process_index=pi, process_count=pc)
+      tokenizer=tok, process_index=pi, process_count=pc)
+  embedded = embed.embed_stream(embed.encode_fn_for(model, image=True, text=True), params,
+                                batches, local_mesh, device_keys=("image", "text"),
+                                host_keys=())
   base = pi * rows_per_process
   buf_img, buf_txt, buffered, written, real, done = [], [], 0, 0, 0, 0
   futures = []
@@ -290,14 +267,13 @@ def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
     buffered -= m
     written += m
 
-  for batch in batches:
-    take = min(len(batch["image"]), mine - done)
+  for out in embedded:  # rows [:batch_size] are the batch's, in order
+    take = min(batch_size, mine - done)
     if take <= 0:
       break
-    zimg, ztxt = encode(batch)
-    real += int(np.asarray(batch["mask"])[:take].sum())
-    buf_img.append(zimg[:take].astype(ml_dtypes.bfloat16))
-    buf_txt.append(ztxt[:take].astype(ml_dtypes.bfloat16))
+    real += int(out["mask"][:take].sum())
+    buf_img.append(out["image"][:take].astype(ml_dtypes.bfloat16))
+    buf_txt.append(out["text"][:take].astype(ml_dtypes.bfloat16))
     buffered += take
     done += take
     if buffered >= SHARD_ROWS:
@@ -338,10 +314,10 @@ def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
             "temperature": float(extras["t"]), "bias": float(extras["b"]),
             "layout": {"process_count": pc, "rows_per_process": rows_per_process,
                        "shard_rows": SHARD_ROWS},
-            "fingerprint": {"data": data, "tokenizer_sha256": file_sha256(tokenizer),
+            "fingerprint": {"data": data, "tokenizer_sha256": tok.sha256,
                             "image_size": image_size, "max_text_len": max_text_len,
                             "reference": ident},
-            "tokenizer": tokenizer, "batch_size": batch_size,
+            "tokenizer": tok.path, "batch_size": batch_size,
             "flops": float(n * per_example), "flops_per_example": float(per_example),
             "embed_seconds": round(embed_seconds, 2),
             "seconds": round(time.perf_counter() - t_start, 2)}
@@ -494,11 +470,13 @@ def main(argv: list[str]) -> int:
   p.add_argument("--max-text-len", type=int, default=None,
                  help="default: the reference's config (must equal the trainer's)")
   p.add_argument("--tokenizer", default=None,
-                 help="default: the reference's config.input.tokenizer, else DATA/tokenizer.model")
+                 help="default: the reference's (its config.input.tokenizer, else its "
+                      "training data's tokenizer.model)")
   args = p.parse_args(argv)
   if not log.handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  from jest_pod import checkpoint, distributed
+  from jest_pod import checkpoint
+  from jest_pod.parallel import distributed
   distributed.initialize()
   try:
     build_cache(args.data, args.reference, batch_size=args.batch_size, output=args.output,

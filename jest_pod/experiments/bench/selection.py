@@ -23,9 +23,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jest_pod import selection
+from jest_pod.jest import selection
+from jest_pod.parallel import sharding as shd
 
 
 def _parse(argv):
@@ -99,7 +100,7 @@ def main(argv):
   if args.paper_shape:
     return _paper_shape(args)
   devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,))
+  mesh = shd.make_mesh((("data", -1),))
   rows = NamedSharding(mesh, P("data"))
   print(f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}); "
         f"d={args.d} f={args.f} n_chunks={args.n_chunks} loss={args.loss} "

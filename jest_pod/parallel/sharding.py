@@ -7,18 +7,28 @@ fsdp axis divides is split over it). Batches are split by rows over all data axe
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 DATA_AXES = ("data", "fsdp")  # batch rows are split over both (fsdp is data-parallel too)
 
 
 def make_mesh(mesh_spec, devices=None) -> Mesh:
-  """Mesh from ((name, size), ...), one size may be -1 (= the remaining devices)."""
-  devices = list(jax.devices() if devices is None else devices)
+  """The one mesh factory: ((name, size), ...), one size may be -1 (= the rest).
+
+  devices=None: all devices (every process's), laid out by `jax.make_mesh`, which follows
+  the physical topology where JAX knows it (TPU slices: neighbours along the inner axes).
+  An explicit list (e.g. `jax.local_devices()` for a process-local mesh) is reshaped in
+  its own order. Axes are `Auto` (the sharding of jit inputs/outputs, as `Mesh` defaults).
+  """
+  given = devices is not None
+  devices = list(devices if given else jax.devices())
   names = tuple(n for n, _ in mesh_spec)
   sizes = [int(s) for _, s in mesh_spec]
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -29,8 +39,20 @@ def make_mesh(mesh_spec, devices=None) -> Mesh:
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"config.mesh={tuple(mesh_spec)} has {int(np.prod(sizes))} slots for "
                      f"{len(devices)} devices; use -1 for one axis to absorb the rest")
+  axis_types = (AxisType.Auto,) * len(names)
+  if not given:
+    try:
+      mesh = jax.make_mesh(sizes, names, axis_types=axis_types, devices=devices)
+    except ValueError as e:  # multi-slice, or a shape the physical axes cannot take
+      log.info("jax.make_mesh(%s): %s; using the devices in JAX's order", sizes, e)
+    else:
+      procs = [d.process_index for d in mesh.devices.flat]
+      if procs != sorted(procs):  # host p's batch rows are then not the p-th block
+        log.warning("the topology's device order interleaves processes: the global "
+                    "batch's row order depends on the process count")
+      return mesh
   grid = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(grid, names)
+  return Mesh(grid, names, axis_types=axis_types)
 
 
 def data_axes(mesh: Mesh) -> tuple[str, ...]:

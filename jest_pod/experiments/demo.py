@@ -161,21 +161,6 @@ def train_stage(config, run_dir: str) -> bool:
 
 # ------------------------------------------------------------------ report
 
-def dedup_events(run_dir: str) -> list[dict]:
-  """metrics.jsonl without events a resumed run logged twice (the last copy wins)."""
-  from jest_pod import plot
-  by_key = {}
-  for e in plot.read_metrics(run_dir):
-    key = (e.get("step"), tuple(sorted(k for k in e if "/" in k)))
-    by_key[key] = e
-  return sorted(by_key.values(), key=lambda e: e.get("step", 0))
-
-
-def _metric_key(events, prefix: str, suffix: str) -> str | None:
-  keys = sorted({k for e in events for k in e if k.startswith(prefix) and k.endswith(suffix)})
-  return keys[0] if keys else None
-
-
 def _final(events, key):
   vals = [e for e in events if key and key in e]
   return (vals[-1][key], vals[-1]["step"]) if vals else (float("nan"), 0)
@@ -183,10 +168,12 @@ def _final(events, key):
 
 def _summarise(name: str, run_dir: str, config) -> dict:
   from jest_pod import config as config_lib
-  events = dedup_events(run_dir)
-  keys = {"zero_shot_top1": _metric_key(events, "z/0shot/", "_top1"),
-          "img2txt_recall@1": _metric_key(events, "z/retr/", "_img2txt_recall@1"),
-          "txt2img_recall@1": _metric_key(events, "z/retr/", "_txt2img_recall@1")}
+  from jest_pod.experiments import plot
+  from jest_pod.experiments.sweep_report import metric_key
+  events = plot.read_metrics(run_dir)
+  keys = {"zero_shot_top1": metric_key(events, "z/0shot/", "_top1"),
+          "img2txt_recall@1": metric_key(events, "z/retr/", "_img2txt_recall@1"),
+          "txt2img_recall@1": metric_key(events, "z/retr/", "_txt2img_recall@1")}
   last = events[-1] if events else {}
   out = {"run_dir": run_dir, "method": config.selection.method,
          "steps": last.get("step", 0), "batch": config.batch_size,
@@ -200,15 +187,21 @@ def _summarise(name: str, run_dir: str, config) -> dict:
 
 
 def _examples_to_reach(run_dir: str, key: str, target: float):
-  """(examples, flops) at the first evaluation where `key` ≥ target, else None."""
-  for e in dedup_events(run_dir):
-    if key in e and e[key] >= target:
-      return e["examples"], e["flops"]
-  return None
+  """(examples, FLOPs) where `key` first reaches target, by the sweep's one definition
+  (sweep_report.examples_to_reach: interpolated between evaluations), else None."""
+  import numpy as np
+  from jest_pod.experiments import plot
+  from jest_pod.experiments.sweep_report import examples_to_reach
+  events = [e for e in plot.read_metrics(run_dir) if key in e]
+  xs = np.array([e["examples"] for e in events], float)
+  hit = examples_to_reach(xs, np.array([e[key] for e in events], float), target)
+  if hit is None:
+    return None
+  return hit, float(np.interp(hit, xs, [e["flops"] for e in events]))
 
 
 def _plot(workdir: str, runs: dict, path: str) -> str:
-  from jest_pod import plot
+  from jest_pod.experiments import plot
   plt = plot.pyplot()
   panels = [("zero_shot_top1", "examples", "zero-shot top-1 (eval_fashion)"),
             ("img2txt_recall@1", "examples", "retrieval recall@1 image→text"),
@@ -283,7 +276,7 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
   for short, hit in reach.items():
     if hit:
       notes.append(f"JEST reached uniform's final {short} ({u[short]:.3f}) after "
-                   f"{hit['examples']} examples ({hit['examples'] / max(u['examples'], 1):.0%} "
+                   f"{hit['examples']:.0f} examples ({hit['examples'] / max(u['examples'], 1):.0%} "
                    f"of uniform's), {hit['flops']:.3g} FLOPs "
                    f"({hit['flops'] / max(u['flops'], 1):.2f}× uniform's; "
                    f"{hit['flops_incl_reference_training'] / max(u['flops'], 1):.2f}× with "

@@ -11,8 +11,8 @@
 import importlib
 import sys
 
-WHAT = {"data": "jest_pod.bench.data", "selection": "jest_pod.bench.selection",
-        "step": "jest_pod.bench.step"}
+WHAT = {"data": "jest_pod.experiments.bench.data", "selection": "jest_pod.experiments.bench.selection",
+        "step": "jest_pod.experiments.bench.step"}
 ALL = ("step", "selection")
 
 

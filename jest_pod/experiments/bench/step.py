@@ -109,7 +109,7 @@ def _xla_train_flops(config) -> float:
   """XLA's FLOP count of the compiled train step (per-device program × devices)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jest_pod import sharding as shd  # pylint: disable=g-import-not-at-top
+  from jest_pod.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
   from jest_pod.models import build_model  # pylint: disable=g-import-not-at-top
   from jest_pod.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -134,7 +134,7 @@ def main(argv):
 
   from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
+  from jest_pod.jest import reference_cache  # pylint: disable=g-import-not-at-top
   from jest_pod.data import toy  # pylint: disable=g-import-not-at-top
   from jest_pod.jest import step as jest_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.train import hooks  # pylint: disable=g-import-not-at-top
