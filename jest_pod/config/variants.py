@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # name: (width, depth, num_heads, mlp_dim)
 SIZES = {
-    "mu": (64, 2, 2, 128),  # the CPU demo's ~0.1M-parameter towers
+    "mu": (64, 2, 2, 128),  # the CPU demo's towers
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "M": (512, 12, 8, 2048),
