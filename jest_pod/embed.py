@@ -21,6 +21,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jest_pod.parallel import ids
+from jest_pod.parallel import sharding
+
 
 class EvalInterrupted(Exception):
   """`should_stop()` returned True between batches (e.g. the trainer was preempted)."""
@@ -33,7 +36,6 @@ class EmptyPass(ValueError):
 def data_axes_of(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
   """Mesh axes a batch is sharded over: those of training (`sharding.DATA_AXES`), or
   every axis of a mesh that has none of them (e.g. an ad-hoc eval mesh)."""
-  from jest_pod.parallel import sharding  # pylint: disable=import-outside-toplevel
   return sharding.data_axes(mesh) or tuple(mesh.axis_names)
 
 
@@ -44,7 +46,7 @@ def params_on_mesh(params: Any, mesh: jax.sharding.Mesh) -> Any:
   jitted encode fail with "incompatible devices".
   """
   devices = set(mesh.devices.flat)
-  replicated = NamedSharding(mesh, P())
+  replicated = sharding.replicated(mesh)
 
   def place(x):
     if isinstance(x, jax.Array) and set(x.sharding.device_set) == devices:
@@ -67,13 +69,11 @@ def encode_fn_for(model: Any, *, image: bool, text: bool, patch_size: int | None
   return encode
 
 
-def array_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *,
-                  process_index: int | None = None, process_count: int | None = None):
+def array_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
   """Host arrays {key: [n, ...]}, the same on every host → this host's share (rows
   p, p + P, ...) as eval-iterator-style batches: `index` (global row), `mask`, padding at
   the end, the same number of batches on every host (as `make_eval_iterator`)."""
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
+  pi, pc = jax.process_index(), jax.process_count()
   n = len(next(iter(arrays.values())))
   rows = np.arange(pi, n, pc)
   per_host = -(-n // pc)
@@ -96,9 +96,9 @@ def _spans_processes(mesh: jax.sharding.Mesh) -> bool:
   return len({d.process_index for d in mesh.devices.flat}) > 1
 
 
-def _local_row_multiple(sharding: NamedSharding, n_shards: int) -> int:
+def _local_row_multiple(batch_sharding: NamedSharding, n_shards: int) -> int:
   """How many distinct row blocks of a batch this process's devices hold."""
-  index_map = sharding.addressable_devices_indices_map((n_shards,))
+  index_map = batch_sharding.addressable_devices_indices_map((n_shards,))
   return len({idx[0].start for idx in index_map.values()})
 
 
@@ -108,35 +108,19 @@ def _agreed(batches: Iterable, should_stop: Callable[[], bool] | None, collectiv
   it, n = iter(batches), 0
   while True:
     stop = bool(should_stop()) if should_stop is not None else False
-    if not collective:
-      if stop:
-        raise EvalInterrupted(f"stopped after {n} batch(es): should_stop() is True")
-      batch = next(it, None)
-      if batch is None:
-        return
-    else:  # one tiny all-gather per batch: (stop, has a batch) of every host
-      batch = None if stop else next(it, None)
-      flags = np.asarray(multihost_utils.process_allgather(
-          np.array([stop, batch is not None], np.int32))).reshape(-1, 2)
-      if flags[:, 0].any():
-        raise EvalInterrupted(f"stopped after {n} batch(es): should_stop() is True "
-                              "on a host")
-      if not flags[:, 1].any():
-        return
-      if not flags[:, 1].all():
-        raise ValueError(f"hosts ran out of batches at different points (batch {n}): "
-                         "every host must yield the same number of batches")
+    batch = None if stop else next(it, None)
+    flags = np.array([[stop, batch is not None]], np.int32)  # (stop, has a batch)
+    if collective:  # one tiny all-gather per batch: every host's flags
+      flags = np.asarray(multihost_utils.process_allgather(flags[0])).reshape(-1, 2)
+    if flags[:, 0].any():
+      raise EvalInterrupted(f"stopped after {n} batch(es): should_stop() is True")
+    if not flags[:, 1].any():
+      return
+    if not flags[:, 1].all():
+      raise ValueError(f"hosts ran out of batches at different points (batch {n}): "
+                       "every host must yield the same number of batches")
     n += 1
     yield batch
-
-
-def _to_device_dtype(x: np.ndarray) -> np.ndarray:
-  # x64 is off: an int64 column (the record index) travels as int32.
-  if x.dtype == np.int64:
-    if x.size and (x.max() > np.iinfo(np.int32).max or x.min() < np.iinfo(np.int32).min):
-      raise ValueError("embed: an int64 batch column exceeds int32 (over 2^31 records?)")
-    return x.astype(np.int32)
-  return x
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,18 +142,21 @@ def embed_stream(encode_fn: Callable[[Any, dict], Any], params: Any,
   batches have one)}: G = every host's rows of the batch, each host's padded to a
   multiple of its data shards, in the mesh's row order. On a process-local mesh that is
   this host's batch, rows [:b] in order. Outputs are `encode_fn`'s dict keys ("out" for a
-  single array). int64 columns must fit int32 (x64 is off).
+  single array). int64 columns (record indices) travel as int32 words (parallel/ids.py),
+  exact for any index.
   """
   axes = data_axes_of(mesh)
   n_shards = int(np.prod([mesh.shape[a] for a in axes]))
   batch_sharding = NamedSharding(mesh, P(axes))
   multiple = _local_row_multiple(batch_sharding, n_shards)
   params = params_on_mesh(params, mesh)
-  encode = _jitted(encode_fn, NamedSharding(mesh, P()))
+  encode = _jitted(encode_fn, sharding.replicated(mesh))
   collective = _spans_processes(mesh)
 
   def put(x, b_pad):
-    x = _to_device_dtype(_pad_rows(np.asarray(x), b_pad))
+    x = _pad_rows(np.asarray(x), b_pad)
+    if x.dtype == np.int64:  # x64 is off: int32 (high, low) words, joined back below
+      x = ids.split(x)
     return jax.make_array_from_process_local_data(batch_sharding, x)
 
   for batch in _agreed(batches, should_stop, collective):
@@ -185,8 +172,10 @@ def embed_stream(encode_fn: Callable[[Any, dict], Any], params: Any,
     if not isinstance(res, Mapping):
       res = {"out": res}
     out = {k: np.asarray(v) for k, v in res.items()}
-    out.update({k: np.asarray(v).astype(host[k].dtype) for k, v in carried.items()})
+    for k, v in carried.items():
+      out[k] = ids.join(v) if host[k].dtype == np.int64 else np.asarray(v).astype(host[k].dtype)
     yield out
+
 
 def embed_batches(encode_fn: Callable[[Any, dict], Any], params: Any,
                   batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, *,

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from jest_pod.data import cli, ingest, manifest
+from jest_pod.data import builders
 from jest_pod.data.builders import decoded_hash, demo, emoji, fashion_mnist, openclipart
 
 
@@ -118,3 +119,9 @@ def test_missing_package_message(monkeypatch):
   monkeypatch.setattr(system_packages.shutil, "which", lambda name: None)
   with pytest.raises(system_packages.MissingPackageError, match="apt-get is not available"):
     system_packages.ensure(["x"])
+
+
+def test_an_option_the_builder_does_not_take_is_refused_by_name(tmp_path):
+  with pytest.raises(ValueError, match="the demo builder takes no --image-size"):
+    builders.build("demo", str(tmp_path / "d"), image_size=32)
+  assert not os.path.exists(tmp_path / "d")  # refused before anything is written

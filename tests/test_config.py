@@ -1,7 +1,6 @@
 """Configs: every file loads; bad keys and values are clear errors."""
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -109,11 +108,13 @@ def test_resume_check_refuses_meaning_changes_unless_allowed():
 def test_eval_sets_are_found_beside_the_pool(tmp_path):
   # Not built yet: the demo pool's two sets.
   assert config_lib.eval_sets(str(tmp_path / "none")) == config_lib.DEMO_EVAL_SETS
-  for name, manifest in (("eval_flags", {"class_names": ["France"]}),
-                         ("eval_retrieval", {}), ("web", {"class_names": ["x"]})):
+  from jest_pod.data import manifest
+  for name, classes in (("eval_flags", ["France"]), ("eval_retrieval", None),
+                        ("web", ["x"])):
     os.makedirs(tmp_path / name)
-    with open(tmp_path / name / "manifest.json", "w") as f:
-      json.dump(manifest, f)
+    manifest.write(str(tmp_path / name), manifest.make(
+        name=name, shards=[], skipped={}, source_counts={}, image_max_side=32,
+        created_by="test", class_names=classes))
   os.makedirs(tmp_path / "eval_unbuilt")  # no manifest: not a set
   assert config_lib.eval_sets(str(tmp_path)) == {"eval_flags": "zeroshot",
                                                  "eval_retrieval": "retrieval"}

@@ -100,6 +100,21 @@ def test_embed_batches_masks_padding_and_matches_across_device_counts(batch_size
   np.testing.assert_allclose(got[1]["image"], got[8]["image"], rtol=1e-6, atol=1e-6)
 
 
+def test_embed_batches_keeps_int64_indices_past_2_31():
+  # Record indices of a 2^33-record pool: order and values survive the device round trip.
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(6, 4, 4, 3)).astype(np.float32)
+  index = np.array([2**33 + 5, 3, 2**31, 2**33 + 1, 2**32 - 1, 7], np.int64)
+  batches = [{"image": images[s:s + 3], "index": index[s:s + 3], "mask": np.ones(3, np.float32)}
+             for s in (0, 3)]
+  got = embed.embed_batches(_projection_encode, {"w": np.ones((48, 2), np.float32)}, batches,
+                            _mesh(1), device_keys=("image",), host_keys=("index",))
+  assert got["index"].dtype == np.int64
+  assert got["index"].tolist() == sorted(index.tolist())
+  want = images.reshape(6, -1).sum(1)[np.argsort(index)]
+  np.testing.assert_allclose(got["image"][:, 0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_array_batches_pads_last_batch():
   bs = list(embed.array_batches({"x": np.arange(5)}, 2))
   assert [b["mask"].tolist() for b in bs] == [[1, 1], [1, 1], [1, 0]]

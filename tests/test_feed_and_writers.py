@@ -39,7 +39,7 @@ def test_prefetcher_saves_the_state_of_the_consumed_batch_not_the_read_ahead():
     for expected in (1, 2, 3):
       host, device = next(prefetcher)
       assert float(device["image"][0, 0, 0, 0]) == expected
-      assert device["index"].dtype == np.int32  # ids as int32 (high, low) words (train/ids.py)
+      assert device["index"].dtype == np.int32  # ids as int32 (high, low) words (parallel/ids.py)
       assert json.loads(prefetcher.state.get_state()) == {"position": expected}
     for _ in range(100):  # the thread reads ahead: 2 queued + 1 waiting to be queued
       if it.position == 6:

@@ -11,7 +11,7 @@ from jest_pod.jest import selection
 from jest_pod.parallel import sharding as shd
 from jest_pod.jest import step as jest_lib
 from jest_pod.train import feed
-from jest_pod.train import ids as ids_lib
+from jest_pod.parallel import ids as ids_lib
 
 BIG = np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40, 2**40 + 123,
                 3 * 2**40 + 2**31 + 7, 2**62, 2**63 - 1, -1, -(2**63)], np.int64)

@@ -213,13 +213,13 @@ def test_two_processes_evaluate_like_one(single, two):
   assert len(want) == 2 + 6 and set(got) == set(want), (got, want)
   for k in want:
     assert got[k] == pytest.approx(want[k], abs=1e-6), (k, got[k], want[k])
-  import jax
   from jest_pod import checkpoint, evaluators
   from jest_pod.models import build_model
+  from jest_pod.parallel import sharding
   config, params, step = checkpoint.load_params(two.workdir)
   assert step == STEPS
   model = build_model(config.model)
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = sharding.make_mesh((("data", -1),))
   here = {k: v for ev in evaluators.build_evaluators(config, model, mesh)
           for k, v in ev.run(params).items()}
   for k in want:

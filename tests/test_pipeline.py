@@ -256,13 +256,18 @@ def test_a_new_source_kind_is_one_registry_entry(toy, monkeypatch):
   def open_mem(spec):
     src, names = folder.open(toy)
     return [src[i] for i in range(int(spec.split(":")[1]))], names
-  kind = sources.SourceKind(open=open_mem, manifest=lambda spec: folder.manifest(toy),
+  mem_names = list(folder.manifest(toy)["sources"])  # the kind's own copy of the names
+  kind = sources.SourceKind(open=lambda spec: (open_mem(spec)[0], mem_names),
+                            manifest=lambda spec: {"sources": mem_names},
                             tokenizer=lambda spec: folder.tokenizer(toy))
   monkeypatch.setitem(sources.KINDS, "mem", kind)
   assert sources.scheme("mem:5") == "mem" and not sources.is_folder("mem:5")
-  assert sources.source_names(_config("mem:5")) == sources.source_names(_config(toy))
+  assert sources.source_names(_config("mem:5")) == mem_names  # read through the kind
   b = next(_train(_config("mem:5", image_size=8, max_text_len=6), 5))
   assert sorted(b["index"].tolist()) == [0, 1, 2, 3, 4]
+  assert (b["source"] >= 0).all()  # every record's source found among the kind's names
+  for k, i in enumerate(b["index"]):  # ... and batch["source"] indexes them
+    assert mem_names[b["source"][k]] == helpers_data.toy_record(int(i)).source
   assert sources.tokenizer_path("virtual") is None
   with pytest.raises(tokenizer.TokenizerError, match="virtual source has no tokenizer"):
     tokenizer.resolve(_config("virtual"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jest_pod import checkpoint
+from jest_pod.data import manifest
 from jest_pod.jest import reference_cache
 from jest_pod.data.toy import build_toy
 from jest_pod import embed
@@ -17,6 +18,7 @@ from jest_pod.models import build_model
 from jest_pod.data import pipeline
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.models import flops as flops_lib
+from jest_pod.parallel import sharding
 from jest_pod.train import main as train_main
 from train_helpers import read_metrics, tiny_config
 
@@ -43,7 +45,7 @@ def other_ref(setup, tmp_path_factory):
 
 def _open(path, toy, ref, **over):
   kw = dict(data_dir=toy, reference=ref, image_size=16, max_text_len=12,
-            tokenizer_sha256=reference_cache.file_sha256(os.path.join(toy, "tokenizer.model")))
+            tokenizer_sha256=manifest.sha256_file(os.path.join(toy, "tokenizer.model")))
   kw.update(over)
   return reference_cache.open_cache(path, **kw)
 
@@ -59,7 +61,7 @@ def test_lookup_equals_the_reference_forward_pass(setup):
       embed.encode_fn_for(model, image=True, text=True), params,
       pipeline.make_eval_iterator(toy, batch_size=64, image_size=16, max_text_len=12,
                                   tokenizer=os.path.join(toy, "tokenizer.model")),
-      jax.sharding.Mesh(jax.devices(), ("data",)), device_keys=("image", "text"),
+      sharding.make_mesh((("data", -1),)), device_keys=("image", "text"),
       host_keys=("index",))
   np.testing.assert_array_equal(direct["index"], np.arange(N))
   order = np.random.default_rng(0).permutation(N)[:100].astype(np.int64)
@@ -135,7 +137,7 @@ def test_default_cache_path(setup, tmp_path):
   toy, _, path = setup
   assert reference_cache.default_cache_path(toy) == path
   tok = os.path.join(toy, "tokenizer.model")  # the trainer passes Tokenizer.sha256
-  assert tokenizer_lib.Tokenizer(tok).sha256 == reference_cache.file_sha256(tok)
+  assert tokenizer_lib.Tokenizer(tok).sha256 == manifest.sha256_file(tok)
   assert reference_cache.default_cache_path(str(tmp_path)) is None
   os.makedirs(tmp_path / "reference_cache")  # a folder without meta.json is no cache
   assert reference_cache.default_cache_path(str(tmp_path)) is None

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from jest_pod.data import manifest
 from jest_pod.jest import reference_cache
 from jest_pod.data.toy import build_toy
 from jest_pod.train import main as train_main
@@ -76,7 +77,7 @@ def test_two_process_build_equals_one_process_build(tmp_path_factory):
   assert meta["layout"]["rows_per_process"] % reference_cache.SHARD_ROWS == 0
   assert not os.path.exists(two + ".tmp")
   kw = dict(data_dir=toy, reference=ref, image_size=16, max_text_len=12,
-            tokenizer_sha256=reference_cache.file_sha256(os.path.join(toy, "tokenizer.model")))
+            tokenizer_sha256=manifest.sha256_file(os.path.join(toy, "tokenizer.model")))
   a = reference_cache.open_cache(one, **kw)
   b = reference_cache.open_cache(two, **kw)
   assert b.meta["fingerprint"] == a.meta["fingerprint"]

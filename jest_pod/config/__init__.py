@@ -298,13 +298,14 @@ def eval_sets(data_root: str) -> dict[str, str]:
   """The evaluation sets beside a pool's web set: {folder name: evaluator type} for each
   ROOT/eval_*/ with a manifest; zero-shot when the manifest names classes, else
   retrieval. A root without any (not built yet) gets the demo pool's two sets."""
+  from jest_pod.data import manifest  # pylint: disable=g-import-not-at-top
   found = {}
-  root = data_root if os.path.isdir(data_root) else ""
-  for name in sorted(os.listdir(root)) if root else []:
-    path = os.path.join(root, name, "manifest.json")
-    if name.startswith("eval_") and os.path.exists(path):
-      with open(path) as f:
-        found[name] = "zeroshot" if json.load(f).get("class_names") else "retrieval"
+  names = sorted(os.listdir(data_root)) if os.path.isdir(data_root) else []
+  for name in names:
+    path = os.path.join(data_root, name)
+    if name.startswith("eval_") and os.path.exists(os.path.join(path, manifest.MANIFEST)):
+      m = manifest.read(path, check_files=False)  # a damaged one: a clear error here
+      found[name] = "zeroshot" if m.get("class_names") else "retrieval"
   return found or dict(DEMO_EVAL_SETS)
 
 

@@ -86,13 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     follow_symlinks=args.follow_symlinks, max_image_bytes=args.max_image_bytes)
     else:
       from jest_pod.data import builders
-      extra = {}
-      if args.image_size is not None:  # only the icons builder draws at a chosen size
-        if args.name != "icons":
-          print(f"jest-pod data build: --image-size applies to `icons` only, not "
-                f"{args.name!r}", file=sys.stderr)
-          return 2
-        extra["image_size"] = args.image_size
+      # Options only some builders take (`build` refuses them for the others).
+      extra = {} if args.image_size is None else {"image_size": args.image_size}
       builders.build(args.name, args.output, limit=args.limit, overwrite=args.overwrite,
                      workers=args.workers, seed=args.seed, **extra)
   except (ingest.OutputNotEmptyError, system_packages.MissingPackageError,

@@ -7,6 +7,8 @@ in. `pipeline.default_input_config` and `pipeline.MAX_PIXELS` are these, re-expo
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 # Host-batch keys that become global device arrays; the rest ("skipped") stay on the host.
@@ -42,3 +44,15 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.worker_buffer_size = 2  # batches buffered per worker process
   c.max_pixels = MAX_PIXELS  # larger images are skipped and counted, never decoded
   return c
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+  """`cfg.key` for a ConfigDict, dict, plain object or None, with a default for absent or
+  None values (the evaluators' and tokenizer's configs come in all these forms)."""
+  if cfg is None:
+    return default
+  try:
+    v = cfg.get(key, default)
+  except AttributeError:
+    v = getattr(cfg, key, default)
+  return default if v is None else v

@@ -24,7 +24,7 @@ FORMAT = "array_record/tf.train.Example (jest_pod.data.records)"
 REQUIRED = ("name", "num_examples", "shards", "skipped", "sources", "source_counts",
             "image_max_side", "created_by")
 BUILD_HINT = ("build it with `jest-pod data ingest --input PATH --output {dir}` or "
-              "`jest-pod data build {{emoji,openclipart,fashion_mnist,demo}} --output {dir}`")
+              "`jest-pod data build {{emoji,openclipart,fashion_mnist,demo,icons}} --output {dir}`")
 
 
 class ManifestError(ValueError):

@@ -90,11 +90,6 @@ def resolve_worker_count(worker_count: Any, cpus: int | None = None) -> int:
   return 0 if cpus <= 2 else min(cpus - 1, AUTO_MAX_WORKERS)
 
 
-def resolve_tokenizer(input_config) -> tokenizer_lib.Tokenizer:
-  """The tokenizer a run's input uses (the one rule: `tokenizer.resolve`)."""
-  return tokenizer_lib.resolve(input_config)
-
-
 # ---------------------------------------------------------------------------------------
 # Transforms: module-level classes so that they pickle into Grain worker processes.
 
@@ -220,7 +215,7 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
   without iterating to it.
   """
   comps = sources.components(input_config)
-  tok = resolve_tokenizer(input_config)
+  tok = tokenizer_lib.resolve(input_config)
   datasets, source_ids, offset = [], [], 0
   for c, (spec, _) in enumerate(comps):
     source, names = sources.open_source(spec)

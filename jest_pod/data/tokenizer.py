@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from jest_pod.data.input_config import cfg_get
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_NAME = "tokenizer.model"
 INFO_NAME = "tokenizer.json"
@@ -135,12 +137,12 @@ def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
   tokenizer.model is not a fallback: another vocabulary would score garbage silently.
   `input_config`: a ConfigDict or dict (`{"data": DIR}` for a data set's own tokenizer).
   """
-  spec = explicit or _get(input_config, "tokenizer")
+  spec = explicit or cfg_get(input_config, "tokenizer")
   if isinstance(spec, Tokenizer):
     return spec
   if not spec:
-    mixture = list(_get(input_config, "mixture") or [])
-    first_dir = str(mixture[0][0]) if mixture else _get(input_config, "data")
+    mixture = list(cfg_get(input_config, "mixture") or [])
+    first_dir = str(mixture[0][0]) if mixture else cfg_get(input_config, "data")
     if not first_dir:
       raise TokenizerError("no tokenizer: config.input sets neither `tokenizer` nor a "
                            "`data`/`mixture` folder holding tokenizer.model")
@@ -152,15 +154,6 @@ def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
           "config.input.tokenizer to a tokenizer path (for the virtual source any will do; "
           "see jest_pod/experiments/bench/data.py)")
   return Tokenizer(str(spec))
-
-
-def _get(cfg: Any, key: str) -> Any:
-  if cfg is None:
-    return None
-  try:
-    return cfg.get(key)
-  except AttributeError:
-    return getattr(cfg, key, None)
 
 
 def missing_message(path: str | None) -> str:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jest_pod import embed
+from jest_pod.data.input_config import cfg_get
 from jest_pod.evaluators.metrics import EvalDataError
 
 # Evaluator type (`config.evals.<name>.type`) → "module:class", imported when used.
@@ -36,15 +37,6 @@ def evaluator_class(kind: str) -> type[Evaluator]:
   return getattr(importlib.import_module(module), name)
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-  """`cfg.key` for ConfigDict, dict or None, with a default for absent or None values."""
-  if cfg is None:
-    return default
-  try:
-    v = cfg.get(key, default)
-  except AttributeError:
-    v = getattr(cfg, key, default)
-  return default if v is None else v
 
 
 def check_data_set(data_dir: str, *, check_files: bool = True) -> dict:

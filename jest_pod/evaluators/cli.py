@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
   from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
   from jest_pod.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators import build_evaluator, input_sizes  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators.base import check_data_set  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
   from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
@@ -128,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = eval_specs(args.data, args) if args.data else dict(config.get("evals") or {})
     if not specs:
       return _fail("nothing to evaluate: pass --data DIR (the checkpoint's config has no evals)")
-    for spec in specs.values():  # a partial or foreign set: say so before any compile
-      if spec.get("data"):
-        check_data_set(spec["data"])
+    # Each evaluator checks its set as it is built: a partial or foreign set fails here,
+    # before any compile.
     evs = [build_evaluator(name, spec, config, model, mesh) for name, spec in specs.items()]
   except (EvalDataError, TokenizerError, ValueError) as e:
     return _fail(str(e))
@@ -155,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.output:
     result = {"checkpoint": os.path.abspath(args.checkpoint), "step": int(step),
               "devices": jax.device_count(), "metrics": metrics, "seconds": timings,
-              "evals": {name: {k: v for k, v in dict(s).items()} for name, s in specs.items()}}
+              "evals": {name: dict(s) for name, s in specs.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
       json.dump(result, f, indent=2, default=str)

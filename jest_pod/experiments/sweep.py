@@ -49,7 +49,12 @@ class Variant:
   label: str
   config: str   # file in configs/
   args: str     # its arguments beyond the plan's runlocal,data,batch,steps
-  baseline: str = "uniform"  # the run whose final scores are this variant's targets
+  small_pool: bool = False  # trains on the plan's sub-pool (the "pool" experiment)
+
+  @property
+  def baseline(self) -> str:
+    """The run whose final scores are this variant's targets: uniform on the same pool."""
+    return "uniform_small" if self.small_pool else "uniform"
 
 
 VARIANTS = {
@@ -74,9 +79,9 @@ VARIANTS = {
     "fullres_f80": Variant("JEST f=80%, full-res scoring", "jest.py",
                            "method=joint,score=learnability,f=0.8,flexi=0"),
     # The sub-pool pair: `pool=` is filled in from the plan's small_pool.
-    "uniform_small": Variant("uniform, small pool", "siglip.py", "", "uniform_small"),
+    "uniform_small": Variant("uniform, small pool", "siglip.py", "", small_pool=True),
     "jest_f90_small": Variant("JEST f=90%, small pool", "jest.py",
-                              "method=joint,score=learnability,f=0.9", "uniform_small"),
+                              "method=joint,score=learnability,f=0.9", small_pool=True),
 }
 
 # name → (title, variants shown; the baselines are the reference lines of every comparison)
@@ -135,7 +140,7 @@ def make_config(plan_name: str, variant: str, seed: int, data: str, workdir: str
   plan = PLANS[plan_name]
   v = VARIANTS[variant]
   args = f"runlocal,data={data},batch={plan.batch},steps={plan.steps}"
-  if v.baseline == "uniform_small":
+  if v.small_pool:
     args += f",pool={plan.small_pool}"
   if v.config == "jest.py":
     args += f",{v.args},reference={os.path.join(workdir, 'reference')}"
@@ -234,14 +239,11 @@ def report(workdir: str, plan_name: str, configs: dict, only: list[str], command
   figure per experiment; returns the results."""
   from jest_pod import checkpoint as ckpt_lib
   from jest_pod.experiments import plot
+  from jest_pod.jest import reference_cache
   ref_dir = os.path.join(workdir, "reference")
   ref_config = ckpt_lib.load_config(ref_dir)
   ref_train_flops = plot.read_metrics(ref_dir)[-1].get("flops", 0.0)
-  cache_meta = {}
-  cache_meta_path = os.path.join(workdir, "reference_cache", "meta.json")
-  if os.path.exists(cache_meta_path):
-    with open(cache_meta_path) as f:
-      cache_meta = json.load(f)
+  cache_meta = reference_cache.read_meta(os.path.join(workdir, "reference_cache")) or {}
   runs: dict = {}
   for (name, seed), config in configs.items():
     out = run_dir(workdir, name, seed)
@@ -262,10 +264,9 @@ def report(workdir: str, plan_name: str, configs: dict, only: list[str], command
         "it does not (the cache below is computed once for all runs). Reference training: "
         f"{ref_train_flops:.3g} FLOPs (uniform run: {uni_flops:.3g}).", ""]
   if cache_meta:
-    md += [f"Reference cache, computed once: {cache_meta.get('num_examples')} examples, "
-           f"{cache_meta.get('flops', float('nan')):.3g} FLOPs "
-           f"({cache_meta.get('flops', float('nan')) / uni_flops:.2f}× a uniform run), "
-           f"{cache_meta.get('seconds', float('nan')):.0f} s.", ""]
+    md += [f"Reference cache, computed once: {cache_meta['num_examples']} examples, "
+           f"{cache_meta['flops']:.3g} FLOPs ({cache_meta['flops'] / uni_flops:.2f}× a "
+           f"uniform run), {cache_meta['seconds']:.0f} s.", ""]
   figures = {}
   for exp in only:
     title, names = EXPERIMENTS[exp]
@@ -385,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
       if not run_all([("reference", ref_config, ref_dir)], jobs, devices * max(jobs, 1)):
         return 1
     cache = os.path.join(workdir, "reference_cache")
-    if not os.path.exists(os.path.join(cache, "meta.json")):
+    from jest_pod.jest import reference_cache
+    if reference_cache.read_meta(cache) is None:
       print(f"[sweep] caching reference embeddings of {data}/web → {cache}", flush=True)
-      from jest_pod.jest import reference_cache
       reference_cache.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
     todo = [(f"{v} seed {s}", c, run_dir(workdir, v, s)) for (v, s), c in configs.items()
             if not os.path.exists(demo.done_marker(run_dir(workdir, v, s)))]

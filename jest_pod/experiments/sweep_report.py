@@ -22,6 +22,7 @@ import numpy as np
 
 from jest_pod.experiments import plot
 
+
 def metric_key(events: list[dict], prefix: str, suffix: str) -> str | None:
   """The first logged metric name with this prefix and suffix (None if none)."""
   keys = sorted({k for e in events for k in e if k.startswith(prefix) and k.endswith(suffix)})

@@ -77,7 +77,7 @@ def _join(path: str, name: str) -> str:
   return path.rstrip("/") + "/" + name if not _is_local(path) else os.path.join(path, name)
 
 
-def _read_meta(path: str) -> dict | None:
+def read_meta(path: str) -> dict | None:
   """meta.json of the cache at `path`, or None when there is none (missing/incomplete)."""
   import tensorstore as ts
   if _is_local(path) and not os.path.isdir(path):
@@ -146,15 +146,6 @@ def _data_fingerprint(data_dir):
           "shards": [[s["file"], s.get("sha256", ""), s["num_records"]] for s in m["shards"]]}
 
 
-def file_sha256(path: str) -> str:
-  """sha256 of a file (the tokenizer's identity in the fingerprint)."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(1 << 20):
-      h.update(block)
-  return h.hexdigest()
-
-
 def params_digest(params) -> str:
   """sha256 over every parameter leaf in tree order: its key path, dtype, shape and bytes.
 
@@ -184,7 +175,7 @@ def _reference_identity(path: str, sharding=None) -> tuple[dict, object, object]
   return ident, config, params
 
 
-def _rebuild_command(data_dir: str, reference: str, output: str | None, meta: dict) -> str:
+def _rebuild_command(data_dir: str, reference: str, output: str | None) -> str:
   cmd = f"jest-pod data cache-reference --data {data_dir} --reference {reference}"
   if output and os.path.normpath(output) != os.path.normpath(os.path.join(data_dir, CACHE_DIR)):
     cmd += f" --output {output}"
@@ -236,7 +227,7 @@ def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
     if _is_local(output):
       shutil.rmtree(work, ignore_errors=True)
       os.makedirs(work)
-    elif _read_meta(output) is not None:
+    elif read_meta(output) is not None:
       _delete_meta(output)  # no meta.json while rewriting: readers see "incomplete"
     _create_arrays(work, pc * rows_per_process, dim)
   _barrier("reference_cache:created")
@@ -246,8 +237,7 @@ def build_cache(data_dir: str, reference: str, *, batch_size: int = 256,
       data_dir, batch_size=batch_size, image_size=image_size, max_text_len=max_text_len,
       tokenizer=tok, process_index=pi, process_count=pc)
   embedded = embed.embed_stream(embed.encode_fn_for(model, image=True, text=True), params,
-                                batches, local_mesh, device_keys=("image", "text"),
-                                host_keys=())
+                                batches, local_mesh, device_keys=("image", "text"))
   base = pi * rows_per_process
   buf_img, buf_txt, buffered, written, real, done = [], [], 0, 0, 0, 0
   futures = []
@@ -343,7 +333,7 @@ def default_cache_path(data_dir: str) -> str | None:
   """DATA/reference_cache when it holds a complete cache (meta.json), else None."""
   path = _join(data_dir, CACHE_DIR)
   try:
-    return path if _read_meta(path) is not None else None
+    return path if read_meta(path) is not None else None
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -358,7 +348,7 @@ class ReferenceCache:
   def __init__(self, path: str, data_dir: str | None = None, *, meta: dict | None = None):
     self.path = path
     if meta is None:
-      meta = _read_meta(path)
+      meta = read_meta(path)
       if meta is None:
         raise ReferenceCacheError(_missing_message(path, data_dir or "DATA", None))
       if data_dir is not None and _fingerprint(meta)["data"] != _data_fingerprint(data_dir):
@@ -417,12 +407,12 @@ def open_cache(path: str, *, data_dir: str, reference: str | None, image_size: i
   `reference` = the run's reference checkpoint (its params are loaded and digested);
   None or '' skips the reference check with a warning naming the cache's reference.
   """
-  meta = _read_meta(path)
+  meta = read_meta(path)
   if meta is None:
     raise ReferenceCacheError(_missing_message(path, data_dir, reference))
   fp = _fingerprint(meta)
   recorded = fp.get("reference", {})
-  cmd = _rebuild_command(data_dir, reference or recorded.get("path", "REF"), path, meta)
+  cmd = _rebuild_command(data_dir, reference or recorded.get("path", "REF"), path)
   if meta.get("format") != FORMAT:
     raise ReferenceCacheError(f"reference cache {path} has an old format "
                               f"({meta.get('format', 'npy v1')}); rebuild it with `{cmd}`")

@@ -99,7 +99,7 @@ def tree_shardings(abstract_tree, rules, mesh: Mesh):
   def one(path, leaf):
     name = _path_str(path)
     for regex, rule in compiled:
-      if regex.fullmatch(name) or regex.search(name):
+      if regex.search(name):
         return NamedSharding(mesh, _spec_for(rule, getattr(leaf, "shape", ()), mesh))
     raise ValueError(f"no config.sharding_rules entry matches the state leaf {name!r}; "
                      "add a catch-all ('.*', 'replicate')")

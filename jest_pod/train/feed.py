@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jest_pod.data.input_config import DEVICE_KEYS
-from jest_pod.train import ids
+from jest_pod.parallel import ids
 
 
 def to_global(host_batch, sharding, keys=DEVICE_KEYS) -> dict[str, jax.Array]:
@@ -30,7 +30,7 @@ def to_global(host_batch, sharding, keys=DEVICE_KEYS) -> dict[str, jax.Array]:
   for k in keys:
     if k in host_batch:
       v = np.asarray(host_batch[k])
-      if v.dtype == np.int64:  # x64 is off: ids travel as int32 [b, 2] words (train/ids.py)
+      if v.dtype == np.int64:  # x64 is off: ids travel as int32 [b, 2] words (parallel/ids.py)
         v = ids.split(v)
       out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out

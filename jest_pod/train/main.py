@@ -22,20 +22,20 @@ from etils import epath
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
-from jest_pod.parallel import distributed
 from jest_pod import runinfo
-from jest_pod.parallel import sharding as shd
 from jest_pod.data import pipeline
-from jest_pod.jest import reference_cache
 from jest_pod.data import sources
 from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.data.input_config import DEVICE_KEYS
+from jest_pod.jest import reference_cache
 from jest_pod.jest import step as jest_lib
 from jest_pod.models import build_model
-from jest_pod.data.input_config import DEVICE_KEYS
+from jest_pod.parallel import distributed
+from jest_pod.parallel import ids as ids_lib
+from jest_pod.parallel import sharding as shd
 from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import hooks
-from jest_pod.train import ids as ids_lib
 from jest_pod.train import lock as lock_lib
 from jest_pod.train import state as state_lib
 from jest_pod.train import step as step_lib
@@ -183,7 +183,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                      f"{jax.device_count()} devices")
 
   # ---------------------------------------------------------------- data
-  tokenizer = pipeline.resolve_tokenizer(config.input)
+  tokenizer = tokenizer_lib.resolve(config.input)
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
   data_iter = feed.SkipCounter(pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
@@ -265,7 +265,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         batch, sel_metrics = jest(state["params"], super_batch,
                                   jax.random.fold_in(select_rng, step))
       if log_ids:  # a host sync: a debugging aid, off by default
-        ids = ids_lib.host_ids(batch["index"])  # int32 words → int64 (train/ids.py)
+        ids = ids_lib.host_ids(batch["index"])  # int32 words → int64 (parallel/ids.py)
         ids_log.write({"step": done, "ids": [int(i) for i in ids]})
       t = time.perf_counter()
       state, metrics = train_step(state, batch)

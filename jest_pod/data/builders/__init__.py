@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import logging
 import os
 
@@ -62,10 +63,15 @@ def image_hash(image: np.ndarray) -> str:
   return h.hexdigest()
 
 
+def decode_rgb(png_or_jpeg: bytes) -> np.ndarray:
+  """An encoded image as stored in a record -> uint8 [H, W, 3]."""
+  import io
+  return np.asarray(Image.open(io.BytesIO(png_or_jpeg)).convert("RGB"))
+
+
 def decoded_hash(png_or_jpeg: bytes) -> str:
   """image_hash of an encoded image as stored in a record."""
-  import io
-  return image_hash(np.asarray(Image.open(io.BytesIO(png_or_jpeg)).convert("RGB")))
+  return image_hash(decode_rgb(png_or_jpeg))
 
 
 def build_args_match(output: str, build: dict) -> bool:
@@ -137,7 +143,12 @@ def build(name: str, output: str, **kwargs) -> list[dict]:
   """Runs builder `name`; returns the manifests it wrote (or found)."""
   if name not in BUILDERS:
     raise ValueError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
-  return importlib.import_module(BUILDERS[name]).build(output, **kwargs)
+  builder = importlib.import_module(BUILDERS[name]).build
+  unknown = [k for k in kwargs if k not in inspect.signature(builder).parameters]
+  if unknown:
+    raise ValueError(f"the {name} builder takes no "
+                     + ", ".join("--" + k.replace("_", "-") for k in unknown))
+  return builder(output, **kwargs)
 
 
 def build_collection(name: str, load, output: str, limit: int | None, overwrite: bool,

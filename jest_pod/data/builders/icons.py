@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import io
 import json
 import logging
 import os
@@ -62,16 +61,15 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 from jest_pod.data import ingest as ingest_lib
 from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records, system_packages
-from jest_pod.data.builders import image_hash
+from jest_pod.data.builders import decode_rgb, image_hash
 from jest_pod.data.builders import demo
 from jest_pod.data.builders import icons_render as render
 from jest_pod.data.builders import icons_sources as sources
-from jest_pod.data.builders.icons_sources import clean_name, names_flag
+from jest_pod.data.builders.icons_names import clean_name, names_flag
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +109,7 @@ def caption_variants(it: dict) -> list[str]:
   tags = [t for t in dict.fromkeys(tags) if t and t != name][:4]
   if tags:
     out.append(f"{name} ({', '.join(tags)})")
-  for lang, label in it.get("labels") or []:
-    out.append(label)
+  out += [label for _, label in it.get("labels") or []]
   return [c for c in out if c and not names_flag(c)]
 
 
@@ -201,10 +198,6 @@ def hold_out_web(train: list[dict], rng: np.random.Generator, skips: collections
   return rows, kept
 
 
-def _decode(png: bytes) -> np.ndarray:
-  return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
 def make_web(base: list[dict], rng: np.random.Generator, bad: tuple[set, set], size: int):
   """Base rows + the demo's damage -> (shuffled web rows, damaged pictures redrawn)."""
   bad_p, bad_d = bad
@@ -243,7 +236,7 @@ def make_web(base: list[dict], rng: np.random.Generator, bad: tuple[set, set], s
                      replace=False) if clean else []
   for i in picks:
     it = base[int(i)]
-    img = _decode(it["png"])
+    img = decode_rgb(it["png"])
     for k in range(1, int(rng.integers(1, 4)) + 1):
       dup = draw(lambda: demo.near_duplicate(img, rng), 5)  # pylint: disable=cell-var-from-loop
       if dup is None:

@@ -81,8 +81,6 @@ def draw(job: tuple, size: int) -> np.ndarray:
       return _square(_svg({"src": {"svg_path": path}}, size), size)
     with Image.open(path) as im:
       im.load()
-      if im.mode == "P":
-        im = im.convert("RGBA")
       return _square(im, size)
   if kind == "glyph":
     font_path, ch = job[1], job[2]
@@ -210,6 +208,8 @@ def render_parts(parts, work: str, size: int, workers: int) -> dict[str, tuple]:
         continue
       items.append(dict(e.meta(), family=p.family, set=p.set, png=r[0], phash=r[1], dhash=r[2]))
     write_part(part_path(work, p.key), items, dict(skips), licence, time.time() - pt0)
+    # Read back: a fresh part then holds exactly what a cached one does (JSON types), so a
+    # resumed build writes the same bytes as an uninterrupted one.
     results[p.key] = read_part(part_path(work, p.key))
 
   def collect_one():

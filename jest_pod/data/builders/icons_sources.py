@@ -22,9 +22,8 @@ import xml.etree.ElementTree as ET
 from typing import Callable
 
 from jest_pod.data.builders import icons_fetch
-from jest_pod.data.builders.icons_names import (  # noqa: F401  (re-exported for icons.py)
-    Emojibase, clean_name, country_key, hex_key, names_flag, non_commercial, regional_code,
-    spread)
+from jest_pod.data.builders.icons_names import (
+    Emojibase, clean_name, hex_key, names_flag, non_commercial, regional_code, spread)
 
 # Pinned npm packages: version and the registry's dist.integrity (sha512).
 NPM = {
