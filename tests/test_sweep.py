@@ -133,3 +133,14 @@ def test_metric_keys_name_every_evaluation_set():
   events[0]["examples"] = 10
   xs, ys = sweep_report._series(events, keys["eval_web R@5"])
   assert xs.tolist() == [10, 20] and ys == pytest.approx([0.3, 0.7])
+
+
+def test_batch_variants_train_the_same_examples_against_uniform_at_their_batch(tmp_path):
+  base = sweep.make_config("icons", "jest_f80", 0, str(tmp_path / "d"), str(tmp_path))
+  big = sweep.make_config("icons", "jest_f80_4xb", 0, str(tmp_path / "d"), str(tmp_path))
+  assert (big.batch_size, big.total_steps) == (4 * base.batch_size, base.total_steps // 4)
+  assert big.batch_size * big.total_steps == base.batch_size * base.total_steps
+  assert big.selection.n_chunks == base.selection.n_chunks  # chunks of 16 instead of 4
+  assert sweep.VARIANTS["jest_f80_4xb"].baseline == "uniform_4xb"
+  assert sweep.VARIANTS["jest_f90_small"].baseline == "uniform_small"
+  assert sweep.VARIANTS["indep_f90"].baseline == "uniform"

@@ -1,7 +1,7 @@
 """`jest-pod sweep`: the paper's claims in miniature, on real offline data, over seeds.
 
   jest-pod sweep [--pool demo|icons] [--data data/POOL] [--workdir workdirs/sweep]
-                 [--seeds 0,1,2] [--only f,joint,score,flexi,damage,pool] [--jobs 2]
+                 [--seeds 0,1,2] [--only f,joint,score,flexi,damage,pool,batch] [--jobs 2]
                  [--report-only]
 
 Pools (`--pool`; each a plan of B, steps and evaluations, saved in WORKDIR/sweep_plan.json):
@@ -22,6 +22,9 @@ uniform:
   pool    (icons only) uniform and JEST f = 90% on a fixed random 19,435-pair sub-pool (the
           demo pool's size) beside the same runs on the whole pool: does a small pool,
           which f = 90% revisits ~10 times, explain a small gain?
+  batch   uniform and JEST f = 50/80/90% at 4× B for ¼ of the steps (the same examples;
+          16 chunks of 4B/16 instead of B/16), each against uniform at its own batch: does
+          a bigger batch, with more in-batch structure, steepen the f trend?
 
 Stages, each resumable (Ctrl-C and rerun continues; finished runs are skipped): data and
 tokenizer (as `jest-pod demo`), the reference (configs/reference.py on the curated set),
@@ -50,11 +53,14 @@ class Variant:
   config: str   # file in configs/
   args: str     # its arguments beyond the plan's runlocal,data,batch,steps
   small_pool: bool = False  # trains on the plan's sub-pool (the "pool" experiment)
+  batch_scale: int = 1  # B × this for steps ÷ this: the same examples in bigger batches
 
   @property
   def baseline(self) -> str:
-    """The run whose final scores are this variant's targets: uniform on the same pool."""
-    return "uniform_small" if self.small_pool else "uniform"
+    """The run whose final scores are this variant's targets: uniform on the same pool
+    with the same batch."""
+    return next(n for n, v in VARIANTS.items() if v.config == "siglip.py"
+                and (v.small_pool, v.batch_scale) == (self.small_pool, self.batch_scale))
 
 
 VARIANTS = {
@@ -82,6 +88,11 @@ VARIANTS = {
     "uniform_small": Variant("uniform, small pool", "siglip.py", "", small_pool=True),
     "jest_f90_small": Variant("JEST f=90%, small pool", "jest.py",
                               "method=joint,score=learnability,f=0.9", small_pool=True),
+    # The "batch" experiment: 4× B (16 chunks of 16 instead of 4), ¼ of the steps.
+    "uniform_4xb": Variant("uniform, 4× batch", "siglip.py", "", batch_scale=4),
+    **{f"jest_f{f}_4xb": Variant(f"JEST f={f}%, 4× batch", "jest.py",
+                                 f"method=joint,score=learnability,f=0.{f // 10}",
+                                 batch_scale=4) for f in (50, 80, 90)},
 }
 
 # name → (title, variants shown; the baselines are the reference lines of every comparison)
@@ -100,6 +111,9 @@ EXPERIMENTS = {
                 "indep_sample_f90", "easy_ref_f80", "hard_learner_f80", "fullres_f80")),
     "pool": ("Pool size: JEST f = 90% on a small sub-pool vs on the whole pool",
              ("uniform", "jest_f90", "uniform_small", "jest_f90_small")),
+    "batch": ("Batch size: uniform and JEST f = 50/80/90% at 4× the batch and ¼ of the steps",
+              ("uniform", "jest_f80", "uniform_4xb", "jest_f50_4xb", "jest_f80_4xb",
+               "jest_f90_4xb")),
 }
 
 
@@ -139,7 +153,8 @@ def run_dir(workdir: str, variant: str, seed: int) -> str:
 def make_config(plan_name: str, variant: str, seed: int, data: str, workdir: str):
   plan = PLANS[plan_name]
   v = VARIANTS[variant]
-  args = f"runlocal,data={data},batch={plan.batch},steps={plan.steps}"
+  args = (f"runlocal,data={data},batch={plan.batch * v.batch_scale},"
+          f"steps={max(plan.steps // v.batch_scale, 1)}")
   if v.small_pool:
     args += f",pool={plan.small_pool}"
   if v.config == "jest.py":

@@ -130,7 +130,7 @@ def summarise_run(config, out_dir: str, ref_config) -> dict:
 
 def analyse(runs: dict, ref_train_flops: float, baselines: dict[str, str]) -> dict:
   """Per variant: finals and examples/FLOPs to reach its baseline's mean final scores
-  (`baselines`: variant → baseline variant; uniform for all but the sub-pool pair).
+  (`baselines`: variant → baseline variant, uniform with the same pool and batch).
   Examples are a fraction of the baseline's, FLOPs a multiple of the baseline's."""
   nan = float("nan")
 
