@@ -219,12 +219,12 @@ def reach_table(analysis: dict, labels: dict[str, str], metric: str) -> str:
 
 def learnability_table(analysis: dict, labels: dict[str, str]) -> str:
   lines = ["| variant | learnability of selected batch | of super-batch | FLOPs/step "
-           "(×uniform), charged | amortised |", "|---|---|---|---|---|"]
-  uni = analysis["variants"].get("uniform", {}).get("flops_per_step", float("nan"))
+           "(× its baseline's), charged | amortised |", "|---|---|---|---|---|"]
   for name, label in labels.items():
     row = analysis["variants"].get(name)
     if not row or row["baseline"] == name:
       continue
+    uni = analysis["variants"].get(row["baseline"], {}).get("flops_per_step", float("nan"))
     le = row["learnability"]
     sel = _pm([a for a, _ in le], "{:+.2f}") if le else "–"
     sup = _pm([b for _, b in le], "{:+.2f}") if le else "–"
