@@ -91,7 +91,7 @@ VARIANTS = {
     # The "batch" experiment: 4× B (16 chunks of 16 instead of 4), ¼ of the steps.
     "uniform_4xb": Variant("uniform, 4× batch", "siglip.py", "", batch_scale=4),
     **{f"jest_f{f}_4xb": Variant(f"JEST f={f}%, 4× batch", "jest.py",
-                                 f"method=joint,score=learnability,f=0.{f // 10}",
+                                 f"method=joint,score=learnability,f={f / 100}",
                                  batch_scale=4) for f in (50, 80, 90)},
 }
 
