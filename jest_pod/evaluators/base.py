@@ -37,8 +37,6 @@ def evaluator_class(kind: str) -> type[Evaluator]:
   return getattr(importlib.import_module(module), name)
 
 
-
-
 def check_data_set(data_dir: str, *, check_files: bool = True) -> dict:
   """The validated manifest of an eval set (`manifest.read`); EvalDataError naming what
   is missing otherwise, with fixes that apply to a set made elsewhere (the data module's

@@ -278,16 +278,23 @@ def plot_curves(analysis, runs, labels: dict[str, str], path, title):
         if x == "flops":
           r = next(iter(seeds.values()))
           xs = xs / r["batch"] * r["flops_per_step_amortised"]
-        style = dict(color="black", linestyle="--") if name == "uniform" else {}
+        row = analysis["variants"].get(name, {})
+        baseline = row.get("baseline") == name  # a uniform run: others' targets
+        style = dict(linestyle="--") if baseline else {}
+        if name == "uniform":
+          style["color"] = "black"
         line, = ax.plot(xs, ys.mean(0), marker="o", markersize=2.5, linewidth=1.5,
                         label=f"{label} (n={len(curves)})", **style)
         ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15, color=line.get_color())
-      ax.axhline(analysis["targets"][metric], color="grey", linewidth=0.8, linestyle=":")
+        if baseline:
+          ax.axhline(row["targets"][metric], color=line.get_color(), linewidth=0.8,
+                     linestyle=":")
       ax.set_xlabel("training examples" if x == "examples" else "FLOPs (amortised)")
       ax.set_title(metric, fontsize=9)
       ax.grid(True, alpha=0.3)
   axes[0, 0].legend(fontsize=7)
-  fig.suptitle(f"{title} — mean over seeds, band = min–max; dotted = uniform's final",
+  fig.suptitle(f"{title} — mean over seeds, band = min–max; dashed = a baseline (uniform), "
+               "dotted = its final",
                fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
