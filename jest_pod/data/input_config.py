@@ -33,6 +33,9 @@ def default_input_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.max_text_len = 16
   c.tokenizer = ""          # '' -> <first data dir>/tokenizer.model
+  # Caption → ids: "plain" (pad 0) | "siglip" (canonicalised, sticky EOS, pad = EOS; the
+  # SigLIP family's) | "siglip_cased" — data/tokenizer.py.
+  c.text_style = "plain"
   # Grain worker processes. 0 = decode in this process (pipeline.READ_THREADS threads);
   # -1 = auto: pipeline.resolve_worker_count() = 0 on hosts with <= 2 usable cores (on 2
   # cores, cores - 1 = 1 worker was no faster than threads in-process and costs ~2 s

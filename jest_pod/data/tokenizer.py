@@ -1,9 +1,17 @@
-"""The text tokenizer: a sentencepiece model trained on a data set's captions.
+"""The text tokenizer: a sentencepiece model and the rule that turns a caption into ids.
 
 `jest-pod data tokenizer --data DIR --vocab-size N` writes `DIR/tokenizer.model` and
 `DIR/tokenizer.json` ({vocab_size, sha256, num_captions, ...}). Ids: 0 = pad (the
 contract of the host batch), 1 = unk, 2 = bos, 3 = eos; text is lowercased by the
 normaliser (`nmt_nfkc_cf`) so that "Dog" and "dog" share ids.
+
+Text styles (`config.input.text_style`), the rule from caption to ids:
+  plain         sentencepiece ids, truncated, padded with 0 (this project's FlexiViT family)
+  siglip        SigLIP's: lower-case, strip ASCII punctuation, collapse whitespace, then
+                "sticky" EOS: ids[:L-1] + [</s>], padded with </s> (big_vision's
+                `eos="sticky"`, transformers' SiglipTokenizer with padding="max_length")
+  siglip_cased  the same without lower-casing (a SiglipTokenizer with do_lower_case=False)
+The style is part of `Tokenizer.sha256`, so a cache or a check keyed by it tells them apart.
 
 A `Tokenizer` pickles as its serialized model (not its path): Grain worker processes
 get a working copy without touching the file system.
@@ -17,6 +25,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import string
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -27,6 +37,9 @@ import sentencepiece as spm
 from jest_pod.data.input_config import cfg_get
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+TEXT_STYLES = ("plain", "siglip", "siglip_cased")
+EOS_PIECE = "</s>"  # SigLIP's EOS and pad piece (id 1 in c4_en, 3 in this project's models)
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 MODEL_NAME = "tokenizer.model"
 INFO_NAME = "tokenizer.json"
 
@@ -75,19 +88,44 @@ def _character_coverage(texts: list[str], vocab_size: int) -> float:
   return max(0.98, top / sum(counts.values()) - 1e-9)
 
 
-class Tokenizer:
-  """A sentencepiece model: `encode(text, max_len) -> int32 [max_len]`,
-  `encode_batch(texts, max_len) -> int32 [b, max_len]`."""
+def canonicalize(text: str, lower: bool = True) -> str:
+  """SigLIP's caption canonicalisation (big_vision prompt_engineering, transformers'
+  SiglipTokenizer.canonicalize_text): lower-case, drop ASCII punctuation, one space."""
+  if lower:
+    text = text.lower()
+  return re.sub(r"\s+", " ", text.translate(_PUNCTUATION)).strip()
 
-  def __init__(self, path: str | None = None, *, model_proto: bytes | None = None):
+
+class Tokenizer:
+  """A sentencepiece model and a text style (module docstring):
+  `encode(text, max_len) -> int32 [max_len]`, `encode_batch(texts, max_len) -> int32
+  [b, max_len]`; `pad_id` is what fills a short caption."""
+
+  def __init__(self, path: str | None = None, *, model_proto: bytes | None = None,
+               text_style: str = "plain"):
+    if text_style not in TEXT_STYLES:
+      raise TokenizerError(f"text style {text_style!r} (config.input.text_style): choose one "
+                           f"of {', '.join(TEXT_STYLES)}")
     if model_proto is None:
       if not path or not os.path.exists(path):
         raise TokenizerError(missing_message(path))
       with open(path, "rb") as f:
         model_proto = f.read()
     self.path = path
+    self.text_style = text_style
     self._proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except Exception as e:  # pylint: disable=broad-except  (sentencepiece raises bare errors)
+      raise TokenizerError(f"{path or 'tokenizer'}: not a sentencepiece model ({e}); point "
+                           "config.input.tokenizer (or --tokenizer) at a .model file") from e
+    self.eos_id = EOS_ID
+    self.pad_id = PAD_ID
+    if text_style != "plain":
+      self.eos_id = self.pad_id = int(self._sp.piece_to_id(EOS_PIECE))
+      if self._sp.id_to_piece(self.eos_id) != EOS_PIECE:
+        raise TokenizerError(f"{path or 'tokenizer'} has no {EOS_PIECE!r} piece, which text "
+                             f"style {text_style!r} appends and pads with")
 
   @property
   def vocab_size(self) -> int:
@@ -95,37 +133,57 @@ class Tokenizer:
 
   @property
   def sha256(self) -> str:
-    return hashlib.sha256(self._proto).hexdigest()
+    """Of the model bytes (plain), or of the bytes and the style: the tokenizer's identity."""
+    h = hashlib.sha256(self._proto)
+    if self.text_style != "plain":
+      h.update(f"|text_style={self.text_style}".encode())
+    return h.hexdigest()
+
+  def _ids(self, text_ids: list[int], max_len: int, out: np.ndarray) -> None:
+    if self.text_style == "plain":
+      ids = text_ids[:max_len]
+    else:  # sticky EOS: the last real position is always </s>, whatever the truncation
+      ids = text_ids[:max_len - 1] + [self.eos_id]
+    out[:len(ids)] = ids
+
+  def _prepare(self, text: str) -> str:
+    return text if self.text_style == "plain" else canonicalize(
+        text, lower=self.text_style == "siglip")
 
   def encode(self, text: str, max_len: int) -> np.ndarray:
-    """One text -> int32 ids [max_len], truncated, padded with 0: equal to
-    `encode_batch([text], max_len)[0]`, the pipeline's per-example path.
+    """One text -> int32 ids [max_len]: equal to `encode_batch([text], max_len)[0]`, the
+    pipeline's per-example path.
 
     sentencepiece's list encoder starts a thread pool per call, whose cost grows with the
     host's core count (69 µs vs 3.6 µs for one caption on a 2-core host; 3x slower on 16).
     """
-    ids = self._sp.encode(text)[:max_len]
-    out = np.zeros((max_len,), np.int32)
-    out[:len(ids)] = ids
+    out = np.full((max_len,), self.pad_id, np.int32)
+    self._ids(self._sp.encode(self._prepare(text)), max_len, out)
     return out
 
   def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """texts [b] -> int32 ids [b, max_len], truncated, padded with 0 (PAD_ID)."""
-    out = np.zeros((len(texts), max_len), np.int32)
-    for i, ids in enumerate(self._sp.encode(list(texts))):
-      ids = ids[:max_len]
-      out[i, :len(ids)] = ids
+    """texts [b] -> int32 ids [b, max_len], truncated, padded with `pad_id`."""
+    out = np.full((len(texts), max_len), self.pad_id, np.int32)
+    for i, ids in enumerate(self._sp.encode([self._prepare(t) for t in texts])):
+      self._ids(ids, max_len, out[i])
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode([int(i) for i in ids if i != PAD_ID])
+    return self._sp.decode([int(i) for i in ids if i not in (self.pad_id, PAD_ID)
+                            and not (self.text_style != "plain" and i == self.eos_id)])
+
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized sentencepiece model (what an export writes as spiece.model)."""
+    return self._proto
 
   # Pickle the model bytes so Grain workers need no file access.
   def __getstate__(self):
-    return {"path": self.path, "proto": self._proto}
+    return {"path": self.path, "proto": self._proto, "text_style": self.text_style}
 
   def __setstate__(self, state):
-    self.__init__(state["path"], model_proto=state["proto"])
+    self.__init__(state["path"], model_proto=state["proto"],
+                  text_style=state["text_style"])
 
 
 def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
@@ -135,11 +193,13 @@ def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
   `explicit` (a path or Tokenizer), else `input_config.tokenizer`, else
   `<first data dir>/tokenizer.model` (a mixture's first component). An eval set's own
   tokenizer.model is not a fallback: another vocabulary would score garbage silently.
-  `input_config`: a ConfigDict or dict (`{"data": DIR}` for a data set's own tokenizer).
+  `input_config`: a ConfigDict or dict (`{"data": DIR}` for a data set's own tokenizer);
+  its `text_style` (default "plain") comes with the model.
   """
   spec = explicit or cfg_get(input_config, "tokenizer")
   if isinstance(spec, Tokenizer):
     return spec
+  style = cfg_get(input_config, "text_style", "plain")
   if not spec:
     mixture = list(cfg_get(input_config, "mixture") or [])
     first_dir = str(mixture[0][0]) if mixture else cfg_get(input_config, "data")
@@ -153,7 +213,7 @@ def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
           f"the {sources.scheme(str(first_dir))} source has no tokenizer.model: set "
           "config.input.tokenizer to a tokenizer path (for the virtual source any will do; "
           "see jest_pod/experiments/bench/data.py)")
-  return Tokenizer(str(spec))
+  return Tokenizer(str(spec), text_style=style)
 
 
 def missing_message(path: str | None) -> str:
