@@ -160,23 +160,7 @@ class Checkpointer:
         raise CheckpointError(f"{f} is not valid JSON ({e})") from e
 
   def _check_digest(self, step: int, state) -> str | None:
-    """None if the restored state matches the saved fingerprint, else what differs."""
-    f = self.step_dir(step) / "digest" / "metadata"
-    got = fingerprint(state)  # every process computes it (a collective)
-    if not f.exists():
-      log.warning("checkpoint %s has no digest (written before digests were added): "
-                  "restored without verifying its contents", self.step_dir(step))
-      return None
-    saved = np.asarray(json.loads(f.read_text())["fingerprint"], np.float64)
-    if saved.shape != got.shape:
-      return f"digest has {saved.shape[0]} leaves, the restored state {got.shape[0]}"
-    scale = np.stack([saved[:, 1], saved[:, 1], saved[:, 2]], axis=1)  # |x| sums bound x sums
-    bad = ~(np.abs(got - saved) <= DIGEST_RTOL * scale + 1e-12)  # NaN counts as bad
-    if bad.any():
-      leaf = int(np.argwhere(bad)[0][0])
-      return (f"contents differ from the digest saved with it (leaf {leaf}: "
-              f"{got[leaf].tolist()} vs saved {saved[leaf].tolist()}): bytes changed on disk")
-    return None
+    return digest_problem(self.step_dir(step), state)
 
   def _move_aside(self, problems) -> None:
     """Rename damaged steps to `<step>.corrupt-<time>` (Orbax ignores non-numeric
@@ -216,6 +200,28 @@ def fingerprint(state) -> np.ndarray:
   """[leaves, 3] float64 numbers of the state, computed on the devices (cheap; works when
   the arrays span processes: every process must call it)."""
   return distributed.host_array(_fingerprint(state)).astype(np.float64)
+
+
+def digest_problem(step_dir, state) -> str | None:
+  """None if a restored state matches the fingerprint saved with it, else what differs.
+  Every process must call it (the fingerprint is a collective)."""
+  f = epath.Path(step_dir) / "digest" / "metadata"
+  got = fingerprint(state)
+  if not f.exists():
+    return f"{f} is missing: the checkpoint cannot be verified (a partial copy?)"
+  try:
+    saved = np.asarray(json.loads(f.read_text())["fingerprint"], np.float64)
+  except (ValueError, KeyError) as e:
+    return f"{f} is damaged ({e})"
+  if saved.shape != got.shape:
+    return f"digest has {saved.shape[0]} leaves, the restored state {got.shape[0]}"
+  scale = np.stack([saved[:, 1], saved[:, 1], saved[:, 2]], axis=1)  # |x| sums bound x sums
+  bad = ~(np.abs(got - saved) <= DIGEST_RTOL * scale + 1e-12)  # NaN counts as bad
+  if bad.any():
+    leaf = int(np.argwhere(bad)[0][0])
+    return (f"contents differ from the digest saved with it (leaf {leaf}: "
+            f"{got[leaf].tolist()} vs saved {saved[leaf].tolist()}): bytes changed on disk")
+  return None
 
 
 def _resolve(path, step):
@@ -270,7 +276,8 @@ def check_params_fit(model, params, image_size: int, max_text_len: int) -> None:
 
 
 def load_params(path, step=None, sharding=None):
-  """Load a checkpoint's parameters for evaluation or as a frozen reference.
+  """Load a checkpoint's parameters for evaluation, export or as a frozen reference, after
+  verifying the whole state against the digest saved with it (as training's restore does).
 
   Args:
     path: a workdir, WORKDIR/checkpoints, or a step folder.
@@ -279,6 +286,8 @@ def load_params(path, step=None, sharding=None):
       checkpoint written on 8 devices loads on 1 and vice versa.
   Returns:
     (config, params, step)
+  Raises:
+    CheckpointError naming the step folder when it cannot be read or fails its digest.
   """
   root, step = _resolve(path, step)
   config = load_config(root, step)
@@ -286,17 +295,22 @@ def load_params(path, step=None, sharding=None):
     sharding = shd.replicated(shd.make_mesh((("data", -1),)))
   # Only the `state` item, through its handler: a (read-only) CheckpointManager logs ~9
   # absl WARNINGs per load about the items it is not asked for and about read_only.
-  state_dir = root / str(step) / "state"
+  step_dir = root / str(step)
   handler = ocp.StandardCheckpointHandler()
   ckptr = ocp.Checkpointer(handler)
   try:
-    meta = handler.metadata(state_dir)
+    meta = handler.metadata(step_dir / "state")
     target = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    state = ckptr.restore(state_dir, args=ocp.args.StandardRestore(target))
+    state = ckptr.restore(step_dir / "state", args=ocp.args.StandardRestore(target))
   except Exception as e:
-    raise CheckpointError(f"could not read the state of checkpoint {root / str(step)}: {e}") from e
+    raise CheckpointError(f"could not read the state of checkpoint {step_dir}: {e}") from e
   finally:
     ckptr.close()
+  problem = digest_problem(step_dir, state)
+  if problem:
+    raise CheckpointError(
+        f"checkpoint {step_dir} is damaged: {problem}. Use another step (--step, or move "
+        f"this one aside: rename it to {step}.bad) or restore it from a copy")
   logging.getLogger("jest_pod").info("loaded checkpoint %s step %d", root, step)
   return config, state["params"], step

@@ -13,7 +13,6 @@ import pytest
 from jest_pod import config as config_lib
 from jest_pod.models import flops as model_flops
 from jest_pod.train import flops as flops_lib
-from jest_pod.train import main as main_lib
 
 # The tiny model: 16×16 images, patch 4, width 32, depth 1, MLP 64; text 12 tokens,
 # width 32, depth 1, MLP 64; embeddings d = 16. One matmul [m, k] @ [k, n] = 2·m·k·n.
@@ -107,7 +106,8 @@ def test_a_reference_of_other_size_is_charged_at_its_own_size():
   learner = _config(method="joint", score="learnability", filter_ratio=0.5, n_chunks=4)
   reference = _config()
   reference.model.image = dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
-  parts = flops_lib.step_flops(learner, reference)
+  per_example = model_flops.example_forward_flops(reference.model, 16, 8, 12)
+  parts = flops_lib.step_flops(learner, reference_example_flops=per_example)
   assert parts["reference"] == 64 * (IMAGE_P8 + TEXT)  # the reference's base patch is 8
   parts = flops_lib.step_flops(learner, reference_example_flops=1000.0)  # a cache's figure
   assert parts["reference"] == 64_000
@@ -116,10 +116,12 @@ def test_a_reference_of_other_size_is_charged_at_its_own_size():
 @pytest.mark.parametrize("cached", [False, True])
 def test_amortised_view_drops_the_reference_only_when_cached(cached):
   c = _flexi(_config(method="joint", score="learnability", filter_ratio=0.5, n_chunks=4))
-  cache = (types.SimpleNamespace(meta={"flops_per_example": 1000.0, "flops": 5e9})
-           if cached else None)
-  jest = types.SimpleNamespace(cache=cache, reference_config=None if cached else c)
-  out = main_lib.run_flops(c, jest)
+  # What run_flops reads of a `jest.reference.Reference` (a cache's figures, or the forward
+  # pass of the learner's own towers).
+  reference = types.SimpleNamespace(
+      cached=cached, example_flops=1000.0 if cached else model_flops.example_forward_flops(
+          c.model, 16, 4, 12), one_time_flops=5e9 if cached else 0.0)
+  out = flops_lib.run_flops(c, reference)
   reference = 64_000 if cached else 35_913_728
   charged = 43_057_152 + 21_364_736 + reference + 200_704
   assert out["charged"] == charged  # the paper's accounting: charged even when cached

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from jest_pod import checkpoint
-from jest_pod.data import manifest
-from jest_pod.jest import reference_cache
+from jest_pod.data import reference_cache
 from jest_pod.data.toy import build_toy
+from jest_pod.interop import formats
+from jest_pod.jest import reference as reference_lib
 from jest_pod import embed
 from jest_pod.models import build_model
 from jest_pod.data import pipeline
@@ -30,7 +31,7 @@ def setup(tmp_path_factory):
   toy = build_toy(str(tmp_path_factory.mktemp("toy")), N, noise=0.25, image_size=16)
   ref = str(tmp_path_factory.mktemp("ref"))
   train_main.train(tiny_config(toy, steps=4), ref)
-  path = reference_cache.build_cache(toy, ref, batch_size=48)  # 48 does not divide 256
+  path = reference_lib.build_cache(toy, ref, batch_size=48)  # 48 does not divide 256
   return toy, ref, path
 
 
@@ -43,11 +44,8 @@ def other_ref(setup, tmp_path_factory):
   return ref2
 
 
-def _open(path, toy, ref, **over):
-  kw = dict(data_dir=toy, reference=ref, image_size=16, max_text_len=12,
-            tokenizer_sha256=manifest.sha256_file(os.path.join(toy, "tokenizer.model")))
-  kw.update(over)
-  return reference_cache.open_cache(path, **kw)
+def _open(path, toy, ref, **kw):
+  return reference_lib.open_cache(path, data_dir=toy, reference=ref, **kw)
 
 
 def test_lookup_equals_the_reference_forward_pass(setup):
@@ -65,33 +63,39 @@ def test_lookup_equals_the_reference_forward_pass(setup):
       host_keys=("index",))
   np.testing.assert_array_equal(direct["index"], np.arange(N))
   order = np.random.default_rng(0).permutation(N)[:100].astype(np.int64)
-  image, text = cache.lookup(order)
+  image, text = cache.store.lookup(order)
   assert image.dtype == text.dtype == np.float32 and image.shape == (100, 16)
   np.testing.assert_allclose(image, direct["image"][order], atol=1e-2, rtol=1e-2)
   np.testing.assert_allclose(text, direct["text"][order], atol=1e-2, rtol=1e-2)
   _, _, extras = model.apply({"params": params}, None, None)
-  assert cache.temperature == np.float32(extras["t"]) and cache.bias == np.float32(extras["b"])
-  m = cache.meta
+  emb = cache.embeddings(cache.host_inputs({"index": order}))
+  assert emb.temperature == np.float32(extras["t"]) and emb.bias == np.float32(extras["b"])
+  np.testing.assert_array_equal(emb.image, image)
+  m = cache.store.meta
   assert m["seconds"] > 0 and m["num_examples"] == N
   assert m["flops"] == pytest.approx(N * flops_lib.example_forward_flops(
       config.model, 16, config.model.image["patch_size"], 12))
   ident = m["fingerprint"]["reference"]
   assert ident["step"] == step and ident["path"] == os.path.abspath(ref)
-  assert ident["params_digest"] == reference_cache.params_digest(params)
+  assert ident["params_digest"] == formats.params_digest(params)
+  assert ident["kind"] == "workdir"
+  assert m["fingerprint"]["preprocessing"] == {
+      "image_size": 16, "max_text_len": 12, "text_style": "plain",
+      "tokenizer_sha256": tokenizer_lib.Tokenizer(os.path.join(toy, "tokenizer.model")).sha256}
   with pytest.raises(IndexError):
-    cache.lookup(np.array([N]))
+    cache.store.lookup(np.array([N]))
 
 
 def test_params_digest_sees_any_change(setup):
   _, ref, _ = setup
   _, params, _ = checkpoint.load_params(ref)
-  d = reference_cache.params_digest(params)
+  d = formats.params_digest(params)
   host = jax.tree.map(np.asarray, params)
-  assert reference_cache.params_digest(host) == d  # placement does not matter
+  assert formats.params_digest(host) == d  # placement does not matter
   leaves, treedef = jax.tree.flatten(host)
   leaves[-1] = leaves[-1].copy()
   leaves[-1].flat[0] += 1e-6
-  assert reference_cache.params_digest(jax.tree.unflatten(treedef, leaves)) != d
+  assert formats.params_digest(jax.tree.unflatten(treedef, leaves)) != d
 
 
 def test_mismatches_are_refused(setup, other_ref, tmp_path, caplog):
@@ -99,24 +103,56 @@ def test_mismatches_are_refused(setup, other_ref, tmp_path, caplog):
   with pytest.raises(reference_cache.ReferenceCacheError,
                      match=r"reference: built from .* step 4 .* step 5.*cache-reference"):
     _open(path, toy, other_ref)
-  with pytest.raises(reference_cache.ReferenceCacheError, match=r"tokenizer: sha256"):
-    _open(path, toy, ref, tokenizer_sha256="0" * 64)
+  # The same weights read with another tokenizer embed other ids: another preprocessing.
+  other_tok = str(tmp_path / "tok")
+  tokenizer_lib.train_tokenizer([f"word{i} thing{i % 7}" for i in range(300)], other_tok, 40)
   with pytest.raises(reference_cache.ReferenceCacheError,
-                     match=r"image_size: 16 in the cache, 32 in this run.*Rebuild it with "
+                     match=r"preprocessing: tokenizer_sha256 .*Rebuild it with "
                            r"`jest-pod data cache-reference --data"):
-    _open(path, toy, ref, image_size=32)
-  with pytest.raises(reference_cache.ReferenceCacheError, match=r"max_text_len: 12 in the"):
-    _open(path, toy, ref, max_text_len=16)
+    _open(path, toy, ref, tokenizer=other_tok + ".model")
   other = build_toy(str(tmp_path / "other"), 64, image_size=16, seed=1)
   with pytest.raises(reference_cache.ReferenceCacheError, match="other data"):
     _open(path, other, ref)
-  with pytest.raises(reference_cache.ReferenceCacheError, match="other data"):
-    reference_cache.ReferenceCache(path, other)  # the old constructor checks the data
   # No reference given: opens, warning names the reference the cache was built from.
   with caplog.at_level(logging.WARNING, logger="jest_pod"):
     cache = _open(path, toy, None)
   assert os.path.abspath(ref) in caplog.text and "not checked" in caplog.text
-  assert cache.lookup(np.arange(3))[0].shape == (3, 16)
+  assert cache.store.lookup(np.arange(3))[0].shape == (3, 16)
+
+
+def test_damaged_rows_are_refused_with_the_rebuild_command(setup, tmp_path):
+  """Bytes changed inside a stored shard (the shard index and its crc32c still intact)
+  are caught by the per-row checksums on the first look-up that reads them."""
+  toy, ref, path = setup
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(path, damaged)
+  shard = os.path.join(damaged, "image", "c", "0", "0")
+  with open(shard, "r+b") as f:
+    f.seek(2 * 16 * 10)  # row 10's image bytes (bf16, d = 16)
+    f.write(np.random.default_rng(0).bytes(8))
+  cache = _open(damaged, toy, ref)
+  assert cache.store.lookup(np.arange(10))[0].shape == (10, 16)  # rows before it are fine
+  with pytest.raises(reference_cache.ReferenceCacheError,
+                     match=r"damaged: 1 of 20 rows .*record 10.*cache-reference --data"):
+    cache.store.lookup(np.arange(20))
+
+
+def test_other_format_or_damaged_meta_is_refused(setup, tmp_path):
+  toy, ref, path = setup
+  old = str(tmp_path / "old")
+  shutil.copytree(path, old)
+  meta_file = os.path.join(old, "meta.json")
+  with open(meta_file) as f:
+    meta = json.load(f)
+  meta["format"] = "jest_pod reference cache v2 (zarr3 bf16, sharded by rows)"
+  with open(meta_file, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(reference_cache.ReferenceCacheError, match="another format.*cache-reference"):
+    _open(old, toy, ref)
+  with open(meta_file, "w") as f:
+    f.write('{"format": "jest_pod ref')
+  with pytest.raises(reference_cache.ReferenceCacheError, match=r"meta.json is damaged"):
+    _open(old, toy, ref)
 
 
 def test_incomplete_or_missing_cache_is_refused(setup, tmp_path):
@@ -129,28 +165,24 @@ def test_incomplete_or_missing_cache_is_refused(setup, tmp_path):
     _open(partial, toy, ref)
   with pytest.raises(reference_cache.ReferenceCacheError, match="does not exist.*cache-reference"):
     _open(str(tmp_path / "nothing"), toy, ref)
-  with pytest.raises(reference_cache.ReferenceCacheError, match="cache-reference"):
-    reference_cache.ReferenceCache(str(tmp_path / "nothing"), toy)
 
 
 def test_default_cache_path(setup, tmp_path):
   toy, _, path = setup
-  assert reference_cache.default_cache_path(toy) == path
-  tok = os.path.join(toy, "tokenizer.model")  # the trainer passes Tokenizer.sha256
-  assert tokenizer_lib.Tokenizer(tok).sha256 == manifest.sha256_file(tok)
-  assert reference_cache.default_cache_path(str(tmp_path)) is None
+  assert reference_cache.default_path(toy) == path
+  assert reference_cache.default_path(str(tmp_path)) is None
   os.makedirs(tmp_path / "reference_cache")  # a folder without meta.json is no cache
-  assert reference_cache.default_cache_path(str(tmp_path)) is None
+  assert reference_cache.default_path(str(tmp_path)) is None
 
 
 def test_rebuild_replaces_the_cache(setup, tmp_path):
   toy, ref, _ = setup
   out = str(tmp_path / "c")
-  reference_cache.build_cache(toy, ref, output=out, batch_size=100)
-  first = reference_cache.ReferenceCache(out, toy).lookup(np.arange(N))
-  reference_cache.build_cache(toy, ref, output=out, batch_size=256)
+  reference_lib.build_cache(toy, ref, output=out, batch_size=100)
+  first = _open(out, toy, None).store.lookup(np.arange(N))
+  reference_lib.build_cache(toy, ref, output=out, batch_size=256)
   assert sorted(os.listdir(tmp_path)) == ["c"]  # no .tmp / .old left behind
-  again = _open(out, toy, ref).lookup(np.arange(N))
+  again = _open(out, toy, ref).store.lookup(np.arange(N))
   np.testing.assert_allclose(again[0], first[0], atol=1e-2)
 
 
@@ -158,7 +190,7 @@ def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
   """The trainer reads θ* from the cache by default (it sits beside the data), and that
   trains as the forward pass does (reference_cache=off)."""
   toy, ref, path = setup
-  assert path == reference_cache.default_cache_path(toy)
+  assert path == reference_cache.default_path(toy)
   runs, flops = {}, {}
   for name, cache in (("forward", "off"), ("cached", "")):
     config = tiny_config(toy, steps=3, method="joint", reference=ref,
@@ -192,5 +224,16 @@ def test_a_record_that_failed_to_decode_is_refused(setup, tmp_path, monkeypatch)
   monkeypatch.setattr(pipeline, "make_eval_iterator", one_bad)
   out = str(tmp_path / "c")
   with pytest.raises(reference_cache.ReferenceCacheError, match="embedded 255 of 256"):
-    reference_cache.build_cache(toy, ref, output=out)
+    reference_lib.build_cache(toy, ref, output=out)
   assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def test_forward_reference_with_other_preprocessing_names_the_cache_command(setup, tmp_path):
+  """A reference fed at another caption length cannot share the learner's super-batch:
+  the forward path refuses and names `jest-pod data cache-reference`."""
+  toy, ref, _ = setup
+  config = tiny_config(toy, steps=1, method="joint", reference=ref,
+                       **{"selection.reference_cache": "off", "input.max_text_len": 8})
+  with pytest.raises(ValueError, match=r"max_text_len: 12 \(reference\) vs 8 \(learner\).*"
+                                       r"jest-pod data cache-reference --data"):
+    train_main.train(config, str(tmp_path / "w"))

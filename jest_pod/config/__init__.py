@@ -23,7 +23,6 @@ CONFIGS_DIR = os.path.join(
 
 METHODS = ("uniform", "independent", "joint")
 SCORES = tuple(selection.SCORES)
-LOSSES = ("sigmoid", "softmax")
 SHARDING_RULES = ("replicate", "fsdp")
 
 
@@ -65,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"         # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
   c.model.remat = False              # rematerialise each encoder block (memory for compute)
   c.model.scan_layers = False        # nn.scan over depth (fast compile for deep towers)
+  # Start from a checkpoint's weights, architecture and preprocessing: a training workdir,
+  # a Hugging Face SigLIP folder or a big_vision .npz (interop/formats.py apply_init_from).
+  c.model.init_from = ""
+  c.model.init_tokenizer = ""        # its sentencepiece model, where it has none (big_vision)
   c.model.text = dict(vocab_size=1000, max_len=16)
   set_model(c, "mu/4")  # both towers' sizes: config/variants.py
 
@@ -77,7 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.selection = ml_collections.ConfigDict(dict(
       method="uniform", score="learnability", filter_ratio=0.8, n_chunks=16,
       independent_method="topk",
-      reference="",                   # workdir or checkpoint dir of the frozen reference
+      # The frozen reference: a training workdir, a Hugging Face SigLIP folder or a
+      # big_vision .npz (jest/reference.py); reference_tokenizer for an npz without one.
+      reference="", reference_tokenizer="",
       # θ*'s embeddings precomputed by `jest-pod data cache-reference`: a cache folder,
       # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
       reference_cache="",
@@ -128,6 +133,22 @@ def num_super_batch(config) -> int:
   return int(round(n / 8.0)) * 8
 
 
+def needs_reference(config) -> bool:
+  """Whether a run needs θ* (its forward pass or its cache): a selecting method whose
+  score weighs the reference's loss (selection.SCORES)."""
+  s = config.selection
+  return s.method != "uniform" and selection.uses_models(s.score)[1]
+
+
+def missing_reference_message(config) -> str:
+  """The one message for a run that needs θ* and has none."""
+  return (f"config.selection.score={config.selection.score!r} needs a reference model: set "
+          "config.selection.reference to a checkpoint (a workdir of configs/reference.py, a "
+          "Hugging Face SigLIP folder or a big_vision .npz), or build its embedding cache "
+          f"with `jest-pod data cache-reference --data {config.input.data or 'DATA'} "
+          "--reference REF`")
+
+
 def _choice(name, value, choices):
   if value not in choices:
     raise ValueError(f"config.{name}={value!r} is not valid; choose one of {list(choices)}")
@@ -155,28 +176,33 @@ def validate(config) -> None:
   if config.time_split_every < 0:
     raise ValueError(f"config.time_split_every={config.time_split_every} must be >= 0 "
                      "(0 = never time the step's parts)")
-  _choice("loss", config.loss, LOSSES)
+  _choice("loss", config.loss, selection.LOSSES)
   s = config.selection
   _choice("selection.method", s.method, METHODS)
   _choice("selection.score", s.score, SCORES)
-  _choice("selection.independent_method", s.independent_method, ("topk", "sample"))
+  _choice("selection.independent_method", s.independent_method, selection.INDEPENDENT_METHODS)
   if not 0.0 <= s.filter_ratio < 1.0:
     raise ValueError(f"config.selection.filter_ratio={s.filter_ratio} must be in [0, 1) "
                      "(the paper uses 0.5, 0.8, 0.9)")
   if s.method == "joint" and config.batch_size % s.n_chunks:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.selection.n_chunks={s.n_chunks}")
-  if (s.method != "uniform" and selection.SCORES[s.score][1] and not s.reference
-      and s.reference_cache in ("", "off") and not _has_default_cache(config, s)):
-    raise ValueError(f"config.selection.score={s.score!r} needs a reference model: set "
-                     "config.selection.reference=<workdir of a run of configs/reference.py>"
-                     " (or build its embedding cache: `jest-pod data cache-reference`)")
+  # Whether DATA/reference_cache exists is known at start-up (jest.reference.open_reference);
+  # here only what no file can fix.
+  if (needs_reference(config) and not s.reference and s.reference_cache in ("", "off")
+      and (s.reference_cache == "off" or not config.input.data or config.input.get("mixture"))):
+    raise ValueError(missing_reference_message(config))
   f, train_patches = config.flexi, train_patch_sizes(config)
   if len(train_patches) != len(f.train_fractions) or abs(sum(f.train_fractions) - 1) > 1e-6:
     raise ValueError("config.flexi.train_patch_sizes and train_fractions must have the same "
                      f"length and the fractions must sum to 1; got {train_patches}, "
                      f"{f.train_fractions}")
   size = config.model.image_size
+  if config.input.image_size != size:
+    # One size for everything: the pipeline decodes at input.image_size while the FLOP
+    # count, the reference check and the cache fingerprint read model.image_size.
+    raise ValueError(f"config.input.image_size={config.input.image_size} and "
+                     f"config.model.image_size={size} differ: set both to the size to train at")
   for p in (*train_patches, score_patch_size(config)):
     if size % p:
       raise ValueError(f"patch size {p} (config.flexi) does not divide "
@@ -219,7 +245,7 @@ RESUME_BREAKING = ("seed", "batch_size", "loss", "input.data", "input.mixture",
                    "input.image_size", "input.max_text_len", "input.tokenizer", "model",
                    "selection.method", "selection.score", "selection.filter_ratio",
                    "selection.n_chunks", "selection.independent_method",
-                   "selection.reference", "flexi")
+                   "selection.reference", "selection.reference_tokenizer", "flexi")
 # Always fine to change on resume (schedule, logging, evaluation, throughput knobs).
 RESUME_ALLOWED = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "evals",
                   "time_split_every", "preemption_check_every", "device_prefetch",
@@ -281,13 +307,6 @@ def check_resume(saved, config) -> None:
     logging.getLogger("jest_pod").warning(
         "resuming with config changes: %s",
         ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in other.items()))
-
-
-def _has_default_cache(config, s) -> bool:
-  if s.reference_cache == "off" or config.input.get("mixture") or not config.input.data:
-    return False
-  from jest_pod.jest import reference_cache  # pylint: disable=g-import-not-at-top
-  return reference_cache.default_cache_path(config.input.data) is not None
 
 
 # The demo pool's evaluation sets: assumed while its data is not built yet.

@@ -6,7 +6,7 @@
   jest-pod data build {emoji,openclipart,fashion_mnist,demo,icons} --output DIR [--limit N]
                       [--overwrite] [--seed S] [--workers N] [--image-size 64 (icons)]
   jest-pod data tokenizer ...        (jest_pod.data.tokenizer)
-  jest-pod data cache-reference ...  (jest_pod.jest.reference_cache)
+  jest-pod data cache-reference ...  (jest_pod.jest.reference)
   jest-pod data verify DIR           (jest_pod.data.verify: shard sizes + sha256)
 """
 
@@ -19,7 +19,7 @@ import sys
 
 DELEGATES = {
     "tokenizer": "jest_pod.data.tokenizer",
-    "cache-reference": "jest_pod.jest.reference_cache",
+    "cache-reference": "jest_pod.jest.reference",
     "verify": "jest_pod.data.verify",
 }
 

@@ -254,7 +254,7 @@ def report(workdir: str, plan_name: str, configs: dict, only: list[str], command
   figure per experiment; returns the results."""
   from jest_pod import checkpoint as ckpt_lib
   from jest_pod.experiments import plot
-  from jest_pod.jest import reference_cache
+  from jest_pod.data import reference_cache
   ref_dir = os.path.join(workdir, "reference")
   ref_config = ckpt_lib.load_config(ref_dir)
   ref_train_flops = plot.read_metrics(ref_dir)[-1].get("flops", 0.0)
@@ -401,10 +401,11 @@ def main(argv: list[str] | None = None) -> int:
       if not run_all([("reference", ref_config, ref_dir)], jobs, devices * max(jobs, 1)):
         return 1
     cache = os.path.join(workdir, "reference_cache")
-    from jest_pod.jest import reference_cache
+    from jest_pod.data import reference_cache
+    from jest_pod.jest import reference
     if reference_cache.read_meta(cache) is None:
       print(f"[sweep] caching reference embeddings of {data}/web → {cache}", flush=True)
-      reference_cache.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
+      reference.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
     todo = [(f"{v} seed {s}", c, run_dir(workdir, v, s)) for (v, s), c in configs.items()
             if not os.path.exists(demo.done_marker(run_dir(workdir, v, s)))]
     print(f"[sweep] {len(configs)} runs ({len(variants)} variants × {len(seeds)} seeds), "

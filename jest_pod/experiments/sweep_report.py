@@ -102,20 +102,22 @@ def _damage_shares(events: list[dict]) -> dict[str, tuple[float, float]]:
 
 
 def summarise_run(config, out_dir: str, ref_config) -> dict:
-  from jest_pod.jest.step import uses_models
+  from jest_pod import config as config_lib
+  from jest_pod.models.flops import example_forward_flops
   from jest_pod.train import flops as flops_lib
   events = plot.read_metrics(out_dir)
-  parts = flops_lib.step_flops(config, ref_config)
+  rm = ref_config.model
+  parts = flops_lib.step_flops(config, reference_example_flops=example_forward_flops(
+      rm, rm.image_size, rm.image["patch_size"], ref_config.input.max_text_len))
   b = config.batch_size
   curves = {m: _series(events, keys) for m, keys in metric_keys(events).items()}
   learn = [(e.get("select/learnability_selected"), e.get("select/learnability_super_batch"))
            for e in events if "select/learnability_selected" in e]
   last = [e for e in events if "step" in e]
-  sel = config.selection
   return {
       "run_dir": out_dir, "seed": config.seed, "batch": b,
       # Whether the run needed a trained reference (its training is charged in "+ref").
-      "uses_reference": sel.method != "uniform" and uses_models(sel.score)[1],
+      "uses_reference": config_lib.needs_reference(config),
       "steps": max((e["step"] for e in last), default=0),
       "flops_per_step": parts["total"],  # charged
       "flops_per_step_amortised": parts["total"] - parts["reference"],

@@ -46,6 +46,14 @@ SCORES = {
     "easy_reference": (0.0, -1.0),
 }
 LOSSES = ("sigmoid", "softmax")
+
+
+def uses_models(score: str) -> tuple[bool, bool]:
+  """(uses the learner, uses the reference) of a score, from its weights in SCORES."""
+  w_learner, w_reference = SCORES[score]
+  return w_learner != 0.0, w_reference != 0.0
+
+
 INDEPENDENT_METHODS = ("topk", "sample")
 # Budget for one [rows, c] float32 block of pair terms per device. The conditional-score
 # updates run over row tiles that fit it: at the paper's shape on one device (N = 327,680,

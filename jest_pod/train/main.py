@@ -27,7 +27,8 @@ from jest_pod.data import pipeline
 from jest_pod.data import sources
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.input_config import DEVICE_KEYS
-from jest_pod.jest import reference_cache
+from jest_pod.interop import formats
+from jest_pod.jest import reference as reference_lib
 from jest_pod.jest import step as jest_lib
 from jest_pod.models import build_model
 from jest_pod.parallel import distributed
@@ -48,93 +49,6 @@ setup_logging = hooks.setup_logging
 TrainingDiverged = hooks.TrainingDiverged
 
 
-def load_reference(config, mesh):
-  """The frozen reference: (config, model, params), checked against the learner's data."""
-  path = config.selection.reference
-  try:
-    ref_config, ref_params, ref_step = ckpt_lib.load_params(path,
-                                                            sharding=shd.replicated(mesh))
-  except ckpt_lib.CheckpointError as e:
-    raise ckpt_lib.CheckpointError(
-        f"config.selection.reference={path!r}: {e}. Train one with "
-        "`jest-pod train --config configs/reference.py:runlocal --workdir DIR`.") from e
-  rm = ref_config.model
-  if rm.image_size != config.model.image_size:
-    raise ValueError(f"reference at {path} was trained at image_size={rm.image_size}, the "
-                     f"learner's data is {config.model.image_size}")
-  if rm.text["vocab_size"] < config.model.text["vocab_size"]:
-    raise ValueError(f"reference at {path} has text vocab {rm.text['vocab_size']} < the "
-                     f"learner's {config.model.text['vocab_size']}: use the same tokenizer")
-  ref_model = build_model(rm)
-  # On the learner's input shapes: a misfit fails here, naming the layers, not at step 1.
-  try:
-    ckpt_lib.check_params_fit(ref_model, ref_params, config.model.image_size,
-                              config.input.max_text_len)
-  except ckpt_lib.CheckpointError as e:
-    raise ckpt_lib.CheckpointError(f"reference checkpoint {path}: {e}") from e
-  log.info("reference: %s (step %d)", path, ref_step)
-  return ref_config, ref_model, ref_params
-
-
-def open_reference_cache(config, tokenizer_sha256: str):
-  """The reference cache JEST reads θ*'s embeddings from, or None (forward passes).
-
-  config.selection.reference_cache: a cache folder; '' = DATA/reference_cache when it
-  exists (the default); 'off' = never. A cache built from another reference checkpoint,
-  tokenizer, image size or data set is refused.
-  """
-  s = config.selection
-  if not jest_lib.uses_reference(config) or s.reference_cache == "off":
-    return None
-  if config.input.get("mixture"):
-    if s.reference_cache:
-      raise ValueError("config.selection.reference_cache works with one data set "
-                       "(config.input.data), not a mixture: the cache is indexed by record")
-    return None
-  path = s.reference_cache or reference_cache.default_cache_path(config.input.data)
-  if not path:
-    return None
-  cache = reference_cache.open_cache(
-      path, data_dir=config.input.data, reference=s.reference or None,
-      image_size=config.model.image_size, max_text_len=config.input.max_text_len,
-      tokenizer_sha256=tokenizer_sha256)
-  log.info("reference: embeddings from the cache %s%s", path,
-           "" if s.reference_cache else " (found beside the data; "
-           "config.selection.reference_cache=off runs the reference instead)")
-  return cache
-
-
-def make_jest_step(config, model, mesh, tokenizer_sha256: str):
-  """The run's JestStep (None for uniform), with the reference from cache or checkpoint."""
-  s = config.selection
-  if s.method == "uniform":
-    return None
-  cache = open_reference_cache(config, tokenizer_sha256)
-  reference = None
-  if jest_lib.uses_reference(config) and cache is None:
-    if not s.reference:
-      raise ValueError(f"config.selection.score={s.score!r} needs a reference model: set "
-                       "config.selection.reference=<workdir of a run of configs/reference.py>"
-                       " or build a cache with `jest-pod data cache-reference`")
-    reference = load_reference(config, mesh)
-  return jest_lib.JestStep(config, model, mesh, reference=reference, cache=cache)
-
-
-def run_flops(config, jest) -> dict[str, float]:
-  """FLOPs per step in two views, and the cache's one-time cost. `charged`: the
-  reference's forward pass counted on every scored example (the paper's accounting);
-  `amortised`: reference rows read from a cache built once (its cost reported once)."""
-  ref_example = None
-  cache = jest.cache if jest is not None else None
-  if cache is not None:
-    ref_example = cache.meta["flops_per_example"]
-  ref_config = jest.reference_config if jest is not None else None
-  parts = flops_lib.step_flops(config, ref_config, reference_example_flops=ref_example)
-  amortised = parts["total"] - (parts["reference"] if cache is not None else 0.0)
-  return {"charged": parts["total"], "amortised": amortised, "parts": parts,
-          "reference_cache_one_time": float(cache.meta.get("flops", 0.0)) if cache else 0.0}
-
-
 def _source_shares(selected_source, pool_source, names):
   """Share of each source (origin / damage kind) among selected rows and in the pool."""
   sel = distributed.host_array(selected_source)  # every process calls this (a collective)
@@ -149,6 +63,7 @@ def _source_shares(selected_source, pool_source, names):
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) a training run. Returns the last logged metrics."""
+  formats.apply_init_from(config)  # the checkpoint's architecture and preprocessing
   config_lib.validate(config)
   config_lib.check_input(config)
   distributed.initialize()
@@ -185,6 +100,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   # ---------------------------------------------------------------- data
   tokenizer = tokenizer_lib.resolve(config.input)
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
+  preprocessing = formats.Preprocessing(config.input.image_size, config.input.max_text_len,
+                                        tokenizer)
   data_iter = feed.SkipCounter(pipeline.make_train_iterator(
       config.input, global_batch_size=n, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count()))
@@ -205,13 +122,19 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   if start:
     state = restored
     log.info("resumed from %s at step %d", ckpt_lib.checkpoint_dir(workdir), start)
+  elif config.model.init_from:  # a fresh run from a checkpoint's weights
+    init = formats.load(config.model.init_from, tokenizer=config.model.init_tokenizer or None)
+    state = state_lib.with_params(state, formats.params_for(init, config.model), tx, state_sh)
+    log.info("learner initialised from %s", init.describe())
 
   # ---------------------------------------------------------------- JEST step
-  jest = make_jest_step(config, model, mesh, tokenizer.sha256)
+  reference = reference_lib.open_reference(config, mesh, preprocessing)
+  jest = (jest_lib.JestStep(config, model, mesh, reference=reference)
+          if s.method != "uniform" else None)
   train_step = jax.jit(step_lib.make_train_step(config, model, tx, schedule),
                        in_shardings=(state_sh, batch_sharding),
                        out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
-  flops = run_flops(config, jest)
+  flops = flops_lib.run_flops(config, reference)
   if primary:
     (workdir / "flops.json").write_text(json.dumps(flops, indent=1))
 
@@ -235,7 +158,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   def to_device(host_batch):  # runs in the prefetch thread
     extras = jest.host_inputs(host_batch) if jest is not None else {}
     return feed.to_global({**host_batch, **extras}, batch_sharding,
-                          DEVICE_KEYS + jest_lib.CACHE_KEYS)
+                          DEVICE_KEYS + (jest.device_keys if jest is not None else ()))
 
   prefetcher = feed.DevicePrefetcher(data_iter, to_device, depth=config.device_prefetch)
   examples = start * b
@@ -243,7 +166,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   sampled_s, sampled_n = 0.0, 0  # sampled steps are left out of the loop's rate
   split, last, pending = {}, {}, []
   log.info("training %s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
-           f"{s.method} ({s.score}, f={s.filter_ratio:.2f})" if jest else s.method, start,
+           f"{s.method} ({s.score}, f={s.filter_ratio:g})" if jest else s.method, start,
            config.total_steps, b, n, flops["charged"], flops["amortised"])
   try:
     for step in range(start, config.total_steps):

@@ -50,3 +50,15 @@ def create_state(config, model, tx, mesh, rng):
 def abstract_with_shardings(state_shapes, shardings):
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       state_shapes, shardings)
+
+
+def with_params(state, params, tx, shardings):
+  """A fresh state (step 0, new optimizer state) around `params` — a checkpoint's weights
+  (config.model.init_from) — in the state's shardings and dtypes."""
+  params = jax.tree.map(lambda p, like: jax.device_put(jnp.asarray(p, like.dtype), like.sharding),
+                        params, state["params"])
+
+  def init(p):
+    return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+
+  return jax.jit(init, out_shardings=shardings)(params)

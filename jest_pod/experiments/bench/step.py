@@ -134,9 +134,9 @@ def main(argv):
 
   from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jest_pod.jest import reference_cache  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
+  from jest_pod.jest import reference as reference_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.data import toy  # pylint: disable=g-import-not-at-top
-  from jest_pod.jest import step as jest_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.train import hooks  # pylint: disable=g-import-not-at-top
   from jest_pod.train import main as train_main  # pylint: disable=g-import-not-at-top
 
@@ -176,7 +176,7 @@ def main(argv):
   uniform = _uniform_twin(config)
 
   ref_note = "no reference (the score does not use it)"
-  if jest_lib.uses_reference(config):
+  if config_lib.needs_reference(config):
     ref = config.selection.reference
     if not (ref and os.path.exists(ref)):
       ref = os.path.join(root, "reference")
@@ -189,8 +189,8 @@ def main(argv):
     config.selection.reference = ref
     if args.reference_cache == "on":
       cache = os.path.join(root, "reference_cache")
-      if not os.path.exists(os.path.join(cache, "meta.json")):
-        reference_cache.build_cache(config.input.data, ref, output=cache)
+      if reference_cache.read_meta(cache) is None:
+        reference_lib.build_cache(config.input.data, ref, output=cache)
       config.selection.reference_cache = cache
       ref_note += ", embeddings cached"
     else:
@@ -200,7 +200,7 @@ def main(argv):
   print(f"devices: {jax.device_count()} x {dev.platform} ({dev.device_kind}); B="
         f"{config.batch_size} N={config_lib.num_super_batch(config)} "
         f"(f={config.selection.filter_ratio}); method={config.selection.method} score="
-        f"{config.selection.score}; score patch {jest_lib.score_patch_size(config)}, train "
+        f"{config.selection.score}; score patch {config_lib.score_patch_size(config)}, train "
         f"patches {config_lib.train_patch_sizes(config)}; data {config.input.data}; "
         f"input workers {pipeline.resolve_worker_count(config.input.worker_count)}; {ref_note}; {args.steps} steps per run",
         flush=True)
