@@ -11,7 +11,8 @@ from jest_pod import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0)
+  a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0,
+                           family="flexivit")
   c = config_lib.sibling_config(__file__, "siglip.py", arg)
   c.input.data = f"{a.data}/curated"
   # The curated set shares the web pool's tokenizer, so scores are comparable.

@@ -5,14 +5,21 @@
 Arguments (comma-separated): runlocal (CPU-sized), data=DIR (a pool's root: DIR/web for
 training and DIR/eval_* for evaluation, built by `jest-pod data build demo|icons --output
 DIR`), steps=N, batch=B, pool=N (train on a fixed random N-record subset of DIR/web; 0 =
-all of it).
+all of it), family=flexivit|siglip (siglip: the public SigLIP architecture — MAP head,
+last-token text pooling, SigLIP captions — which `jest-pod export` writes for Hugging Face
+and big_vision).
+
+To fine-tune a public SigLIP instead, keep the config and add
+`--config.model.init_from=PATH` (a Hugging Face folder, a big_vision .npz or a workdir):
+the towers, tokenizer and image size become the checkpoint's.
 """
 
 from jest_pod import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0, pool=0)
+  a = config_lib.parse_arg(arg, runlocal=False, data="data/demo", steps=0, batch=0, pool=0,
+                           family="flexivit")
   c = config_lib.base_config()
   c.input.data = f"{a.data}/web"
   c.input.pool_size = a.pool
@@ -24,15 +31,17 @@ def get_config(arg=None):
   if a.runlocal:  # a 2-core CPU: ~1M-parameter towers, B = 64
     c.batch_size = 64
     c.total_steps = 300
-    config_lib.set_model(c, "mu/4")
+    config_lib.set_model(c, "mu/4", family=a.family)
     c.optax.lr, c.optax.warmup_steps = 2e-3, 30
     c.log_every, c.ckpt_every = 10, 100
   else:  # one accelerator: ViT-S-like towers at 32×32
     c.batch_size = 1024
     c.total_steps = 5000
-    config_lib.set_model(c, "S/4")
+    config_lib.set_model(c, "S/4", family=a.family)
     c.optax.lr, c.optax.warmup_steps = 1e-3, 500
     c.log_every, c.ckpt_every = 50, 500
+  if a.family == "siglip":
+    c.input.text_style = "siglip"  # its last-token pooling reads the sticky </s>
   c.flexi.train_patch_sizes = (c.model.image["patch_size"],)
   c.total_steps = a.steps or c.total_steps
   c.batch_size = a.batch or c.batch_size

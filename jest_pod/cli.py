@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "train": ("jest_pod.train.cli", "train a model from a config (uniform or JEST)"),
     "data": ("jest_pod.data.cli", "ingest, build real offline data sets, tokenizer, reference cache"),
     "eval": ("jest_pod.evaluators.cli", "evaluate a checkpoint: zero-shot and retrieval"),
+    "embed": ("jest_pod.interop.embed_cli", "embed every record of a data set with any checkpoint"),
+    "export": ("jest_pod.interop.export", "a SigLIP-family learner to Hugging Face or big_vision"),
     "plot": ("jest_pod.experiments.plot", "draw learning curves of several runs"),
     "bench": ("jest_pod.experiments.bench", "benchmarks: selection, step split, data pipeline"),
     "demo": ("jest_pod.experiments.demo", "the end-to-end CPU demo: uniform vs JEST on real data"),

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from jest_pod.data import manifest
-from jest_pod.jest import reference_cache
+from jest_pod.data import reference_cache
 from jest_pod.data.toy import build_toy
+from jest_pod.jest import reference as reference_lib
 from jest_pod.train import main as train_main
 from train_helpers import ROOT, tiny_config
 
@@ -31,7 +31,7 @@ def _free_port():
 
 def _launch(toy, ref, output, log_prefix, processes=2, devices=2):
   port = _free_port()
-  code = ("import sys; from jest_pod.jest import reference_cache as m; "
+  code = ("import sys; from jest_pod.jest import reference as m; "
           "sys.exit(m.main(sys.argv[1:]))")
   procs, logs = [], []
   for i in range(processes):
@@ -68,7 +68,7 @@ def test_two_process_build_equals_one_process_build(tmp_path_factory):
   toy = build_toy(str(tmp_path_factory.mktemp("toy")), N, noise=0.25, image_size=16)
   ref = str(tmp_path_factory.mktemp("ref"))
   train_main.train(tiny_config(toy, steps=2), ref)
-  one = reference_cache.build_cache(toy, ref, output=str(tmp_path_factory.mktemp("one")) + "/c")
+  one = reference_lib.build_cache(toy, ref, output=str(tmp_path_factory.mktemp("one")) + "/c")
   two = str(tmp_path_factory.mktemp("two")) + "/c"
   codes, tails = _launch(toy, ref, two, two)
   assert codes == [0, 0], tails
@@ -76,13 +76,12 @@ def test_two_process_build_equals_one_process_build(tmp_path_factory):
   assert meta["layout"]["process_count"] == 2
   assert meta["layout"]["rows_per_process"] % reference_cache.SHARD_ROWS == 0
   assert not os.path.exists(two + ".tmp")
-  kw = dict(data_dir=toy, reference=ref, image_size=16, max_text_len=12,
-            tokenizer_sha256=manifest.sha256_file(os.path.join(toy, "tokenizer.model")))
-  a = reference_cache.open_cache(one, **kw)
-  b = reference_cache.open_cache(two, **kw)
-  assert b.meta["fingerprint"] == a.meta["fingerprint"]
-  assert (b.temperature, b.bias) == (a.temperature, a.bias)
+  a = reference_lib.open_cache(one, data_dir=toy, reference=ref)
+  b = reference_lib.open_cache(two, data_dir=toy, reference=ref)
+  assert b.store.meta["fingerprint"] == a.store.meta["fingerprint"]
+  for key in ("temperature", "bias"):
+    assert b.store.meta[key] == a.store.meta[key]
   idx = np.arange(N)
-  for x, y in zip(a.lookup(idx), b.lookup(idx)):
+  for x, y in zip(a.store.lookup(idx), b.store.lookup(idx)):
     np.testing.assert_allclose(y, x, atol=1e-2)  # bf16; different batch shapes per device
     assert np.all(np.linalg.norm(y, axis=1) > 0.9)  # every row written (no zero rows)

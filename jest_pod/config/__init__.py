@@ -209,6 +209,11 @@ def validate(config) -> None:
                        f"config.model.image_size={size}")
   for pattern, rule in config.sharding_rules:
     _choice(f"sharding_rules[{pattern!r}]", rule, SHARDING_RULES)
+  if (config.model.get("family", "flexivit") == "siglip"
+      and config.input.get("text_style", "plain") not in ("siglip", "siglip_cased")):
+    # Last-token pooling reads the sticky </s>; plain ids pad with 0 and have none.
+    raise ValueError(f"config.model.family='siglip' needs config.input.text_style='siglip' (or "
+                     f"'siglip_cased'), not {config.input.get('text_style')!r}")
   if config.input.max_text_len > config.model.text["max_len"]:
     raise ValueError(f"config.input.max_text_len={config.input.max_text_len} exceeds "
                      f"config.model.text.max_len={config.model.text['max_len']}")

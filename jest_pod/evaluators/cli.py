@@ -1,13 +1,14 @@
-"""`jest-pod eval` / `tools/eval`: evaluate a saved checkpoint on any number of devices.
+"""`jest-pod eval` / `tools/eval`: evaluate a checkpoint on any number of devices.
 
-    tools/eval WORKDIR_OR_CHECKPOINT [--step N] [--data [zeroshot:|retrieval:]DIR ...]
+    tools/eval CHECKPOINT [--step N] [--data [zeroshot:|retrieval:]DIR ...]
                [--output results.json] [--embeddings out.npz]
 
-Loads the checkpoint (the latest complete one in a workdir, or `--step`), rebuilds the
-model from the config saved with it, replicates the parameters onto a mesh of this
-machine's devices (whatever it was trained on), runs the evaluators, prints a table and
-optionally writes JSON and the embeddings. Without `--data`, runs the checkpoint's own
-`config.evals`. A plain `--data DIR` runs zero-shot when the set is labelled (its manifest
+CHECKPOINT is any kind `interop/formats.py` knows: a training workdir (the latest complete
+step, or `--step`; its digest is verified), a Hugging Face SigLIP folder, or a big_vision
+.npz (`--tokenizer` or spiece.model beside it). The model, tokenizer and preprocessing come
+with the checkpoint; the parameters are replicated onto a mesh of this machine's devices
+(whatever it was trained on). Runs the evaluators, prints a table and optionally writes
+JSON and the embeddings. Without `--data`, runs a workdir's own `config.evals`. A plain `--data DIR` runs zero-shot when the set is labelled (its manifest
 has `class_names`, or --class-names is given), else retrieval: retrieval over a labelled
 set's captions means little, ask for it with `--data retrieval:DIR`.
 """
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="jest-pod eval", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("checkpoint", help="a run's WORKDIR, WORKDIR/checkpoints, or a step folder")
+  p.add_argument("checkpoint", help="a run's WORKDIR (or its checkpoints/ or a step folder), "
+                                    "a Hugging Face SigLIP folder or a big_vision .npz")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--data", action="append", default=[], metavar="[TYPE:]DIR",
                  help="eval data set folder; repeatable. TYPE = zeroshot or retrieval "
@@ -36,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--embeddings", default=None, help="save image/text embeddings to this .npz")
   p.add_argument("--batch-size", type=int, default=256)
   p.add_argument("--tokenizer", default=None,
-                 help="sentencepiece model of the run (default: from the saved config, "
-                      "else <data>/tokenizer.model)")
+                 help="sentencepiece model (default: the checkpoint's own — the run's for a "
+                      "workdir, spiece.model for Hugging Face and beside a big_vision npz)")
   p.add_argument("--class-names", default=None,
                  help="file of class names (one per line, or JSON) for zero-shot sets")
   p.add_argument("--templates", nargs="+", default=None,
@@ -104,24 +106,22 @@ def main(argv: list[str] | None = None) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
   from jest_pod.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators import build_evaluator, input_sizes  # pylint: disable=import-outside-toplevel
+  from jest_pod.evaluators import build_evaluator  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
-  from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
+  from jest_pod.interop import formats  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
   from jest_pod.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
 
   # Whatever devices this machine has, one data axis: eval is data-parallel only.
   mesh = shd.make_mesh((("data", -1),))
-  replicated = shd.replicated(mesh)
   try:
-    config, params, step = checkpoint.load_params(args.checkpoint, args.step,
-                                                  sharding=replicated)
-    if "model" not in config:
-      raise checkpoint.CheckpointError("the checkpoint's saved config has no `model` section")
-    model = build_model(config.model)
-    checkpoint.check_params_fit(model, params, *input_sizes(config))
-  except checkpoint.CheckpointError as e:
+    loaded = formats.load(args.checkpoint, tokenizer=args.tokenizer, step=args.step)
+  except (formats.LoadError, checkpoint.CheckpointError, TokenizerError) as e:
     return _fail(str(e))
+  config, params, step, model = loaded.config, loaded.params, loaded.step, loaded.model()
+  # The checkpoint's own tokenizer and text style, unless --tokenizer replaced it.
+  config.input.tokenizer = loaded.preprocessing.tokenizer.path or ""
+  config.input.text_style = loaded.preprocessing.tokenizer.text_style
 
   try:
     specs = eval_specs(args.data, args) if args.data else dict(config.get("evals") or {})
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   except (EvalDataError, TokenizerError, ValueError) as e:
     return _fail(str(e))
 
-  print(f"checkpoint {args.checkpoint} step {step} on {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s)")
+  print(f"{loaded.describe()} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
   metrics: dict[str, float] = {}
   arrays: dict[str, np.ndarray] = {}
   timings: dict[str, float] = {}
@@ -151,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
   print(format_table(metrics))
 
   if args.output:
-    result = {"checkpoint": os.path.abspath(args.checkpoint), "step": int(step),
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "kind": loaded.kind,
+              "step": None if step is None else int(step),
               "devices": jax.device_count(), "metrics": metrics, "seconds": timings,
               "evals": {name: dict(s) for name, s in specs.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -43,9 +43,11 @@ class RetrievalEvaluator(base.Evaluator):
 
   def _with_digests(self, batches):
     """Each batch plus fixed-size columns for grouping, gathered from every host."""
+    # An empty caption is all padding: 0, or </s> in the siglip text style.
+    pad = getattr(self.tokenizer, "pad_id", 0)
     for batch in batches:
       text = np.asarray(batch["text"])
-      extra = {"has_text": (text != 0).any(axis=1)}
+      extra = {"has_text": (text != pad).any(axis=1)}
       if self.group_identical_captions:  # identical tokens = identical model input
         extra["caption_digest"] = metrics.row_digests(text)
       if self.group_identical_images:

@@ -35,6 +35,7 @@ import numpy as np
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.parallel import sharding as shd
 
 log = logging.getLogger("jest_pod")
 
@@ -71,7 +72,7 @@ class Preprocessing:
 class Loaded:
   """One checkpoint of any kind. `config` has `model` (build_model's input) and `input`
   (image_size, max_text_len, tokenizer, text_style); `params` are host or device arrays
-  in the model's tree; `step` is None for public checkpoints."""
+  in the model's tree, on the host (numpy); `step` is None for public checkpoints."""
   kind: str
   path: str
   config: ml_collections.ConfigDict
@@ -145,7 +146,11 @@ def _tokenizer_beside(path: str, explicit: Any, style: str, what: str) -> tokeni
 
 
 def _load_workdir(path: str, tokenizer: Any, step: int | None) -> Loaded:
-  config, params, step = ckpt_lib.load_params(path, step)
+  # Restored on this host's devices, then held on the host like the public formats: each
+  # process places its copy on whatever mesh uses it (no cross-host transfer).
+  local = shd.replicated(shd.make_mesh((("data", -1),), jax.local_devices()))
+  config, params, step = ckpt_lib.load_params(path, step, sharding=local)
+  params = jax.device_get(params)
   if "model" not in config:
     raise LoadError(f"{path}: the checkpoint's saved config has no `model` section")
   tok = tokenizer_lib.resolve(config.input, tokenizer)
