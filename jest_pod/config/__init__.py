@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = default_input_config()  # the input pipeline's contract
 
   c.model = ml_collections.ConfigDict()
+  # flexivit (this project's towers) | siglip (public SigLIP checkpoints' towers: models/siglip.py)
+  c.model.family = "flexivit"
   c.model.image_size = 32
   c.model.embed_dim = 64
   c.model.dtype = "float32"          # compute dtype; "bfloat16": bf16 compute, f32 weights

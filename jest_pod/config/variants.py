@@ -16,6 +16,7 @@ SIZES = {
     "M": (512, 12, 8, 2048),
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),
+    "So400m": (1152, 27, 16, 4304),  # SigLIP's shape-optimised ViT (So400m/14)
 }
 
 
@@ -28,10 +29,17 @@ def parse(variant: str) -> tuple[tuple[int, int, int, int], int]:
   return SIZES[size], int(patch)
 
 
-def set_model(config, variant: str, **overrides) -> None:
-  """Sizes config.model's towers by name; `overrides` (e.g. depth=1) change both towers."""
+def set_model(config, variant: str, family: str | None = None, **overrides) -> None:
+  """Sizes config.model's towers by name; `overrides` (e.g. depth=1) change both towers.
+
+  `family` ("flexivit" | "siglip", models.build_model) sets config.model.family; None
+  leaves it as it is. Both towers take the size and embed_dim = width, which is what the
+  "siglip" family requires (no image projection).
+  """
   (width, depth, heads, mlp), patch = parse(variant)
   tower = {**dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp), **overrides}
   config.model.image = dict(patch_size=patch, **tower)
   config.model.text = {**dict(config.model.get("text") or {}), **tower}
   config.model.embed_dim = tower["width"]
+  if family is not None:
+    config.model.family = family

@@ -6,6 +6,7 @@ Mixed precision: `dtype` is the compute dtype of every layer; parameters stay fl
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -42,24 +43,30 @@ def _implementation(attention, dtype):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention through `jax.nn.dot_product_attention` (fused kernels).
+  """Multi-head attention through `jax.nn.dot_product_attention` (fused kernels).
 
   The parameter tree is flax MultiHeadDotProductAttention's (query/key/value/out
-  DenseGeneral, same shapes and init), so checkpoints of either load in the other.
+  DenseGeneral, same shapes), so checkpoints of either load in the other. `kernel_init`
+  defaults to DenseGeneral's (big_vision's SigLIP towers use xavier_uniform).
   """
   num_heads: int
   dtype: str = "float32"
   attention: str = "auto"
+  kernel_init: Callable = nn.linear.default_kernel_init
 
   @nn.compact
-  def __call__(self, x, lengths=None):
-    """x: [b, n, width]; lengths: optional int32 [b], keys ≥ lengths are padding."""
+  def __call__(self, x, lengths=None, kv=None):
+    """x: [b, n, width] queries; kv: optional [b, m, width] keys and values (cross-attention,
+    e.g. a pooling probe), default x (self-attention); lengths: optional int32 [b], keys
+    ≥ lengths are padding."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    kv = x if kv is None else kv
     dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, width // self.num_heads),
-                              axis=-1, dtype=self.dtype)
-    q, k, v = (dense(name=n)(x) for n in ("query", "key", "value"))
+                              axis=-1, dtype=self.dtype, kernel_init=self.kernel_init)
+    q = dense(name="query")(x)
+    k, v = (dense(name=n)(kv) for n in ("key", "value"))
     impl = _implementation(self.attention, self.dtype)
     try:
       y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
@@ -70,7 +77,8 @@ class Attention(nn.Module):
       # cuDNN rejects some shapes (e.g. head_dim) at trace time: same math in XLA.
       y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                        implementation="xla")
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out")(y)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, kernel_init=self.kernel_init,
+                           name="out")(y)
 
 
 class EncoderBlock(nn.Module):

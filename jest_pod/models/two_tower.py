@@ -1,9 +1,11 @@
-"""Two-tower image-text model with SigLIP's learnable temperature and bias."""
+"""Two-tower image-text model with SigLIP's learnable temperature and bias; `build_model`
+picks the family (this project's FlexiViT towers, or SigLIP's as published)."""
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from jest_pod.models.siglip import SiglipTwoTower
 from jest_pod.models.text import TextTransformer
 from jest_pod.models.vit import FlexiViT
 
@@ -45,15 +47,31 @@ class TwoTower(nn.Module):
     return zimg, ztxt, {"t": jnp.exp(self.t_prime), "b": self.b}
 
 
-def build_model(model_config, image_size=None) -> TwoTower:
-  """TwoTower from `config.model` (image: {patch_size, width, depth, num_heads, mlp_dim},
-  text: {vocab_size, max_len, width, depth, num_heads, mlp_dim}, embed_dim, image_size).
+FAMILIES = ("flexivit", "siglip")
 
-  Optional fields: dtype (compute dtype; params stay float32), attention
-  ("auto" | "xla" | "cudnn"), remat, scan_layers (see layers.Encoder).
+
+def build_model(model_config, image_size=None) -> nn.Module:
+  """The two-tower model of `config.model` (image: {patch_size, width, depth, num_heads,
+  mlp_dim}, text: {vocab_size, max_len, width, depth, num_heads, mlp_dim}, embed_dim,
+  image_size).
+
+  family: "flexivit" (default: TwoTower, mean-pooled towers with projections) or "siglip"
+  (models.siglip.SiglipTwoTower: the public SigLIP checkpoints' network and parameter
+  names; embed_dim must equal the image width). Optional fields: dtype (compute dtype;
+  params stay float32), attention ("auto" | "xla" | "cudnn"), remat, scan_layers (see
+  layers.Encoder).
   """
   mc = model_config
-  return TwoTower(image=dict(mc.image), text=dict(mc.text), embed_dim=mc.embed_dim,
-                  image_size=image_size or mc.image_size, dtype=mc.get("dtype", "float32"),
-                  attention=mc.get("attention", "auto"), remat=mc.get("remat", False),
-                  scan_layers=mc.get("scan_layers", False))
+  family = mc.get("family", "flexivit")
+  kw = dict(image=dict(mc.image), text=dict(mc.text), embed_dim=mc.embed_dim,
+            image_size=image_size or mc.image_size, dtype=mc.get("dtype", "float32"),
+            attention=mc.get("attention", "auto"), remat=mc.get("remat", False),
+            scan_layers=mc.get("scan_layers", False))
+  if family == "flexivit":
+    return TwoTower(**kw)
+  if family == "siglip":
+    if mc.embed_dim != mc.image["width"]:
+      raise ValueError(f"model.family='siglip' has no image projection: model.embed_dim "
+                       f"({mc.embed_dim}) must equal model.image.width ({mc.image['width']})")
+    return SiglipTwoTower(**kw)
+  raise ValueError(f"model.family={family!r}: choose one of {', '.join(FAMILIES)}")
