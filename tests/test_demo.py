@@ -35,5 +35,24 @@ def test_demo_smoke_runs_all_stages_and_resumes(tmp_path, capsys):
     assert f"stage {k}/6 {stage} skipped (already done)" in out
   assert "stage 6/6 report done" in out
 
+  # The public-reference walk-through adds its stages to the finished demo: a SigLIP-family
+  # reference, exported to Hugging Face format, used by JEST through its own cache.
+  assert demo.main(argv + ["--public-reference"]) == 0
+  out = capsys.readouterr().out
+  assert "stage 6/9 siglip_reference done" in out and "stage 7/9 export+cache done" in out
+  assert "stage 9/9 report done" in out and "jest_hf_reference" in out
+  hf = os.path.join(workdir, demo.HF_REFERENCE)
+  for name in ("config.json", "model.safetensors", "spiece.model"):
+    assert os.path.exists(os.path.join(hf, name)), name
+  meta = json.load(open(os.path.join(workdir, demo.HF_CACHE, "meta.json")))
+  assert meta["fingerprint"]["reference"]["kind"] == "hf"
+  assert meta["fingerprint"]["preprocessing"]["text_style"] == "siglip"  # not the learner's
+  runs = json.load(open(os.path.join(workdir, "demo_results.json")))["runs"]
+  hf_run = runs["jest_hf_reference"]
+  assert hf_run["examples"] == runs["jest"]["examples"]
+  assert hf_run["flops_incl_reference_training"] > hf_run["flops"] > runs["uniform"]["flops"]
+  assert "select/learnability_selected" in open(
+      os.path.join(workdir, "jest_hf_reference", "metrics.jsonl")).read()
+
   # Another plan in the same workdir is refused rather than mixed.
   assert demo.main(["--quick", "--data", data, "--workdir", workdir]) == 2

@@ -26,8 +26,10 @@ def test_defaults_resolve_to_the_model_patch():
   assert config_lib.train_patch_sizes(c) == (16,)
   assert config_lib.score_patch_size(c) == 16
   config_lib.validate(c)
-  # The one resolver: the JEST step and the FLOP model read the same function.
-  assert jest_lib.score_patch_size is config_lib.score_patch_size
+  # The one resolver: the JEST step and the FLOP model call config's function, and no
+  # module keeps a copy of its own.
+  assert jest_lib.config_lib.score_patch_size is config_lib.score_patch_size
+  assert not hasattr(jest_lib, "score_patch_size")
   explicit = _b16_forgetting_flexi()
   explicit.flexi.train_patch_sizes = (16,)
   assert flops_lib.step_flops(c) == flops_lib.step_flops(explicit)

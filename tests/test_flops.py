@@ -111,6 +111,10 @@ def test_a_reference_of_other_size_is_charged_at_its_own_size():
   assert parts["reference"] == 64 * (IMAGE_P8 + TEXT)  # the reference's base patch is 8
   parts = flops_lib.step_flops(learner, reference_example_flops=1000.0)  # a cache's figure
   assert parts["reference"] == 64_000
+  # A wider reference (d = 48 vs the learner's 16) scores its pairs in its own space.
+  same = flops_lib.step_flops(learner)["selection"]
+  wide = flops_lib.step_flops(learner, reference_dim=3 * D)["selection"]
+  assert wide == same * (D + 3 * D) / (2 * D)
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -119,7 +123,7 @@ def test_amortised_view_drops_the_reference_only_when_cached(cached):
   # What run_flops reads of a `jest.reference.Reference` (a cache's figures, or the forward
   # pass of the learner's own towers).
   reference = types.SimpleNamespace(
-      cached=cached, example_flops=1000.0 if cached else model_flops.example_forward_flops(
+      cached=cached, dim=D, example_flops=1000.0 if cached else model_flops.example_forward_flops(
           c.model, 16, 4, 12), one_time_flops=5e9 if cached else 0.0)
   out = flops_lib.run_flops(c, reference)
   reference = 64_000 if cached else 35_913_728

@@ -109,6 +109,25 @@ def test_softmax_conditional_scores_match_brute_force():
   _check_history(idx, history, 4, expected)
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_a_reference_of_another_width_scores_in_its_own_space(loss):
+  """A public reference wider than the learner (d = 12 vs 8): each model's pair losses
+  come from its own embeddings; the conditional scores are still the brute-force ones."""
+  wide = _embeddings(1, 24, d=12, t=8.0, b=-3.0, noise=0.3)
+  idx, history = joint(jax.random.key(5), LEARNER, wide, num_select=12, n_chunks=3,
+                       loss=loss, return_scores=True)
+  assert len(set(np.asarray(idx).tolist())) == 12
+  if loss == "sigmoid":
+    mat = _np_pair_losses(LEARNER) - _np_pair_losses(wide)
+    _check_history(idx, history, 4, lambda s: np.diag(mat) + mat[:, s].sum(1) + mat[s, :].sum(0))
+  else:
+    batch = lambda s: (_np_clip_losses(LEARNER, s) - _np_clip_losses(wide, s)).sum() if s else 0.0
+    _check_history(idx, history, 4, lambda s: (
+        _np_clip_losses(LEARNER, np.arange(24)) - _np_clip_losses(wide, np.arange(24))
+        if len(s) == 0 else np.array([batch(list(s) + [k]) - batch(list(s)) if k not in s
+                                      else 0.0 for k in range(24)])))
+
+
 def test_one_chunk_is_independent_sampling():
   key = jax.random.key(11)
   one = joint(key, LEARNER, REFERENCE, num_select=8, n_chunks=1)

@@ -50,6 +50,6 @@ def test_jest_one_device_matches_eight(toy, reference, tmp_path):
 
 def test_missing_reference_is_a_clear_error_before_training(toy, tmp_path):
   config = tiny_config(toy, steps=2, method="joint", reference=str(tmp_path / "nope"))
-  from jest_pod.interop.formats import LoadError
-  with pytest.raises(LoadError, match="config.selection.reference=.*nope.*does not exist"):
+  from jest_pod.interop import InteropError
+  with pytest.raises(InteropError, match="config.selection.reference=.*nope.*does not exist"):
     train_main.train(config, str(tmp_path / "run"))

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
   from jest_pod.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators import build_evaluator  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import formats  # pylint: disable=import-outside-toplevel
+  from jest_pod.interop import InteropError, formats  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
   from jest_pod.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
   mesh = shd.make_mesh((("data", -1),))
   try:
     loaded = formats.load(args.checkpoint, tokenizer=args.tokenizer, step=args.step)
-  except (formats.LoadError, checkpoint.CheckpointError, TokenizerError) as e:
+  except (InteropError, checkpoint.CheckpointError, TokenizerError) as e:
     return _fail(str(e))
   config, params, step, model = loaded.config, loaded.params, loaded.step, loaded.model()
   # The checkpoint's own tokenizer and text style, unless --tokenizer replaced it.

@@ -11,6 +11,15 @@ Stages (each resumable; a finished one is skipped, so Ctrl-C and rerun continues
                 train half at p, half at 2p) → WORKDIR/jest
   6. report     table + WORKDIR/demo_results.json + WORKDIR/demo_curves.png
 
+`--public-reference` adds the path a user of a public SigLIP takes, with a reference of
+the SigLIP family trained here (no public weights can be downloaded offline):
+  siglip_reference  configs/reference.py:family=siglip on the curated set
+  export            `jest-pod export --format hf` → WORKDIR/siglip_reference_hf
+  cache             `jest-pod data cache-reference --reference WORKDIR/siglip_reference_hf`
+                    (its own tokenizer style and preprocessing) → WORKDIR/..._hf_cache
+  jest_hf_reference configs/jest.py with that folder as the reference, through the cache
+and the report puts that JEST run next to the one with the usual reference.
+
 Both learners start from the same initialisation (same seed and towers) and train on the
 same number of examples (steps × B); the zero-shot (eval_fashion) and retrieval
 (eval_retrieval) evaluators run as they train. FLOPs are the trainer's count of every
@@ -127,21 +136,52 @@ def load_config(name: str, arg: str, plan: Plan):
     c.optax.warmup_steps = 1
     c.model.image.update(width=32, depth=1, mlp_dim=64)
     c.model.text.update(width=32, depth=1, mlp_dim=64)
+    if c.model.get("family") == "siglip":  # no image projection: the embedding is the width
+      c.model.embed_dim = 32
   elif plan.scale == "quick":
     c.log_every, c.ckpt_every = 10, 20
     c.optax.warmup_steps = 10
   return c
 
 
-def run_configs(plan: Plan, data: str, workdir: str) -> dict:
+# The public-reference walk-through's folders under WORKDIR.
+HF_REFERENCE = "siglip_reference_hf"
+HF_CACHE = "siglip_reference_hf_cache"
+
+
+def run_configs(plan: Plan, data: str, workdir: str, public_reference: bool = False) -> dict:
   common = f"runlocal,data={data},batch={plan.batch}"
   ref_dir = os.path.join(workdir, "reference")
-  return {
+  jest = (f"{common},steps={plan.steps},method=joint,score=learnability,f=0.8,flexi=1,"
+          "reference={}")
+  out = {
       "reference": load_config("reference.py", f"{common},steps={plan.reference_steps}", plan),
       "uniform": load_config("siglip.py", f"{common},steps={plan.steps}", plan),
-      "jest": load_config("jest.py", f"{common},steps={plan.steps},method=joint,"
-                           f"score=learnability,f=0.8,flexi=1,reference={ref_dir}", plan),
+      "jest": load_config("jest.py", jest.format(ref_dir), plan),
   }
+  if public_reference:
+    out["siglip_reference"] = load_config(
+        "reference.py", f"{common},steps={plan.reference_steps},family=siglip", plan)
+    c = load_config("jest.py", jest.format(os.path.join(workdir, HF_REFERENCE)), plan)
+    c.selection.reference_cache = os.path.join(workdir, HF_CACHE)
+    out["jest_hf_reference"] = c
+  return out
+
+
+def public_reference_stage(workdir: str, data: str) -> str:
+  """Export the SigLIP-family reference to a Hugging Face folder and cache its embeddings
+  of the web pool (each step skipped when done); returns the cache folder."""
+  from jest_pod.data import reference_cache
+  from jest_pod.interop import export, formats
+  from jest_pod.jest import reference as reference_lib
+  hf_dir, cache = os.path.join(workdir, HF_REFERENCE), os.path.join(workdir, HF_CACHE)
+  if not os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+    tmp = hf_dir + ".tmp"
+    export.export(formats.load(os.path.join(workdir, "siglip_reference")), "hf", tmp)
+    os.replace(tmp, hf_dir)
+  if reference_cache.read_meta(cache) is None:
+    reference_lib.build_cache(os.path.join(data, "web"), hf_dir, output=cache)
+  return cache
 
 
 def done_marker(run_dir: str) -> str:
@@ -180,7 +220,7 @@ def _summarise(name: str, run_dir: str, config) -> dict:
          "super_batch": config_lib.num_super_batch(config),
          "examples": last.get("examples", 0), "flops": last.get("flops", 0.0),
          "metric_keys": keys}
-  out["examples_scored"] = out["steps"] * out["super_batch"] if name == "jest" else 0
+  out["examples_scored"] = out["steps"] * out["super_batch"] if name.startswith("jest") else 0
   for short, key in keys.items():
     out[short] = _final(events, key)[0]
   return out
@@ -208,7 +248,7 @@ def _plot(workdir: str, runs: dict, path: str) -> str:
             ("zero_shot_top1", "flops", "zero-shot top-1 vs FLOPs")]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=110)
   for ax, (short, x, title) in zip(axes, panels):
-    for name in ("uniform", "jest"):
+    for name in [n for n in ("uniform", "jest", "jest_hf_reference") if n in runs]:
       r = runs[name]
       key = r["metric_keys"][short]
       if not key:
@@ -218,6 +258,8 @@ def _plot(workdir: str, runs: dict, path: str) -> str:
       label = plot.describe_run(plot.read_config(r["run_dir"])) or name
       if name == "jest":
         label = "JEST " + label + " (Flexi)"
+      elif name == "jest_hf_reference":
+        label = "JEST, SigLIP reference via its HF export (cache)"
       ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.6, label=label)
     if x == "flops":
       # JEST's FLOPs with the reference's training added: the critics' accounting.
@@ -238,33 +280,42 @@ def _plot(workdir: str, runs: dict, path: str) -> str:
   return path
 
 
+# JEST run → the reference run whose training it is charged with.
+_JEST_REFERENCE = {"jest": "reference", "jest_hf_reference": "siglip_reference"}
+
+
 def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
   """Prints the table; writes WORKDIR/demo_results.json and WORKDIR/demo_curves.png."""
   runs = {name: _summarise(name, os.path.join(workdir, name), configs[name])
-          for name in ("reference", "uniform", "jest")}
-  ref_flops = runs["reference"]["flops"]
-  runs["jest"]["flops_incl_reference_training"] = runs["jest"]["flops"] + ref_flops
-  u, j = runs["uniform"], runs["jest"]
+          for name in configs}
+  u = runs["uniform"]
   reach = {}
-  for short in ("zero_shot_top1", "img2txt_recall@1", "txt2img_recall@1"):
-    key = j["metric_keys"][short]
-    hit = _examples_to_reach(j["run_dir"], key, u[short]) if key else None
-    reach[short] = ({"examples": hit[0], "flops": hit[1],
-                     "flops_incl_reference_training": hit[1] + ref_flops}
-                    if hit else None)
+  for jest, ref in _JEST_REFERENCE.items():
+    if jest not in runs:
+      continue
+    j, ref_flops = runs[jest], runs[ref]["flops"]
+    j["flops_incl_reference_training"] = j["flops"] + ref_flops
+    for short in ("zero_shot_top1", "img2txt_recall@1", "txt2img_recall@1"):
+      key = j["metric_keys"][short]
+      hit = _examples_to_reach(j["run_dir"], key, u[short]) if key else None
+      reach.setdefault(jest, {})[short] = (
+          {"examples": hit[0], "flops": hit[1], "flops_incl_reference_training": hit[1] + ref_flops}
+          if hit else None)
   lines = [
-      f"{'run':<10} {'zero-shot':>9} {'R@1 i→t':>8} {'R@1 t→i':>8} {'examples':>9} "
+      f"{'run':<18} {'zero-shot':>9} {'R@1 i→t':>8} {'R@1 t→i':>8} {'examples':>9} "
       f"{'scored':>8} {'FLOPs':>9} {'FLOPs+ref':>9}",
   ]
   lines.append("-" * len(lines[0]))
-  for name in ("uniform", "jest", "reference"):
+  for name in [n for n in ("uniform", "jest", "jest_hf_reference", "reference",
+                           "siglip_reference") if n in runs]:
     r = runs[name]
     plus = r.get("flops_incl_reference_training", r["flops"] if name == "uniform" else None)
-    lines.append(f"{name:<10} {r['zero_shot_top1']:>9.3f} {r['img2txt_recall@1']:>8.3f} "
+    lines.append(f"{name:<18} {r['zero_shot_top1']:>9.3f} {r['img2txt_recall@1']:>8.3f} "
                  f"{r['txt2img_recall@1']:>8.3f} {r['examples']:>9d} "
                  f"{r['examples_scored']:>8d} {r['flops']:>9.3g} "
                  f"{(f'{plus:.3g}' if plus is not None else '-'):>9}")
   table = "\n".join(lines)
+  ref_flops = runs["reference"]["flops"]
   notes = [
       "examples = training examples (steps × B); scored = super-batch examples JEST "
       "scored (steps × N).",
@@ -273,19 +324,26 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
       f"({ref_flops:.3g} FLOPs on the curated set; reference row: trained on curated, "
       "evaluated on the same held-out sets).",
   ]
-  for short, hit in reach.items():
-    if hit:
-      notes.append(f"JEST reached uniform's final {short} ({u[short]:.3f}) after "
-                   f"{hit['examples']:.0f} examples ({hit['examples'] / max(u['examples'], 1):.0%} "
-                   f"of uniform's), {hit['flops']:.3g} FLOPs "
-                   f"({hit['flops'] / max(u['flops'], 1):.2f}× uniform's; "
-                   f"{hit['flops_incl_reference_training'] / max(u['flops'], 1):.2f}× with "
-                   "reference training)")
-    else:
-      notes.append(f"JEST did not reach uniform's final {short} ({u[short]:.3f}) "
-                   "within the run")
+  if "jest_hf_reference" in runs:
+    notes.append("jest_hf_reference: the same JEST run with a SigLIP-family reference "
+                 "(siglip_reference, trained on the same curated set), exported to Hugging "
+                 f"Face format ({HF_REFERENCE}/) and read through its embedding cache "
+                 f"({HF_CACHE}/, built with the export's own tokenizer and preprocessing).")
+  for jest, hits in reach.items():
+    for short, hit in hits.items():
+      if hit:
+        notes.append(f"{jest} reached uniform's final {short} ({u[short]:.3f}) after "
+                     f"{hit['examples']:.0f} examples ({hit['examples'] / max(u['examples'], 1):.0%} "
+                     f"of uniform's), {hit['flops']:.3g} FLOPs "
+                     f"({hit['flops'] / max(u['flops'], 1):.2f}× uniform's; "
+                     f"{hit['flops_incl_reference_training'] / max(u['flops'], 1):.2f}× with "
+                     "reference training)")
+      else:
+        notes.append(f"{jest} did not reach uniform's final {short} ({u[short]:.3f}) "
+                     "within the run")
   png = _plot(workdir, runs, os.path.join(workdir, "demo_curves.png"))
-  results = {"plan": dataclasses.asdict(plan), "runs": runs, "jest_reaches_uniform": reach,
+  results = {"plan": dataclasses.asdict(plan), "runs": runs,
+             "reaches_uniform": reach,
              "table": table, "notes": notes, "stage_seconds": timings,
              "curves_png": png}
   with open(os.path.join(workdir, "demo_results.json"), "w") as f:
@@ -308,6 +366,9 @@ def _parse(argv):
   p.add_argument("--quick", action="store_true", help="small data and steps (≤ 3 min)")
   p.add_argument("--devices", type=int, default=-1,
                  help="XLA CPU devices (-1: 2 if ≥ 2 cores, 0: JAX's default)")
+  p.add_argument("--public-reference", action="store_true",
+                 help="also: a SigLIP-family reference exported to Hugging Face format and "
+                      "used through its cache (the public-checkpoint path, offline)")
   p.add_argument("--scale", choices=sorted(PLANS), default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -345,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
          "tokenizer": 0.0 if os.path.exists(tok_path) else 5.0,
          "reference": _RUN_OVERHEAD + plan.reference_steps * _SEC_PER_STEP["reference"],
          "uniform": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["uniform"],
-         "jest": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["jest"],
-         "report": 3.0}
-  for name in ("reference", "uniform", "jest"):
+         "jest": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["jest"]}
+  runs = ["reference", "uniform", "jest"]
+  if args.public_reference:
+    est["siglip_reference"] = est["reference"]
+    est["export+cache"] = 20.0
+    est["jest_hf_reference"] = est["jest"]
+    runs += ["siglip_reference", "jest_hf_reference"]
+  est["report"] = 3.0
+  for name in runs:
     if os.path.exists(done_marker(os.path.join(workdir, name))):
       est[name] = 0.0
   progress = Progress(list(est.items()))
@@ -388,11 +455,19 @@ def main(argv: list[str] | None = None) -> int:
     record("tokenizer", time.time() - t)
     progress.finish()
 
-  # 3-5. reference, uniform, JEST
-  configs = run_configs(plan, data, workdir)
-  for k, name in enumerate(("reference", "uniform", "jest"), start=2):
+  # 3-5. reference, uniform, JEST (and the public-reference walk-through's stages)
+  configs = run_configs(plan, data, workdir, args.public_reference)
+  for k, (name, _) in enumerate(progress.stages[2:-1], start=2):
     run_dir = os.path.join(workdir, name)
-    progress.start(k, run_dir)
+    progress.start(k, run_dir if name in configs else "")
+    if name == "export+cache":
+      t = time.time()
+      cached = os.path.exists(os.path.join(workdir, HF_CACHE, "meta.json"))
+      public_reference_stage(workdir, data)
+      if not cached:
+        record(name, time.time() - t)
+      progress.finish(skipped=cached)
+      continue
     if os.path.exists(done_marker(run_dir)):
       progress.finish(skipped=True)
       continue
@@ -404,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
       return 1
     progress.finish()
 
-  # 6. report
-  progress.start(5)
+  # the report
+  progress.start(len(progress.stages) - 1)
   t = time.time()
   results = report(plan, workdir, configs, timings)
   record("report", time.time() - t)

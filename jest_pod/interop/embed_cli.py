@@ -94,14 +94,14 @@ def main(argv: list[str] | None = None) -> int:
   from jest_pod.data import manifest  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
   from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import formats  # pylint: disable=import-outside-toplevel
+  from jest_pod.interop import InteropError, formats  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   try:
     manifest.read(args.data)
     loaded = formats.load(args.checkpoint, tokenizer=args.tokenizer, step=args.step)
     got = embed_data(loaded, args.data, batch_size=args.batch_size, patch_size=args.patch_size)
     ids = np.asarray(record_ids(args.data), dtype=str)[got["index"]]
-  except (formats.LoadError, checkpoint.CheckpointError, TokenizerError, EvalDataError,
+  except (InteropError, checkpoint.CheckpointError, TokenizerError, EvalDataError,
           manifest.ManifestError, ValueError) as e:
     print(f"jest-pod embed: error: {e}", file=sys.stderr)
     return 1

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
   from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import formats  # pylint: disable=import-outside-toplevel
+  from jest_pod.interop import InteropError, formats  # pylint: disable=import-outside-toplevel
   if os.path.exists(args.output) and not args.overwrite:
     print(f"jest-pod export: error: {args.output} exists; pass --overwrite to replace it",
           file=sys.stderr)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.overwrite and os.path.isdir(args.output):
       shutil.rmtree(args.output)
     export(loaded, args.format, args.output, scan=args.scan)
-  except (ExportError, formats.LoadError, checkpoint.CheckpointError, TokenizerError,
+  except (ExportError, InteropError, checkpoint.CheckpointError, TokenizerError,
           OSError) as e:
     print(f"jest-pod export: error: {e}", file=sys.stderr)
     return 1

@@ -35,13 +35,10 @@ import numpy as np
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.interop import InteropError
 from jest_pod.parallel import sharding as shd
 
 log = logging.getLogger("jest_pod")
-
-
-class LoadError(ValueError):
-  """A checkpoint that cannot be loaded; the one-line message names the path and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +136,7 @@ def _tokenizer_beside(path: str, explicit: Any, style: str, what: str) -> tokeni
     return explicit
   spec = explicit or os.path.join(os.path.dirname(os.path.abspath(path)), "spiece.model")
   if not os.path.isfile(spec):
-    raise LoadError(f"{path}: {what} has no tokenizer: pass --tokenizer SPIECE.model (or set "
+    raise InteropError(f"{path}: {what} has no tokenizer: pass --tokenizer SPIECE.model (or set "
                     "config.selection.reference_tokenizer / config.model.init_tokenizer), "
                     f"or put its sentencepiece model at {spec}")
   return tokenizer_lib.Tokenizer(spec, text_style=style)
@@ -152,7 +149,7 @@ def _load_workdir(path: str, tokenizer: Any, step: int | None) -> Loaded:
   config, params, step = ckpt_lib.load_params(path, step, sharding=local)
   params = jax.device_get(params)
   if "model" not in config:
-    raise LoadError(f"{path}: the checkpoint's saved config has no `model` section")
+    raise InteropError(f"{path}: the checkpoint's saved config has no `model` section")
   tok = tokenizer_lib.resolve(config.input, tokenizer)
   prep = Preprocessing(int(config.input.image_size), int(config.input.max_text_len), tok)
   return Loaded("workdir", path, config, params, step, prep)
@@ -202,13 +199,13 @@ KINDS = {
 
 
 def kind_of(path: str) -> str:
-  """The first kind whose content test accepts `path`; LoadError listing them otherwise."""
+  """The first kind whose content test accepts `path`; InteropError listing them otherwise."""
   if "://" not in path and not os.path.exists(path):
-    raise LoadError(f"checkpoint {path} does not exist")
+    raise InteropError(f"checkpoint {path} does not exist")
   for name, kind in KINDS.items():
     if kind.detect(path):
       return name
-  raise LoadError(
+  raise InteropError(
       f"{path} is not a checkpoint jest_pod knows: expected a training workdir (or its "
       "checkpoints/ or a step folder), a Hugging Face SigLIP folder (config.json + "
       "model.safetensors + spiece.model) or a big_vision .npz with params/img/... keys")
@@ -220,7 +217,7 @@ def load(path: str, *, tokenizer: Any = None, step: int | None = None) -> Loaded
   `tokenizer`: a path or Tokenizer overriding the checkpoint's own (a workdir whose data
   folder moved; required for a big_vision npz without spiece.model beside it).
   `step`: for workdirs (default: the latest complete step). Parameters are host or
-  device arrays; `embed.params_on_mesh` places them. Raises LoadError,
+  device arrays; `embed.params_on_mesh` places them. Raises InteropError,
   checkpoint.CheckpointError or tokenizer.TokenizerError with a one-line message.
   """
   path = str(path)
@@ -238,10 +235,10 @@ def _check_fits(loaded: Loaded) -> None:
                               loaded.config.model.image_size,
                               loaded.preprocessing.max_text_len)
   except ckpt_lib.CheckpointError as e:
-    raise LoadError(f"{loaded.path}: {e}") from e
+    raise InteropError(f"{loaded.path}: {e}") from e
   vocab = loaded.config.model.text["vocab_size"]
   if loaded.preprocessing.tokenizer.vocab_size > vocab:
-    raise LoadError(f"{loaded.path}: its tokenizer ({loaded.preprocessing.tokenizer.path}) has "
+    raise InteropError(f"{loaded.path}: its tokenizer ({loaded.preprocessing.tokenizer.path}) has "
                     f"{loaded.preprocessing.tokenizer.vocab_size} pieces, the text tower's "
                     f"vocabulary {vocab}: pass the tokenizer the model was trained with")
 

@@ -38,7 +38,7 @@ from jest_pod import embed
 from jest_pod.data import pipeline
 from jest_pod.data import reference_cache as store_lib
 from jest_pod.data.reference_cache import ReferenceCacheError
-from jest_pod.interop import formats
+from jest_pod.interop import InteropError, formats
 from jest_pod.jest import selection
 from jest_pod.models import flops as flops_lib
 from jest_pod.parallel import sharding as shd
@@ -70,9 +70,11 @@ def example_flops(loaded: formats.Loaded) -> float:
 
 class Reference:
   """θ* as JEST sees it (module docstring). Attributes: `cached` (rows come from a cache),
-  `example_flops` (forward FLOPs per example, charged in the paper's accounting),
-  `one_time_flops` (what building a cache cost), `device_keys` (host_inputs' keys)."""
+  `dim` (embedding width), `example_flops` (forward FLOPs per example, charged in the
+  paper's accounting), `one_time_flops` (what building a cache cost), `device_keys`
+  (host_inputs' keys)."""
   cached = False
+  dim = 0
   device_keys: tuple[str, ...] = ()
   example_flops = 0.0
   one_time_flops = 0.0
@@ -100,6 +102,7 @@ class ForwardReference(Reference):
     self.loaded = loaded
     self.preprocessing = loaded.preprocessing
     self.example_flops = example_flops(loaded)
+    self.dim = int(loaded.config.model.embed_dim)
     self._params = embed.params_on_mesh(loaded.params, mesh)
     self._embed = jax.jit(make_embed_fn(loaded.model(), None))
 
@@ -123,6 +126,7 @@ class CachedReference(Reference):
     meta = store.meta
     self.example_flops = float(meta["flops_per_example"])
     self.one_time_flops = float(meta["flops"])
+    self.dim = int(meta["dim"])
     self._t, self._b = np.float32(meta["temperature"]), np.float32(meta["bias"])
 
   def host_inputs(self, host_batch):
@@ -157,7 +161,7 @@ def load(path: str, *, tokenizer: Any = None) -> formats.Loaded:
   """A reference checkpoint of any kind, with the config key in every error."""
   try:
     return formats.load(path, tokenizer=tokenizer or None)
-  except (formats.LoadError, ValueError, RuntimeError) as e:
+  except (ValueError, RuntimeError) as e:  # InteropError, CheckpointError, TokenizerError
     raise type(e)(f"config.selection.reference={path!r}: {e}") from e
 
 
@@ -371,7 +375,7 @@ def main(argv: list[str]) -> int:
   try:
     build_cache(args.data, args.reference, batch_size=args.batch_size, output=args.output,
                 tokenizer=args.tokenizer)
-  except (ReferenceCacheError, formats.LoadError, checkpoint.CheckpointError,
+  except (ReferenceCacheError, InteropError, checkpoint.CheckpointError,
           tokenizer_lib.TokenizerError, manifest.ManifestError, FileNotFoundError) as e:
     print(f"jest-pod data cache-reference: error: {e}", file=sys.stderr)
     return 1

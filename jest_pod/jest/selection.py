@@ -90,13 +90,15 @@ def _weighted_models(learner, reference, score):
     if emb is None:
       raise ValueError(f"score={score!r} needs the {name}'s embeddings, got {name}=None")
     out.append((w, emb))
-  shapes = {(m.image.shape, m.text.shape) for _, m in out}
-  if len(shapes) != 1:
-    raise ValueError(f"learner and reference embeddings differ in shape: {sorted(shapes)}")
-  (img_shape, txt_shape), = shapes
-  if len(img_shape) != 2 or img_shape != txt_shape:
-    raise ValueError(f"embeddings must be image [N, d] and text [N, d]; got {img_shape}, "
-                     f"{txt_shape}")
+  # Each model scores pairs in its own space: the widths may differ (a public reference
+  # of another size), the rows may not.
+  for _, m in out:
+    if m.image.ndim != 2 or m.image.shape != m.text.shape:
+      raise ValueError(f"embeddings must be image [N, d] and text [N, d]; got "
+                       f"{m.image.shape}, {m.text.shape}")
+  rows = {m.image.shape[0] for _, m in out}
+  if len(rows) != 1:
+    raise ValueError(f"learner and reference embed different super-batches: {sorted(rows)} rows")
   return out
 
 
@@ -325,13 +327,12 @@ def _select_shard(key, models, *, num_select, n_chunks, loss, noise, axes, n_sha
   if n_chunks == 1:
     return idx, history
 
-  d = models[0][1].shape[1]
   n_tiles = _n_tiles(n_loc, c, block_bytes)
   # Softmax state per model: running lse over S of image k (A) and text k (B), and the
   # replicated embeddings of S (the change to S's members needs all of them).
   soft0 = tuple(
       (jnp.full((n_loc,), -jnp.inf, jnp.float32), jnp.full((n_loc,), -jnp.inf, jnp.float32),
-       jnp.zeros((num_select, d), x.dtype), jnp.zeros((num_select, d), y.dtype))
+       jnp.zeros((num_select, x.shape[1]), x.dtype), jnp.zeros((num_select, y.shape[1]), y.dtype))
       for _, x, y, _, _ in models) if loss == "softmax" else ()
 
   def body(r, carry):

@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from jest_pod.models import layers
+from jest_pod.models import siglip as siglip_lib
 from jest_pod.models.siglip import SiglipTwoTower
 from jest_pod.models.text import TextTransformer
 from jest_pod.models.vit import FlexiViT
@@ -75,3 +77,14 @@ def build_model(model_config, image_size=None) -> nn.Module:
                        f"({mc.embed_dim}) must equal model.image.width ({mc.image['width']})")
     return SiglipTwoTower(**kw)
   raise ValueError(f"model.family={family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def convert_layout(params, model_config, *, scan: bool):
+  """A model's parameters in the loop (block0.., encoderblock_0..) or scanned (stacked on
+  [depth]) layout of its family, whichever they are in now."""
+  if model_config.get("family", "flexivit") == "siglip":
+    return siglip_lib.to_scan(params) if scan else siglip_lib.to_loop(params)
+  convert = layers.stack_blocks if scan else layers.unstack_blocks
+  return {**params, **{tower: {**params[tower], "encoder": convert(
+      params[tower]["encoder"], model_config[name]["depth"])}
+                       for tower, name in (("img", "image"), ("txt", "text"))}}

@@ -13,14 +13,16 @@ from jest_pod.jest import selection
 from jest_pod.models.flops import example_forward_flops, image_forward_flops, text_forward_flops
 
 
-def step_flops(config, *, reference_example_flops: float | None = None) -> dict[str, float]:
+def step_flops(config, *, reference_example_flops: float | None = None,
+               reference_dim: int | None = None) -> dict[str, float]:
   """FLOPs of one training step by part: train (fwd+bwd over B at the Flexi split),
   scoring (learner forward over N at the scoring patch), reference (forward over N:
   always charged, also when its rows come from a cache — `run_flops` subtracts it for the
   amortised view), selection (pair blocks of the models the score uses: N rows × the
   B − c examples of the first n_chunks − 1 chunks, each added to the conditional scores
   once). `reference_example_flops`: θ*'s forward FLOPs per example (`Reference
-  .example_flops`); None counts the learner's own towers (where no reference is at hand)."""
+  .example_flops`) and embedding width; None counts the learner's own towers (where no
+  reference is at hand)."""
   mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
   b, d = config.batch_size, mc.embed_dim
   out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0}
@@ -39,9 +41,10 @@ def step_flops(config, *, reference_example_flops: float | None = None) -> dict[
         reference_example_flops = example_forward_flops(mc, size, mc.image["patch_size"],
                                                         text_len)
       out["reference"] = n * reference_example_flops
-    models = int(learner) + int(reference)
-    per_pair = 2 * d * 2 * models  # x_k·y_j and x_j·y_k for each model
-    diagonal = n * d * 2 * models  # L_kk, all that independent selection needs
+    # Each model scores pairs in its own embedding space (widths may differ).
+    widths = [d] * learner + [reference_dim or d] * reference
+    per_pair = sum(2 * w * 2 for w in widths)  # x_k·y_j and x_j·y_k for each model
+    diagonal = sum(n * w * 2 for w in widths)  # L_kk, all that independent selection needs
     conditioned = b - b // s.n_chunks  # the last chunk conditions nothing
     out["selection"] = diagonal + (n * conditioned * per_pair if s.method == "joint" else 0)
   out["total"] = sum(out.values())
@@ -53,8 +56,8 @@ def run_flops(config, reference=None) -> dict:
   reference's forward pass counted on every scored example (the paper's accounting);
   `amortised`: reference rows read from a cache built once (its cost reported once).
   `reference`: the run's `jest.reference.Reference`, or None."""
-  parts = step_flops(config, reference_example_flops=reference.example_flops
-                     if reference is not None else None)
+  parts = step_flops(config, **({} if reference is None else dict(
+      reference_example_flops=reference.example_flops, reference_dim=reference.dim)))
   cached = reference is not None and reference.cached
   return {"charged": parts["total"],
           "amortised": parts["total"] - (parts["reference"] if cached else 0.0),

@@ -2,6 +2,8 @@
 
   all        (the default) step, then selection, with their defaults
   data       Grain pipeline throughput per host; 2^33-record start-up and memory
+  load       public-format SigLIP checkpoints (B/16, So400m/14): load time, peak memory;
+             cache-reference throughput with an imported reference
   selection  joint selection time and memory vs super-batch size on the mesh
   step       JEST step time split vs a uniform step at the same B; measured vs modelled FLOPs
 
@@ -11,7 +13,8 @@
 import importlib
 import sys
 
-WHAT = {"data": "jest_pod.experiments.bench.data", "selection": "jest_pod.experiments.bench.selection",
+WHAT = {"data": "jest_pod.experiments.bench.data", "load": "jest_pod.experiments.bench.load",
+        "selection": "jest_pod.experiments.bench.selection",
         "step": "jest_pod.experiments.bench.step"}
 ALL = ("step", "selection")
 
