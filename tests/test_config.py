@@ -137,3 +137,16 @@ def test_model_variants_by_name_size_both_towers_and_flexi_follows_the_patch():
   for bad in ("X/16", "B", "B/0", "B/sixteen"):
     with pytest.raises(ValueError, match="SIZE/PATCH"):
       config_lib.set_model(c, bad)
+
+
+def test_one_image_size_and_the_siglip_text_style_are_enforced():
+  c = config_lib.base_config()
+  c.input.image_size, c.model.image_size = 64, 32
+  with pytest.raises(ValueError, match=r"input.image_size=64 and config.model.image_size=32"):
+    config_lib.validate(c)
+  c = config_lib.base_config()
+  config_lib.set_model(c, "mu/4", family="siglip")
+  with pytest.raises(ValueError, match=r"family='siglip' needs config.input.text_style='siglip'"):
+    config_lib.validate(c)
+  c.input.text_style = "siglip"
+  config_lib.validate(c)

@@ -19,19 +19,24 @@ import sys
 import tempfile
 import time
 
+# Peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives execve, so a child would
+# report its parent's peak.
 _MEASURE = r"""
-import json, resource, sys, time
+import json, sys, time
 import jax
 from jest_pod.interop import formats
+def hwm():
+  for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 2**20
 jax.numpy.zeros(1).block_until_ready()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 t = time.perf_counter()
 loaded = formats.load(sys.argv[1])
 seconds = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 n = sum(x.size for x in jax.tree.leaves(loaded.params))
-print(json.dumps({"seconds": seconds, "peak_gb": peak / 2**20, "over_baseline_gb":
-                  (peak - base) / 2**20, "params": int(n)}))
+print(json.dumps({"seconds": seconds, "peak_gb": hwm(), "over_baseline_gb": hwm() - base,
+                  "params": int(n)}))
 """
 
 
