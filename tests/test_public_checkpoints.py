@@ -27,6 +27,13 @@ def toy(tmp_path_factory):
   return build_toy(str(tmp_path_factory.mktemp("toy32")), N, noise=0.2, image_size=32)
 
 
+@pytest.fixture(scope="module")
+def hf_cache(toy, tmp_path_factory):
+  """The fixture's embeddings of the toy set, at its own preprocessing (32², siglip text)."""
+  return reference_lib.build_cache(toy, HF, output=str(tmp_path_factory.mktemp("c")) + "/c",
+                                   batch_size=48)
+
+
 def _from_hf(toy, **kw):
   """A tiny run whose learner starts from the fixture (towers, tokenizer, sizes)."""
   return tiny_config(toy, **{"model.init_from": HF, **kw})
@@ -58,10 +65,10 @@ def test_init_from_trains_with_falling_loss_and_resumes(toy, tmp_path):
   assert [m[s]["train/loss"] for s in range(1, 7)] == first
 
 
-def test_jest_with_an_hf_reference_forward_and_cached_agree(toy, tmp_path):
+def test_jest_with_an_hf_reference_forward_and_cached_agree(toy, hf_cache, tmp_path):
   """The fixture as θ*: its forward pass (learner shares its preprocessing) and its cache
   select alike; the cache records the HF kind and its preprocessing."""
-  cache = reference_lib.build_cache(toy, HF, output=str(tmp_path / "cache"), batch_size=48)
+  cache = hf_cache
   meta = reference_lib.open_cache(cache, data_dir=toy, reference=HF).store.meta
   assert meta["fingerprint"]["reference"]["kind"] == "hf"
   assert meta["fingerprint"]["preprocessing"]["text_style"] == "siglip"
@@ -77,24 +84,30 @@ def test_jest_with_an_hf_reference_forward_and_cached_agree(toy, tmp_path):
                                  rtol=2e-2, atol=2e-2)
 
 
-def test_a_reference_with_its_own_tokenizer_and_size_works_through_the_cache(toy, tmp_path):
+def test_a_reference_with_its_own_tokenizer_and_size_works_through_the_cache(toy, hf_cache,
+                                                                           tmp_path, capsys):
   """The demo-style learner (FlexiViT, 16², its own tokenizer, plain text) with the HF
   fixture (32², SigLIP's tokenizer) as θ*: the forward path is refused naming the cache
-  command; through the cache JEST trains and scores with finite learnability."""
+  command; through the cache JEST trains and scores with finite learnability. The FlexiViT
+  learner it trains is then refused by export, in one line naming the family."""
   config = tiny_config(toy, steps=2, method="joint", reference=HF,
                        **{"selection.reference_cache": "off"})
   with pytest.raises(ValueError, match=r"image_size: 32 \(reference\) vs 16 \(learner\).*"
                                        r"jest-pod data cache-reference --data"):
     train_main.train(config, str(tmp_path / "refused"))
-  cache = reference_lib.build_cache(toy, HF, output=str(tmp_path / "cache"))
-  config.selection.reference_cache = cache
-  train_main.train(config, str(tmp_path / "jest"))
-  m = read_metrics(str(tmp_path / "jest"))
+  config.selection.reference_cache = hf_cache
+  wd = str(tmp_path / "jest")
+  train_main.train(config, wd)
+  m = read_metrics(wd)
   assert np.isfinite(m[2]["select/learnability_selected"])
   assert m[2]["select/learnability_selected"] > m[2]["select/learnability_super_batch"]
+  assert export.main([wd, "--format", "hf", "--output", str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "'flexivit' family" in err
+  assert "config.model.family=siglip" in err and not os.path.exists(tmp_path / "out")
 
 
-def test_eval_embed_and_export_take_any_checkpoint_kind(toy, tmp_path, capsys):
+def test_eval_embed_and_export_take_any_checkpoint_kind(toy, hf_cache, tmp_path, capsys):
   assert eval_cli.main([HF, "--data", toy, "--output", str(tmp_path / "r.json")]) == 0
   out = capsys.readouterr().out
   assert "hf checkpoint" in out and "z/0shot/" in out
@@ -108,8 +121,7 @@ def test_eval_embed_and_export_take_any_checkpoint_kind(toy, tmp_path, capsys):
   assert list(got["id"]) == embed_cli.record_ids(toy) and len(set(got["id"])) == N
   # The same rows as the model on the pipeline's batches (through the reference cache's
   # independent path, bf16-stored).
-  cache = reference_lib.open_cache(reference_lib.build_cache(
-      toy, HF, output=str(tmp_path / "c")), data_dir=toy)
+  cache = reference_lib.open_cache(hf_cache, data_dir=toy)
   image, text = cache.store.lookup(np.arange(N))
   np.testing.assert_allclose(got["image"], image, atol=1e-2)
   np.testing.assert_allclose(got["text"], text, atol=1e-2)
@@ -123,15 +135,6 @@ def test_eval_embed_and_export_take_any_checkpoint_kind(toy, tmp_path, capsys):
   assert a.preprocessing.fingerprint() == b.preprocessing.fingerprint()
   assert export.main([npz, "--format", "hf", "--output", back]) == 1  # exists: refused
   assert "--overwrite" in capsys.readouterr().err
-
-
-def test_flexivit_learners_are_refused_by_export(toy, tmp_path, capsys):
-  wd = str(tmp_path / "flexi")
-  train_main.train(tiny_config(toy, steps=1), wd)
-  assert export.main([wd, "--format", "hf", "--output", str(tmp_path / "out")]) == 1
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and "'flexivit' family" in err
-  assert "config.model.family=siglip" in err and not os.path.exists(tmp_path / "out")
 
 
 def test_bad_public_checkpoints_are_one_line_errors(tmp_path, capsys, toy):
