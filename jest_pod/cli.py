@@ -29,7 +29,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  from jest_pod import errors  # pylint: disable=g-import-not-at-top  (a leaf: no JAX)
+  # `--debug` anywhere: failures keep their traceback (each command reads errors.debug()).
+  argv = errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv))
   if len(argv) > 1 and argv[0] == "help" and argv[1] in SUBCOMMANDS:
     argv = [argv[1], "--help"]  # `jest-pod help train` = `jest-pod train --help`
   if not argv or argv[0] in ("-h", "--help", "help"):

@@ -48,6 +48,28 @@ def test_super_batch_size():
     assert config_lib.num_super_batch(c) == n
 
 
+def test_a_super_batch_beyond_host_memory_is_refused_with_the_f_that_fits():
+  """f = 0.99999 at B = 64 is N = 6.4M: 78 GB of images alone (issue 23). Refused with
+  the figure and the largest f that fits; that f, and the usual ones, pass."""
+  import re
+  c = config_lib.sibling_config(os.path.join(ROOT, "configs", "jest.py"), "jest.py",
+                                "runlocal,f=0.99999,batch=64")
+  host = 23 * 2**30
+  with pytest.raises(ValueError, match=r"filter_ratio=0\.99999 with config\.batch_size=64 "
+                     r"gives a super-batch of N=6,400,000 .* need [0-9.]+ GiB .* 23\.0 GiB") as e:
+    config_lib.check_host_memory(c, available=host, cpu_devices=True)
+  f_max = float(re.search(r"largest filter_ratio that fits is ([0-9.]+)", str(e.value))[1])
+  assert 0.99 < f_max < 0.99999
+  for f in (f_max, 0.9, 0.5):
+    c.selection.filter_ratio = f
+    config_lib.check_host_memory(c, available=host, cpu_devices=True)
+  # Nothing fits at all: the batch itself is named.
+  c.selection.method, c.batch_size = "uniform", 10**8
+  with pytest.raises(ValueError, match="lower config.batch_size"):
+    config_lib.check_host_memory(c, available=host)
+  assert config_lib.host_memory_available() > 0  # /proc/meminfo (or sysconf) reads here
+
+
 def test_cli_rejects_an_unknown_override_naming_it():
   out = subprocess.run([sys.executable, "-m", "jest_pod.cli", "train", "--config",
                         os.path.join(ROOT, "configs/siglip.py:runlocal"), "--workdir", "/tmp/x",

@@ -119,6 +119,23 @@ def test_verify_reports_bad_shard(data, capsys):
   assert "verify: 2/2 shards" in out.err
 
 
+@pytest.mark.parametrize("delta", [100, -100])
+def test_verify_reports_a_manifest_whose_record_count_is_off(data, capsys, delta):
+  """Bytes intact, the manifest's count off by ±100 (totals kept consistent): training
+  would read past the shard or never reach its end; verify must say so (issue 23)."""
+  path = os.path.join(data, manifest_lib.MANIFEST)
+  m = json.load(open(path))
+  m["shards"][1]["num_records"] += delta
+  m["num_examples"] += delta
+  m["source_counts"][m["sources"][0]] += delta
+  json.dump(m, open(path, "w"))
+  assert data_cli.main(["verify", data]) == 1
+  out = capsys.readouterr().out
+  assert (f"the reader finds 20 records, the manifest says {20 + delta}" in out
+          and "the manifest's count is wrong" in out), out
+  assert m["shards"][1]["file"] in out and m["shards"][0]["file"] not in out
+
+
 def _bomb_png(side: int) -> bytes:
   buf = io.BytesIO()
   Image.new("L", (side, side)).save(buf, "PNG")  # uniform: a few KB for 64 Mpx
@@ -176,3 +193,17 @@ def test_skip_count_is_carried_across_a_checkpoint(data, tmp_path):
   old = make()
   old.set_state(json.dumps(it._iter.get_state()).encode())  # pylint: disable=protected-access
   assert old.skipped == 0
+
+
+def test_the_probe_harness_runs(tmp_path):
+  """tools/probes (the end-to-end view of these failure classes): its quick data probes
+  run clean here; the rest run by hand (`tools/probes`, `tools/probes --heavy`)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, os.path.join(root, "tools", "probes"), "--only",
+                         "verify_count_plus_100,ingest_into_a_file"],
+                        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                        env=dict(os.environ, PYTHONPATH=root))
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "2 clean, 0 NOT CLEAN" in done.stdout

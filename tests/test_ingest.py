@@ -205,3 +205,119 @@ def test_manifest_errors(tmp_path):
 def test_records_roundtrip_with_encoder():
   data = records.encode(records.Record(image=_png(), text="t", id="i", source="s", label=3))
   assert records.decode(data).label == 3
+
+
+# ------------------------------------------------ issue 23: one writer, cleaned up, reproducible
+
+
+def _inputs(src, n):
+  for i in range(n):
+    _write(str(src / f"{i}.png"), _png((i * 40 % 256, 30, 30)))
+    _write(str(src / f"{i}.txt"), f"picture {i}")
+
+
+class _FullDisk:
+  """ArrayRecordWriter on a disk that fills after ROOM records: writes and the close fail
+  as Riegeli's do (a RuntimeError naming the file), leaving the partial file behind."""
+  ROOM = 3
+  written = 0
+
+  def __init__(self, path, options):
+    del options
+    self.path, self.f = path, open(path, "wb")
+
+  def write(self, data):
+    if _FullDisk.written >= self.ROOM:
+      raise RuntimeError(f"write() failed: No space left on device; writing {self.path}; "
+                         "at byte 4096")
+    _FullDisk.written += 1
+    self.f.write(data)
+
+  def close(self):
+    self.f.close()
+    if _FullDisk.written >= self.ROOM:
+      raise RuntimeError(f"write() failed: No space left on device; writing {self.path}; "
+                         "Failed to close chunk_writer")
+
+
+def test_disk_full_during_ingest_is_one_line_and_the_rerun_needs_no_overwrite(
+    tmp_path, monkeypatch, capsys):
+  from array_record.python import array_record_module
+  src, out = tmp_path / "in", str(tmp_path / "out")
+  _inputs(src, 6)
+  args = ["ingest", "--input", str(src), "--output", out, "--workers", "1", "--shard-size", "2"]
+  monkeypatch.setattr(array_record_module, "ArrayRecordWriter", _FullDisk)
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "No space left on device" in err[0] and out in err[0], err
+  assert "no --overwrite needed" in err[0]
+  assert os.listdir(out) == []  # nothing left behind: no temp shard, skip list or lock
+  monkeypatch.undo()
+  assert cli.main(args) == 0
+  _check_output(out, 6, {})
+
+
+@pytest.mark.parametrize("leftover", ["marker", "temp_shards_only"])
+def test_a_killed_write_is_cleared_by_the_rerun_without_overwrite(tmp_path, leftover):
+  """What kill -9 leaves (temp shards, a stale lock; with this version also the marker)
+  is ours to clear; a folder holding anything else still needs --overwrite."""
+  src, out = tmp_path / "in", tmp_path / "out"
+  _inputs(src, 3)
+  out.mkdir()
+  (out / ".out-00000.array_record.tmp").write_bytes(b"half a shard")
+  (out / ".lock").write_text(json.dumps({"host": ingest.lockfile.socket.gethostname(),
+                                         "pid": 2**22 + 7}))  # no such pid
+  if leftover == "marker":
+    (out / "skipped.tsv").write_text("reason\tinput\tdetail\n")
+    (out / ingest.INCOMPLETE).write_text("pid 1\n")
+  ingest.ingest(str(src), str(out), workers=1)
+  _check_output(str(out), 3, {})
+  (out / "notes.txt").write_text("the user's")
+  (out / manifest.MANIFEST).unlink()
+  with pytest.raises(ingest.OutputNotEmptyError):
+    ingest.ingest(str(src), str(out), workers=1)
+
+
+def test_a_second_writer_into_the_same_folder_is_refused(tmp_path, capsys):
+  from jest_pod.data import builders
+  src, out = tmp_path / "in", str(tmp_path / "out")
+  _inputs(src, 2)
+  with ingest.lock_output(out):  # this live test process is the other writer
+    with pytest.raises(ingest.OutputBusyError, match=f"pid {os.getpid()}.*another --output"):
+      ingest.ingest(str(src), out, workers=1)
+    with pytest.raises(ingest.OutputBusyError):
+      builders.build("emoji", out, limit=1)
+    assert cli.main(["build", "emoji", "--output", out, "--limit", "1"]) == 1
+    assert "in use by another data set writer" in capsys.readouterr().err
+    assert os.listdir(out) == [".lock"]  # the refused writers touched nothing
+  assert ingest.ingest(str(src), out, workers=1)["num_examples"] == 2
+
+
+def test_rebuilt_shards_are_byte_identical(tmp_path):
+  """The same input and arguments give the same shard sha256, in any process: the
+  reference cache fingerprints shards by sha256 (protobuf's map order used to follow a
+  per-process hash seed)."""
+  import subprocess
+  import sys
+  code = ("import hashlib, sys; from jest_pod.data import records; sys.stdout.write("
+          "hashlib.sha256(records.encode(records.Record(image=b'png', text='a caption', "
+          "id='x/1', source='web:junk_image', label=3))).hexdigest())")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root)
+  digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, check=True).stdout for _ in range(4)}
+  assert len(digests) == 1, digests
+  src = tmp_path / "in"
+  _inputs(src, 4)
+  a = ingest.ingest(str(src), str(tmp_path / "a"), name="x", workers=1, shard_size=2)
+  b = ingest.ingest(str(src), str(tmp_path / "b"), name="x", workers=1, shard_size=2)
+  assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_an_output_that_is_a_file_is_one_line(tmp_path, capsys):
+  src, out = tmp_path / "in", tmp_path / "out"
+  _inputs(src, 1)
+  out.write_text("a file")
+  assert cli.main(["ingest", "--input", str(src), "--output", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{out}" in err[0] and "not a folder" in err[0], err

@@ -73,6 +73,56 @@ def test_misspelled_config_argument():
   assert "'runlocall' is unknown; valid: runlocal" in proc.stderr
 
 
+CONFIG_FAILURES = {  # file body → what the one line must name
+    "raises": ("def get_config(arg=None):\n  raise RuntimeError('boom')\n",
+               ("raises.py line 2", "RuntimeError: boom")),
+    "syntax": ("def get_config(arg=None):\n  return (\n", ("syntax.py line 2", "SyntaxError")),
+    "import": ("import no_such_module_here\n",
+               ("import.py line 1", "no_such_module_here", "install that module")),
+    "no_get_config": ("x = 1\n", ("no_get_config.py", "defines no get_config()")),
+}
+
+
+def test_config_files_that_fail_to_load_name_the_file_and_line(tmp_path):
+  """What ml_collections raises while loading each bad file → one line (issue 23)."""
+  import importlib.util
+  from jest_pod.train import cli as train_cli
+  for name, (body, expect) in CONFIG_FAILURES.items():
+    path = tmp_path / f"{name}.py"
+    path.write_text(body)
+    try:  # as config_flags loads it
+      spec = importlib.util.spec_from_file_location("config", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      module.get_config()
+    except Exception as e:  # pylint: disable=broad-except
+      msg = train_cli._config_file_error(e, str(path))
+    assert msg and all(text in msg for text in expect), (name, msg)
+
+
+def test_config_file_errors_end_the_command_in_one_line(tmp_path):
+  """End to end: a config that raises, one that returns None (which used to say
+  "--config and --workdir are required" although both were given)."""
+  exe = [JEST_POD] if os.path.exists(JEST_POD) else [sys.executable, "-m", "jest_pod.cli"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  bodies = {"raises": CONFIG_FAILURES["raises"][0],
+            "none": "def get_config(arg=None):\n  return None\n"}
+  procs = {}
+  for name, body in bodies.items():  # in parallel: each is mostly imports
+    (tmp_path / f"{name}.py").write_text(body)
+    procs[name] = subprocess.Popen([*exe, "train", "--config", str(tmp_path / f"{name}.py"),
+                                    "--workdir", str(tmp_path / "w")], cwd=REPO, env=env,
+                                   stderr=subprocess.PIPE, text=True)
+  expect = {"raises": "raises.py line 2: RuntimeError: boom",
+            "none": "none.py: get_config() returned None"}
+  for name, proc in procs.items():
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 2 and "Traceback" not in err, (name, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jest-pod train: error:") and expect[name] in last, (name, err)
+
+
 # ------------------------------------------------------------------------- eval table
 
 

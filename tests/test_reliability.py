@@ -1,27 +1,37 @@
 """The trainer survives what goes wrong around it: damaged checkpoints (fall back to the
 previous step, moved aside), flipped bytes (the digest), a changed config on resume, a
-second trainer on the same workdir, a too-small text vocabulary."""
+second trainer on the same workdir, a too-small text vocabulary; and it refuses what
+cannot work up front (a super-batch beyond host memory), warns of a data set smaller than
+a batch, and ends storage failures (a bad workdir, a full disk or a read-only checkpoints
+folder mid-run) and Ctrl-C in one line that says how to resume."""
 
+import contextlib
 import glob
 import json
+import logging
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from jest_pod import checkpoint as ckpt_lib
+from jest_pod import config as config_lib
+from jest_pod import errors
 from jest_pod.parallel import sharding as shd
 from jest_pod.data import pipeline
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.models import build_model
 from jest_pod.train import feed
+from jest_pod.train import hooks
 from jest_pod.train import lock as lock_lib
 from jest_pod.train import main as train_main
 from jest_pod.train import state as state_lib
-from train_helpers import read_metrics, tiny_config
+from train_helpers import ROOT, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +182,169 @@ def test_sigterm_during_evaluation_saves_without_finishing_it(toy, tmp_path, mon
   assert last.get("preempted") and calls == ["toy_retrieval"]
   assert ckpt_lib.Checkpointer(workdir, every_steps=1, keep=2).latest_step() == 2
   assert not any("r/" in k or "retrieval" in k for k in read_metrics(workdir)[2])
+
+
+# ------------------------------------------- issue 23: refused up front, failures in one line
+
+
+def _jest_pod_train(config, workdir, tmp_path, devices=1, **popen):
+  """`jest-pod train` on `config` in a subprocess, as a user runs it."""
+  cfg_json, cfg_py = tmp_path / "config.json", tmp_path / "config_file.py"
+  cfg_json.write_text(config.to_json())
+  cfg_py.write_text("import json, ml_collections\n\ndef get_config(arg=None):\n"
+                    f"  return ml_collections.ConfigDict(json.load(open({str(cfg_json)!r})))\n")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, "-m", "jest_pod.cli", "train", "--config",
+                           str(cfg_py), "--workdir", str(workdir)], env=env, cwd=ROOT,
+                          text=True, **popen)
+
+
+def _last_line(stderr: str) -> str:
+  assert "Traceback" not in stderr, stderr
+  return stderr.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options):
+  """A tmpfs at `path` (root, where mounts are allowed), else the test is skipped."""
+  path.mkdir(parents=True, exist_ok=True)
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"needs a tmpfs mount (root, mounts allowed): {done.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_super_batch_beyond_host_memory_is_refused_before_any_data_is_read(toy, tmp_path,
+                                                                           monkeypatch):
+  def read(*args, **kwargs):
+    raise AssertionError("the data was read before the memory check")
+
+  monkeypatch.setattr(config_lib, "host_memory_available", lambda: 2 * 2**30)
+  monkeypatch.setattr(pipeline, "make_train_iterator", read)
+  config = tiny_config(toy, method="joint", **{"selection.score": "hard_learner",
+                                                "selection.filter_ratio": 0.99999})
+  with pytest.raises(ValueError, match=r"filter_ratio=0\.99999 .*N=3,200,000 .*largest "
+                                       r"filter_ratio that fits is 0\.99"):
+    train_main.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before the workdir, too
+
+
+def test_a_data_set_smaller_than_one_batch_warns_once(toy, tmp_path, caplog, monkeypatch):
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop  # the warning comes before the data is read; nothing more to run
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", stop)
+  with caplog.at_level(logging.WARNING, logger="jest_pod"), pytest.raises(Stop):
+    train_main.train(tiny_config(toy, steps=2, batch_size=512), str(tmp_path / "run"))
+  warned = [r.getMessage() for r in caplog.records if "fewer than one batch" in r.getMessage()]
+  assert len(warned) == 1 and "only 384 examples" in warned[0], warned
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_one_clear_error(toy, tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("not a folder")
+  with pytest.raises(errors.StorageError, match=f"--workdir {afile} is a file, not a folder"):
+    train_main.train(tiny_config(toy, steps=2), str(afile))
+  if os.geteuid() != 0:  # modes stop a user; root needs a read-only filesystem
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    ctx = contextlib.nullcontext(ro)
+  else:
+    ctx = _tmpfs(tmp_path / "ro", "size=1m,ro")
+  with ctx as ro:
+    with pytest.raises(errors.StorageError, match=f"--workdir {ro}/run is not writable"):
+      train_main.train(tiny_config(toy, steps=2), str(ro / "run"))
+
+
+def test_checkpoints_unwritable_mid_run_is_one_clear_error(toy, tmp_path, monkeypatch):
+  real_save = ckpt_lib.Checkpointer.save
+
+  def save(self, step, *args, **kwargs):  # what Orbax raises when the folder turns read-only
+    if step >= 4:
+      raise PermissionError(13, "Permission denied", f"{self.step_dir(step)}.orbax-checkpoint-tmp")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
+  run = tmp_path / "run"
+  with pytest.raises(errors.StorageError, match=r"Permission denied: .*checkpoints/4\.orbax.*"
+                     r"last complete checkpoint is step 2 .*rerun the same command"):
+    train_main.train(tiny_config(toy, steps=4, ckpt_every=2), str(run))
+  assert not (run / ".lock").exists()
+
+
+def _fill(folder):
+  """Write zeros into `folder` until its disk is full."""
+  with open(os.path.join(folder, "filler"), "wb") as f:
+    try:
+      while True:
+        f.write(bytes(1 << 20))
+        f.flush()
+    except OSError:
+      pass
+
+
+def test_disk_full_during_a_checkpoint_save_is_one_line_and_keeps_the_last(toy, tmp_path):
+  """The disk fills after checkpoint 2: the next save fails in Orbax's threads (ENOSPC),
+  which log from each; the user sees one line naming the folder, the fix and the step to
+  resume from. (No log step until 100: the save, not the event writer, hits it first.)"""
+  with _tmpfs(tmp_path / "disk", "size=30m") as disk:
+    run, log = disk / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+      proc = _jest_pod_train(tiny_config(toy, steps=400, ckpt_every=2, log_every=100), run,
+                             tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+      for _ in range(3000):  # until checkpoint 2 is committed (renamed from its temporary)
+        if (run / "checkpoints" / "2").exists() or proc.poll() is not None:
+          break
+        time.sleep(0.1)
+      _fill(disk)
+      assert proc.wait(timeout=300) == 1
+    last = _last_line(log.read_text())
+    assert last.startswith("jest-pod train: error:") and "No space left on device" in last
+    assert f"df -h {run}" in last and "rerun the same command" in last
+    steps = [int(p) for p in os.listdir(run / "checkpoints") if p.isdigit()]
+    assert steps and f"last complete checkpoint is step {max(steps)} in" in last
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(toy, tmp_path):
+  import signal
+  proc = _jest_pod_train(tiny_config(toy, steps=400, ckpt_every=100), tmp_path / "run",
+                         tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if " step 3/400 " in line:
+      os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to the process group
+  assert proc.wait(timeout=300) == 130
+  err = "".join(lines)
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+  saved = [int(p) for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 400
+  assert f"stopped by Ctrl-C: checkpoint at step {saved[0]} saved" in err
+  assert "rerun the same command to resume" in err
+
+
+def test_a_second_ctrl_c_stops_at_once():
+  import signal
+  preemption = hooks.Preemption()
+  preemption.install()
+  try:
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+      pytest.fail("the first Ctrl-C must ask for a checkpoint, not stop at once")
+    assert preemption.requested and preemption.interrupted
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    preemption.uninstall()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -53,3 +53,29 @@ def test_missing_reference_is_a_clear_error_before_training(toy, tmp_path):
   from jest_pod.interop import InteropError
   with pytest.raises(InteropError, match="config.selection.reference=.*nope.*does not exist"):
     train_main.train(config, str(tmp_path / "run"))
+
+
+def test_nonfinite_selection_scores_stop_the_run_naming_the_reference(toy, reference, tmp_path,
+                                                                     monkeypatch):
+  """A damaged reference (NaN embeddings in a quarter of the rows, as from a damaged
+  cache) leaves the loss finite but the learnability NaN: the guard stops at the first
+  check, saves nothing, and says what to rebuild (issue 23)."""
+  import jax.numpy as jnp
+  from jest_pod.jest import reference as reference_lib
+  real = reference_lib.ForwardReference.embeddings
+
+  def damaged(self, super_batch):
+    e = real(self, super_batch)
+    rows = jnp.arange(e.image.shape[0])[:, None]
+    return e._replace(image=jnp.where(rows % 4 == 0, jnp.nan, e.image))
+
+  monkeypatch.setattr(reference_lib.ForwardReference, "embeddings", damaged)
+  # The first test's config: its compiles are in the session's cache.
+  config = tiny_config(toy, steps=3, method="joint", reference=reference,
+                       **{"selection.filter_ratio": 0.5}, **FLEXI)
+  with pytest.raises(train_main.TrainingDiverged,
+                     match=r"selection scores are not finite at step 1 \(select/learnability"
+                           r".*restore the reference checkpoint config\.selection\.reference="):
+    train_main.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import ml_collections
@@ -149,6 +150,104 @@ def missing_reference_message(config) -> str:
           "Hugging Face SigLIP folder or a big_vision .npz), or build its embedding cache "
           f"with `jest-pod data cache-reference --data {config.input.data or 'DATA'} "
           "--reference REF`")
+
+
+def host_memory_available() -> int | None:
+  """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit (a
+  container sees the host's MemAvailable, not its own limit); None when unknown."""
+  found = []
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          found.append(int(line.split()[1]) * 1024)
+  except (OSError, ValueError, IndexError):
+    try:
+      found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+      pass
+  for limit_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                 "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    try:
+      with open(limit_file) as f:
+        limit = f.read().strip()
+      with open(used_file) as f:
+        used = int(f.read().strip())
+    except (OSError, ValueError):
+      continue
+    if limit.isdigit() and int(limit) < 1 << 60:  # "max" or a huge number: no limit
+      found.append(max(int(limit) - used, 0))
+  return min(found) if found else None
+
+
+# Host memory may hold at most this share of what is available for super-batches; the
+# rest is for the model, XLA and the input's decode buffers.
+HOST_MEMORY_SHARE = 0.8
+
+
+def super_batch_host_bytes(config, *, process_count: int = 1, cpu_devices: bool = False,
+                           worker_count: int = 0) -> tuple[int, int, int]:
+  """(bytes, per-example bytes, batches held) of this host's super-batches in flight.
+
+  Per example: the decoded float32 image (S·S·3·4), int32 tokens, the id/label/source
+  columns, the reference-cache rows (JEST), and on CPU devices the device copy too (CPU
+  "device" arrays live in host memory). Batches held: the prefetch queue
+  (config.device_prefetch) + the one being read + the one training, + each input
+  worker's buffer.
+  """
+  s, length = int(config.input.image_size), int(config.input.max_text_len)
+  image, text = s * s * 3 * 4, length * 4
+  per = image + text + 8 + 3 * 4
+  if config.selection.method != "uniform":
+    per += 2 * int(config.model.embed_dim) * 4
+  if cpu_devices:
+    per += image + text + 8 + 2 * 4
+  held = int(config.device_prefetch) + 2
+  held += max(worker_count, 0) * int(config.input.get("worker_buffer_size", 2))
+  rows = num_super_batch(config) // max(process_count, 1)
+  return rows * per * held, per, held
+
+
+def check_host_memory(config, *, process_count: int = 1, cpu_devices: bool = False,
+                      worker_count: int = 0, available: int | None = None) -> None:
+  """Refuse a super-batch whose host memory exceeds what this host has, before any data
+  is read: name the figure, and the largest filter_ratio (or batch size) that fits.
+  `available`: bytes (default: host_memory_available())."""
+  available = host_memory_available() if available is None else available
+  if not available:
+    return
+  need, per, held = super_batch_host_bytes(config, process_count=process_count,
+                                           cpu_devices=cpu_devices, worker_count=worker_count)
+  budget = HOST_MEMORY_SHARE * available
+  s, b, n = config.selection, config.batch_size, num_super_batch(config)
+  what = (f"config.batch_size={b}" if s.method == "uniform" else
+          f"config.selection.filter_ratio={float(s.filter_ratio)!r} with "
+          f"config.batch_size={b}")
+  figure = (f"{what} gives a super-batch of N={n:,} examples; {held} super-batches in "
+            f"flight "
+            f"(config.device_prefetch={config.device_prefetch} + 2"
+            f"{' + input workers' if worker_count > 0 else ''}) at "
+            f"{per:,} bytes per example (config.input.image_size={config.input.image_size}"
+            f"{', CPU devices hold a copy' if cpu_devices else ''}) need "
+            f"{need / 2**30:.1f} GiB of host memory")
+  if need <= budget:
+    if need > budget / 2:
+      logging.getLogger("jest_pod").warning(
+          "%s, %.0f%% of the %.1f GiB available: the model and XLA need room too",
+          figure, 100 * need / available, available / 2**30)
+    return
+  rows_fit = int(budget // (per * held)) * max(process_count, 1)
+  if s.method != "uniform" and rows_fit > b:
+    f_max = math.floor((1 - b / rows_fit) * 1e4) / 1e4  # round down: it must fit
+    fix = (f"the largest filter_ratio that fits is {f_max:g} (N={rows_fit:,}); lower "
+           "config.selection.filter_ratio or config.batch_size")
+  else:
+    fix = (f"at most {rows_fit:,} examples per super-batch fit: lower config.batch_size"
+           f"{' (and keep filter_ratio)' if s.method != 'uniform' else ''}, "
+           "config.input.image_size or config.device_prefetch")
+  raise ValueError(f"{figure}, more than {HOST_MEMORY_SHARE:.0%} of the "
+                   f"{available / 2**30:.1f} GiB this host has available; {fix}.")
 
 
 def _choice(name, value, choices):

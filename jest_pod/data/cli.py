@@ -61,8 +61,26 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _failure(command: str, e: BaseException, output: str | None) -> str:
+  """The one line a failed ingest/build ends with: the path and what to do."""
+  from jest_pod import errors, lockfile  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import ingest, system_packages  # pylint: disable=g-import-not-at-top
+  if isinstance(e, (lockfile.FolderBusy, ingest.OutputNotEmptyError, ValueError,
+                    system_packages.MissingPackageError)):
+    return str(e)
+  storage = errors.storage_message(e, output)
+  if storage:
+    return (f"{storage}. What this {command} left incomplete in {output} was removed: rerun "
+            "the same command once that is fixed (no --overwrite needed)")
+  if isinstance(e, OSError):
+    return f"{e}" if e.filename else f"{type(e).__name__}: {e}"
+  return (f"{type(e).__name__}: {' '.join(str(e).split())} (unexpected: rerun with --debug "
+          "for the traceback and report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  from jest_pod import errors  # pylint: disable=g-import-not-at-top
+  argv = errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv))
   if argv and argv[0] in DELEGATES:  # their own argparse: pass the rest through untouched
     try:
       module = importlib.import_module(DELEGATES[argv[0]])
@@ -77,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
   if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-  from jest_pod.data import ingest, system_packages
+  from jest_pod.data import ingest
   try:
     if args.command == "ingest":
       ingest.ingest(args.input, args.output, name=args.name, source=args.source,
@@ -90,9 +108,18 @@ def main(argv: list[str] | None = None) -> int:
       extra = {} if args.image_size is None else {"image_size": args.image_size}
       builders.build(args.name, args.output, limit=args.limit, overwrite=args.overwrite,
                      workers=args.workers, seed=args.seed, **extra)
-  except (ingest.OutputNotEmptyError, system_packages.MissingPackageError,
-          FileNotFoundError, ValueError) as e:
-    print(f"jest-pod data {args.command}: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    if errors.debug():
+      raise
+    print(f"jest-pod data {args.command}: stopped by Ctrl-C; what it left incomplete in "
+          f"{args.output} was removed: rerun the same command to start again",
+          file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except  (one line; --debug: the traceback)
+    if errors.debug():
+      raise
+    print(f"jest-pod data {args.command}: error: {_failure(args.command, e, args.output)}",
+          file=sys.stderr)
     return 1
   return 0
 

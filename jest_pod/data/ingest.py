@@ -36,6 +36,11 @@ one) and undecodable_tar (any other tar damage, same rule).
 Crash safety: shards are written under temporary names, fsynced, renamed to their final
 names (`<name>-NNNNN-of-NNNNN.array_record`) once all are written, and the manifest is
 written last (atomically). A folder without manifest.json is never a complete data set.
+One writer per folder: DIR/.lock (jest_pod/lockfile.py) keeps a second ingest or build
+out while one runs. A failed write (disk full, ...) removes what it wrote; one killed
+outright leaves DIR/.incomplete, and the next write clears its files without
+--overwrite. Records are encoded deterministically, so the same input and arguments give
+byte-identical shards (reference caches fingerprinted on their sha256 stay valid).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import io
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import warnings
@@ -52,6 +58,7 @@ from typing import Iterator
 
 from PIL import Image
 
+from jest_pod import lockfile
 from jest_pod.data import ingest_read
 from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records
@@ -69,6 +76,63 @@ CHUNK = 128  # inputs per worker task: small enough for smooth progress, big eno
 
 class OutputNotEmptyError(RuntimeError):
   """The output folder already holds files and --overwrite was not given."""
+
+
+class OutputBusyError(lockfile.FolderBusy):
+  """Another ingest or build is writing into the output folder."""
+
+
+# Written into an output folder before its first shard, removed with the manifest's
+# final write: a folder holding it was left by a write that was killed, and its files
+# (ours, by the names below) may be cleared without --overwrite.
+INCOMPLETE = ".incomplete"
+
+
+def lock_output(out_dir: str) -> lockfile.FolderLock:
+  """The lock of a data set writer on `out_dir` (created): `with lock_output(DIR): ...`."""
+  os.makedirs(out_dir, exist_ok=True)
+  return lockfile.FolderLock(out_dir, busy=OutputBusyError, kind="output folder",
+                             what="data set writer (jest-pod data ingest/build)",
+                             fix="Wait for it to finish (a complete build is then a no-op), "
+                                 "or use another --output")
+
+
+def entries(out_dir: str) -> list[str]:
+  """The folder's entries, without a writer's lock."""
+  return [e for e in os.listdir(out_dir) if not lockfile.is_lock_file(e)]
+
+
+def is_ours(name: str) -> bool:
+  """A file a data set writer writes (shards, temporaries, skip list, manifest, marker)."""
+  return (name.endswith((".array_record", ".tmp")) or name in (
+      "skipped.tsv", manifest_lib.MANIFEST, INCOMPLETE))
+
+
+def _temporary(name: str) -> bool:  # our hidden in-progress files: shards, skip list, manifest
+  return name.startswith(".") and name.endswith(".tmp") and (
+      name.endswith(".array_record.tmp") or name.startswith((".skipped.", ".manifest.")))
+
+
+def interrupted(out_dir: str) -> bool:
+  """True if a write into `out_dir` was killed before it finished: its marker is there
+  (or, from before the marker, nothing but our temporary files) and the folder holds no
+  complete data set."""
+  found = entries(out_dir)
+  marked = INCOMPLETE in found or (found and all(_temporary(e) for e in found))
+  return bool(marked) and not manifest_lib.is_complete(out_dir)
+
+
+def clear_ours(out_dir: str) -> None:
+  """Removes a writer's files (manifest first: the folder stops claiming to be complete);
+  anything else in the folder is left alone."""
+  mpath = os.path.join(out_dir, manifest_lib.MANIFEST)
+  if os.path.exists(mpath):
+    os.unlink(mpath)
+  for e in os.listdir(out_dir):
+    p = os.path.join(out_dir, e)
+    if is_ours(e) and os.path.isfile(p):
+      os.unlink(p)
+  manifest_lib.fsync_dir(out_dir)
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,25 +217,22 @@ def reencode(data: bytes, max_side: int, image_format: str = "auto") -> bytes:
 
 
 def prepare_output(out_dir: str, overwrite: bool) -> None:
-  """Creates `out_dir`; refuses a non-empty one unless `overwrite` (then clears our files)."""
+  """Creates `out_dir`; refuses a non-empty one unless `overwrite` or it holds the
+  leftovers of a killed write (then clears our files), and marks it incomplete."""
   os.makedirs(out_dir, exist_ok=True)
-  entries = [e for e in os.listdir(out_dir)]
-  if not entries:
-    return
-  if not overwrite:
+  found = entries(out_dir)
+  if found and not overwrite and not interrupted(out_dir):
     raise OutputNotEmptyError(
-        f"output folder {out_dir!r} is not empty ({len(entries)} entries, e.g. "
-        f"{sorted(entries)[0]!r}); pass --overwrite to replace the data set there, "
+        f"output folder {out_dir!r} is not empty ({len(found)} entries, e.g. "
+        f"{sorted(found)[0]!r}); pass --overwrite to replace the data set there, "
         f"or choose another --output")
-  # Manifest first: from here on the folder no longer claims to be complete.
-  mpath = os.path.join(out_dir, manifest_lib.MANIFEST)
-  if os.path.exists(mpath):
-    os.unlink(mpath)
-  for e in entries:
-    p = os.path.join(out_dir, e)
-    if os.path.isfile(p) and (e.endswith(".array_record") or e.endswith(".tmp")
-                              or e == "skipped.tsv"):
-      os.unlink(p)
+  if found and not overwrite:
+    log.warning("%s: clearing the files of an earlier write that was killed before it "
+                "finished (%s)", out_dir, ", ".join(sorted(found)[:3]))
+  if found:
+    clear_ours(out_dir)
+  with open(os.path.join(out_dir, INCOMPLETE), "w") as f:
+    f.write(f"pid {os.getpid()} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
   manifest_lib.fsync_dir(out_dir)
 
 
@@ -190,6 +251,7 @@ class ShardWriter:
     self.source_counts: collections.Counter = collections.Counter()
     self.num_written = 0
     self._tmp_paths: list[str] = []
+    self._final_paths: list[str] = []
     self._counts: list[int] = []
     self._writer = None
 
@@ -218,13 +280,22 @@ class ShardWriter:
       os.fsync(f.fileno())
 
   def abort(self) -> None:
-    """Removes the temporary shards (after an error)."""
+    """After an error: removes every file this write made (shards, temporaries, skip
+    list, marker), so the folder is as empty as before and a rerun needs no --overwrite."""
     if self._writer is not None:
-      self._writer.close()
+      try:  # on a full disk, closing fails too: the file goes anyway
+        self._writer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        log.debug("closing %s after an error: %s", self._tmp_paths[-1], e)
       self._writer = None
-    for p in self._tmp_paths:
+    for p in self._tmp_paths + self._final_paths:
       if os.path.exists(p):
         os.unlink(p)
+    try:
+      clear_ours(self.out_dir)
+    except OSError as e:
+      log.warning("could not remove the partial data set in %s (%s): rerun with "
+                  "--overwrite", self.out_dir, e)
 
   def finish(self, *, skipped: dict[str, int], image_max_side: int, created_by: str,
              class_names: list[str] | None = None, build: dict | None = None) -> dict:
@@ -237,16 +308,27 @@ class ShardWriter:
       shards.append({"file": fname, "num_records": count,
                      "sha256": manifest_lib.sha256_file(tmp), "bytes": os.path.getsize(tmp)})
       os.replace(tmp, os.path.join(self.out_dir, fname))
+      self._final_paths.append(os.path.join(self.out_dir, fname))
     manifest_lib.fsync_dir(self.out_dir)
     m = manifest_lib.make(name=self.name, shards=shards, skipped=skipped,
                           source_counts=dict(self.source_counts), image_max_side=image_max_side,
                           created_by=created_by, class_names=class_names, build=build)
     manifest_lib.write(self.out_dir, m)
+    try:  # complete now: the manifest is in place (a marker left beside it is ignored)
+      os.unlink(os.path.join(self.out_dir, INCOMPLETE))
+    except FileNotFoundError:
+      pass
     return m
 
 
 # ---------------------------------------------------------------------------------------
 # Workers: Items (from ingest_read's scanners) -> records.
+
+
+def _ignore_ctrl_c():
+  """In each worker: Ctrl-C (sent to the whole process group) is the parent's to handle;
+  it cleans up and stops the pool, without a traceback per worker."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _process_chunk(args) -> tuple[list, list]:
@@ -367,25 +449,34 @@ def ingest(input_path: str, output: str, *, name: str | None = None, source: str
   max_image_bytes = MAX_IMAGE_BYTES if max_image_bytes is None else max_image_bytes
   if not os.path.exists(input_path):  # before touching the output folder
     raise FileNotFoundError(f"ingest input {input_path!r} does not exist")
+  with lock_output(output):  # a second writer into the same folder stops here
+    return _ingest(input_path, output, name=name, source=source, max_side=max_side,
+                   shard_size=shard_size, workers=workers, overwrite=overwrite,
+                   image_format=image_format, follow_symlinks=follow_symlinks,
+                   max_image_bytes=max_image_bytes)
+
+
+def _ingest(input_path, output, *, name, source, max_side, shard_size, workers, overwrite,
+            image_format, follow_symlinks, max_image_bytes) -> dict:
   prepare_output(output, overwrite)
-  t0 = time.time()
-  inputs = scan(input_path, follow_symlinks=follow_symlinks, max_image_bytes=max_image_bytes)
-  skips = SkipLog(f"ingest {name}")
-  for row in inputs.skipped:
-    skips.add(*row)
-  n_in = len(inputs.items) + len(inputs.skipped)
-  log.info("ingest %s: %s input %s: %d candidate pairs (%d skipped while scanning) -> %s",
-           name, inputs.kind, input_path, len(inputs.items), len(inputs.skipped), output)
-  chunks = [(inputs.items[i:i + CHUNK], source, max_side, image_format, max_image_bytes)
-            for i in range(0, len(inputs.items), CHUNK)]
-  workers = (os.cpu_count() or 1) if workers is None else workers
   writer = ShardWriter(output, name, shard_size)
-  progress = Progress(f"ingest {name}", len(inputs.items))
-  done = 0
   pool = None
-  if workers > 1 and len(chunks) > 1:  # spawn: safe even if the caller has threads (JAX)
-    pool = multiprocessing.get_context("spawn").Pool(workers)
-  try:
+  try:  # any failure (a full disk, Ctrl-C, a bug) removes what this write made
+    t0 = time.time()
+    inputs = scan(input_path, follow_symlinks=follow_symlinks, max_image_bytes=max_image_bytes)
+    skips = SkipLog(f"ingest {name}")
+    for row in inputs.skipped:
+      skips.add(*row)
+    n_in = len(inputs.items) + len(inputs.skipped)
+    log.info("ingest %s: %s input %s: %d candidate pairs (%d skipped while scanning) -> %s",
+             name, inputs.kind, input_path, len(inputs.items), len(inputs.skipped), output)
+    chunks = [(inputs.items[i:i + CHUNK], source, max_side, image_format, max_image_bytes)
+              for i in range(0, len(inputs.items), CHUNK)]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    progress = Progress(f"ingest {name}", len(inputs.items))
+    done = 0
+    if workers > 1 and len(chunks) > 1:  # spawn: safe even if the caller has threads (JAX)
+      pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_ctrl_c)
     results = pool.imap(_process_chunk, chunks) if pool else map(_process_chunk, chunks)
     for (out, skipped), chunk in zip(results, chunks):  # imap keeps input order: deterministic
       for data, src in out:

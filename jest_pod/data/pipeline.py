@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,6 +158,9 @@ def _ensure_absl_flags_parsed():
 def _init_worker(worker_index: int, worker_count: int):
   """Runs first in each Grain worker process (spawned: nothing parsed there either)."""
   del worker_index, worker_count
+  # Ctrl-C reaches the whole process group: the trainer decides what it means (save,
+  # then stop its workers); a worker stopped by it would print a traceback.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   _ensure_absl_flags_parsed()
   decode.retain_freed_memory()
   logging.basicConfig(level=logging.WARNING)

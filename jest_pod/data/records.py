@@ -80,7 +80,10 @@ def encode(record: Record) -> bytes:
     feat["source"].bytes_list.value.append(record.source.encode("utf-8"))
   if record.label is not None:
     feat["label"].int64_list.value.append(int(record.label))
-  return ex.SerializeToString()
+  # deterministic: map fields (the feature names) in sorted order. Otherwise protobuf's
+  # order depends on a per-process hash seed, and a rebuild of the same data writes other
+  # shard bytes, which invalidates every reference cache fingerprinted on their sha256.
+  return ex.SerializeToString(deterministic=True)
 
 
 class RecordError(ValueError):

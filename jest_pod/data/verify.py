@@ -3,9 +3,10 @@
   jest-pod data verify DIR [--workers N]
 
 Per shard: the file exists, its size equals the manifest's `bytes` (where recorded: sets
-written by `jest-pod data ingest`/`build` have it), and its sha256 equals the manifest's.
-A shard failing the hash is opened with the ArrayRecord reader to say more (cannot be
-opened / how many records it holds). Shards are hashed in parallel threads (hashlib
+written by `jest-pod data ingest`/`build` have it), its sha256 equals the manifest's, and
+the ArrayRecord reader finds the manifest's `num_records` in it (a manifest whose count
+is off makes training read past a shard's end or never reach its last records, even
+when every byte is intact). Shards are hashed in parallel threads (hashlib
 releases the GIL), with a progress line (shards done / total, MB/s, ETA) on stderr.
 Exit 0 if every shard is intact, 1 listing each bad shard and what to do.
 
@@ -31,8 +32,9 @@ CHUNK = 4 << 20  # read size: large enough that hashing, not the syscall, domina
 class _Progress:
   """Thread-safe byte/shard counter printing at most one line a second."""
 
-  def __init__(self, total_shards: int, total_bytes: int, out=sys.stderr):
-    self.total_shards, self.total_bytes, self.out = total_shards, total_bytes, out
+  def __init__(self, total_shards: int, total_bytes: int, out=None):
+    # sys.stderr when called, not at import (it may have been replaced since)
+    self.total_shards, self.total_bytes, self.out = total_shards, total_bytes, out or sys.stderr
     self.shards = self.bytes = 0
     self.start = self.last = time.monotonic()
     self.lock = threading.Lock()
@@ -66,16 +68,16 @@ def _sha256(path: str, progress: _Progress) -> str:
   return h.hexdigest()
 
 
-def _records(path: str, expected: int) -> str:
-  """What the ArrayRecord reader makes of a shard (only for shards failing their hash)."""
+def _num_records(path: str) -> tuple[int | None, str]:
+  """(records the ArrayRecord reader finds, "") or (None, why it cannot read the shard)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   try:  # Riegeli may raise at open, at num_records or at close: all mean "damaged"
     reader = array_record_module.ArrayRecordReader(path)
     n = reader.num_records()
     reader.close()
   except Exception as e:  # pylint: disable=broad-except
-    return f"the reader cannot read it ({type(e).__name__}: {str(e)[:160]})"
-  return f"the reader sees {n} records (manifest: {expected})"
+    return None, f"the reader cannot read it ({type(e).__name__}: {str(e)[:160]})"
+  return n, ""
 
 
 def check_shard(data_dir: str, shard: dict, progress: _Progress) -> list[str]:
@@ -85,18 +87,29 @@ def check_shard(data_dir: str, shard: dict, progress: _Progress) -> list[str]:
     progress.add(shards=1)
     return ["file is missing"]
   problems = []
-  size = os.path.getsize(path)
-  if "bytes" in shard and size != shard["bytes"]:
-    problems.append(f"size {size} bytes, manifest says {shard['bytes']}")
-  digest = _sha256(path, progress)
-  if digest != shard["sha256"]:
+  try:
+    size = os.path.getsize(path)
+    if "bytes" in shard and size != shard["bytes"]:
+      problems.append(f"size {size} bytes, manifest says {shard['bytes']}")
+    digest = _sha256(path, progress)
+  except OSError as e:  # unreadable (permissions, an I/O error): say so, check the rest
+    progress.add(shards=1)
+    return [f"cannot be read ({e.strerror or e})"]
+  hash_ok = digest == shard["sha256"]
+  if not hash_ok:
     problems.append(f"sha256 {digest[:16]}…, manifest says {shard['sha256'][:16]}…")
-    problems.append(_records(path, shard["num_records"]))
+  n, why = _num_records(path)
+  if n is None:
+    problems.append(why)
+  elif n != shard["num_records"]:
+    problems.append(f"the reader finds {n} records, the manifest says {shard['num_records']}"
+                    + ("" if not hash_ok else " (the bytes match their sha256: the "
+                       "manifest's count is wrong)"))
   progress.add(shards=1)
   return problems
 
 
-def verify(data_dir: str, *, workers: int | None = None, out=sys.stderr) -> dict[str, list[str]]:
+def verify(data_dir: str, *, workers: int | None = None, out=None) -> dict[str, list[str]]:
   """{shard file: problems} for every damaged shard of `data_dir` ({} if all intact)."""
   m = manifest_lib.read(data_dir, check_files=False)
   shards = m["shards"]
@@ -118,19 +131,25 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("dir", help="data set folder")
   p.add_argument("--workers", type=int, default=None,
                  help="shards hashed at once (default: min(8, shards, cores))")
-  args = p.parse_args(argv)
+  from jest_pod import errors  # pylint: disable=g-import-not-at-top
+  args = p.parse_args(errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv)))
   try:
     bad = verify(args.dir, workers=args.workers)
-  except manifest_lib.ManifestError as e:
+  except (manifest_lib.ManifestError, OSError) as e:
+    if errors.debug():
+      raise
     print(f"jest-pod data verify: error: {e}", file=sys.stderr)
     return 1
   n = len(manifest_lib.read(args.dir, check_files=False)["shards"])
   if not bad:
     print(f"{args.dir}: all {n} shards match the manifest")
     return 0
-  print(f"{args.dir}: {len(bad)} of {n} shards are damaged:")
+  print(f"{args.dir}: {len(bad)} of {n} shards do not match the manifest:")
   for f, problems in sorted(bad.items()):
     print(f"  {f}: " + "; ".join(problems))
+  if any("count is wrong" in p for problems in bad.values() for p in problems):
+    print("A count that is wrong while the bytes match is a damaged manifest.json: rebuild "
+          "or re-ingest the data set with --overwrite to rewrite it.")
   print("Training skips (and counts) the records it cannot read from these shards. Restore "
         "each from its source (a backup or the original copy: same file name), or re-ingest "
         f"the data set (`jest-pod data ingest ... --output {args.dir} --overwrite`); then "

@@ -15,8 +15,10 @@ import ml_collections
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
+from jest_pod import errors
 from jest_pod.parallel import distributed
 from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.train import hooks
 from jest_pod.train import lock as lock_lib
 from jest_pod.train.hooks import TrainingDiverged, setup_logging
 from jest_pod.train.main import train
@@ -123,6 +125,41 @@ def _bad_override(argv: list[str], config) -> str | None:
   return None
 
 
+def _config_file_error(e: BaseException, cfg_arg: str | None) -> str | None:
+  """One line for a config file that raised, does not parse, failed an import or has no
+  get_config (naming the file and line), else None (a flag error: _flag_error_message)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  if not cfg_arg:
+    return None
+  path = cfg_arg.split(":", 1)[0]
+  root = list(errors.chain(e))[-1]
+  if isinstance(root, AttributeError) and "get_config" in str(root):
+    return (f"--config {cfg_arg}: {path} defines no get_config(); a config file is Python "
+            "with `def get_config(arg=None):` returning an ml_collections.ConfigDict (see "
+            "configs/siglip.py)")
+
+  def in_config(frame):  # the --config file, or a config it loads from configs/
+    return (os.path.realpath(frame.filename) == os.path.realpath(path)
+            or os.path.basename(os.path.dirname(frame.filename)) == "configs")
+
+  frames = traceback.extract_tb(root.__traceback__)
+  if isinstance(root, SyntaxError) and root.filename:
+    where = f"{root.filename} line {root.lineno}"
+  elif isinstance(root, ImportError) and any(in_config(f) for f in frames):
+    where = next(f"{f.filename} line {f.lineno}" for f in reversed(frames) if in_config(f))
+  elif frames and in_config(frames[-1]):  # raised by the config's own code
+    where = f"{frames[-1].filename} line {frames[-1].lineno}"
+  else:  # raised by a library it calls (e.g. parse_arg's readable ValueError)
+    return None
+  text = root.msg if isinstance(root, SyntaxError) else str(root.args[0]) if (
+      isinstance(root, KeyError) and root.args) else str(root)
+  fix = ("install that module or fix the import" if isinstance(root, ImportError) else
+         "fix the config file")
+  return (f"--config {cfg_arg}: loading the config failed at {where}: "
+          f"{type(root).__name__}: {' '.join(text.split())}; {fix}")
+
+
 def _flag_error_message(e: BaseException, argv: list[str], cfg_arg: str | None) -> str:
   """absl / ml_collections flag errors → one paragraph without a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -156,7 +193,7 @@ def main(argv: list[str]) -> int:
     print(f"jest-pod train: error: {msg} (`jest-pod train --help` for usage)", file=sys.stderr)
     return 2
 
-  argv = list(argv)
+  argv = errors.take_debug_flag(list(argv))
   if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv):
     print(_TRAIN_USAGE.format(configs=", ".join(_known_configs()) or "(none found)"))
     return 0
@@ -172,8 +209,13 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go (may be gs://)")
   try:
     fv(["jest-pod train", *argv])
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    return usage_error(_flag_error_message(e, argv, cfg_arg))
+  except Exception as e:  # pylint: disable=broad-except  (the config file runs in here)
+    if errors.debug():
+      raise
+    return usage_error(_config_file_error(e, cfg_arg) or _flag_error_message(e, argv, cfg_arg))
+  if fv.config is None and cfg_arg:  # ml_collections only warns
+    return usage_error(f"--config {cfg_arg}: get_config() returned None; it must return "
+                       "the config (an ml_collections.ConfigDict): a missing `return`?")
   if fv.config is None or fv.workdir is None:
     return usage_error("--config and --workdir are required, e.g. jest-pod train "
                        "--config configs/siglip.py:runlocal --workdir /tmp/siglip")
@@ -182,22 +224,47 @@ def main(argv: list[str]) -> int:
       fv.config.keys()
     except OSError as e:
       return usage_error(f"--config {cfg_arg}: " + " ".join(str(e).split()))
+    return usage_error(f"--config {cfg_arg}: get_config() returned a "
+                       f"{type(fv.config).__name__}, not an ml_collections.ConfigDict")
   try:  # train() checks these too; here they are usage errors, before any set-up
     config_lib.validate(fv.config)
     config_lib.check_input(fv.config)
   except ValueError as e:
     return usage_error(str(e))
+  except (AttributeError, KeyError, TypeError) as e:  # a config not built on base_config()
+    if errors.debug():
+      raise
+    return usage_error(f"--config {cfg_arg}: the config lacks or mistypes a field "
+                       f"({type(e).__name__}: {e}); build it on "
+                       "jest_pod.config.base_config() as configs/siglip.py does")
   setup_logging()
   try:
-    train(fv.config, fv.workdir)  # also returns after a SIGTERM-triggered checkpoint
+    result = train(fv.config, fv.workdir)  # also returns after a SIGTERM/Ctrl-C checkpoint
   except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged, lock_lib.WorkdirBusy,
-          tokenizer_lib.TokenizerError) as e:
+          tokenizer_lib.TokenizerError, errors.StorageError) as e:
+    if errors.debug():
+      log.exception("traceback (--debug)")
     # Raised alike on every host (config checks, replicated loss): leave together.
     log.error("%s", e)
     print(f"jest-pod train: error: {e}", file=sys.stderr)
     distributed.shutdown()
     return 1
+  except KeyboardInterrupt:  # the second Ctrl-C (the first saves at the next step)
+    if errors.debug():
+      raise
+    print(f"jest-pod train: stopped by Ctrl-C. {hooks.last_checkpoint_line(fv.workdir)}",
+          file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if errors.debug():
+      raise
+    log.error("%s: %s", type(e).__name__, e)
+    print(f"jest-pod train: error: {type(e).__name__}: {' '.join(str(e).split())} "
+          "(unexpected: rerun with --debug for the traceback and report it). "
+          f"{hooks.last_checkpoint_line(fv.workdir)}", file=sys.stderr)
+    distributed.shutdown()
+    return 1
   # A barrier with the other processes, so none races through JAX's atexit teardown
   # while another still runs (the coordinator would log "another task died").
   distributed.shutdown()
-  return 0
+  return 130 if result.get("interrupted") else 0

@@ -22,6 +22,7 @@ from etils import epath
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
+from jest_pod import errors
 from jest_pod import runinfo
 from jest_pod.data import pipeline
 from jest_pod.data import sources
@@ -67,15 +68,44 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   config_lib.check_input(config)
   distributed.initialize()
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Before any data is read: a super-batch that cannot fit in host memory (f → 1).
+  _agree(lambda: config_lib.check_host_memory(
+      config, process_count=jax.process_count(),
+      cpu_devices=jax.devices()[0].platform == "cpu",
+      worker_count=pipeline.resolve_worker_count(config.input.get("worker_count", 0))))
+  workdir = _agree(lambda: hooks.prepare_workdir(workdir))
   # One trainer per workdir: two would interleave checkpoints and logs.
   lock = lock_lib.WorkdirLock(workdir)
   try:
     lock.acquire()  # process 0 only; every process raises if it could not
     return _train(config, workdir)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless a storage error)
+    # Disk full, permissions, ...: raised by Orbax (also from its save threads, at the next
+    # save), Riegeli, tensorstore or TensorFlow's event writer, each in its own words.
+    # (Errors of our own already name their path and fix.)
+    ours = (lock_lib.WorkdirBusy, TrainingDiverged, ckpt_lib.CheckpointError,
+            tokenizer_lib.TokenizerError, errors.StorageError)
+    message = None if isinstance(e, ours) else errors.storage_message(e, str(workdir))
+    if message is None:
+      raise
+    raise errors.StorageError(
+        f"writing the run to {workdir} failed: {message}. "
+        f"{hooks.last_checkpoint_line(workdir)}") from e
   finally:
     lock.release()
+
+
+def _agree(check):
+  """check() on every process; if it raises on any, every process raises (the others
+  would wait in the next collective for ever). Returns check()'s result."""
+  error = result = None
+  try:
+    result = check()
+  except (ValueError, errors.StorageError) as e:
+    error = e
+  if distributed.process_any(error is not None):
+    raise error or ValueError("another process refused the run's set-up: see its log")
+  return result
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
@@ -98,6 +128,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                      f"{jax.device_count()} devices")
 
   # ---------------------------------------------------------------- data
+  hooks.warn_if_smaller_than_a_batch(config, n)
   tokenizer = tokenizer_lib.resolve(config.input)
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
   preprocessing = formats.Preprocessing(config.input.image_size, config.input.max_text_len,
@@ -164,7 +195,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   examples = start * b
   t_window, wait0, produce0, batches0 = None, 0.0, 0.0, 0
   sampled_s, sampled_n = 0.0, 0  # sampled steps are left out of the loop's rate
-  split, last, pending = {}, {}, []
+  split, last, pending, failed = {}, {}, [], False
   log.info("training %s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
            f"{s.method} ({s.score}, f={s.filter_ratio:g})" if jest else s.method, start,
            config.total_steps, b, n, flops["charged"], flops["amortised"])
@@ -199,7 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         if t_window is not None:
           sampled_s += time.perf_counter() - t_sample
           sampled_n += 1
-      pending.append((done, metrics))
+      pending.append((done, metrics, sel_metrics))
       examples += b
       if t_window is None:  # the first step includes compilation: time from the next
         jax.block_until_ready(state)
@@ -222,6 +253,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                     f"checkpoint {checkpointer.step_dir(start)} may be damaged; move it "
                     f"aside (rename it to {start}.bad) and rerun to resume from the "
                     f"previous one. Otherwise: {hint}")
+          if bad[3]:  # finite loss, non-finite scores: θ*'s embeddings are damaged
+            raise TrainingDiverged(hooks.bad_selection_message(
+                config, bad, good, ckpt_lib.checkpoint_dir(workdir), reference))
           raise TrainingDiverged(
               f"loss is {bad[1]} (parameter norm {bad[2]}) at step {bad[0]}; stopping "
               "without saving. The last good "
@@ -285,16 +319,34 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
       if preempted:
         checkpointer.save(done, state, prefetcher.state, config, force=True)
         checkpointer.wait()
-        log.warning("preempted: checkpoint at step %d saved in %s; rerun the same command "
-                    "to resume", done, ckpt_lib.checkpoint_dir(workdir))
+        log.warning("%s: checkpoint at step %d saved in %s; rerun the same command "
+                    "to resume", "stopped by Ctrl-C" if preemption.interrupted else "preempted",
+                    done, ckpt_lib.checkpoint_dir(workdir))
         last["preempted"] = True
+        last["interrupted"] = preemption.interrupted
         return last
       if saving:
         checkpointer.save(done, state, prefetcher.state, config,
                           force=done == config.total_steps)
+  except BaseException:
+    failed = True
+    # Already failing (a NaN, a full disk, a second Ctrl-C): finish what Orbax writes
+    # without letting its own error hide the first one.
+    _close_quietly(prefetcher, preemption, checkpointer, writer)
+    raise
   finally:
-    prefetcher.close()
-    preemption.uninstall()
-    checkpointer.close()
-    writer.flush()
+    if not failed:
+      prefetcher.close()
+      preemption.uninstall()
+      checkpointer.close()
+      writer.flush()
   return last
+
+
+def _close_quietly(prefetcher, preemption, checkpointer, writer):
+  preemption.uninstall()
+  for close in (prefetcher.close, checkpointer.close, writer.flush):
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      log.debug("while stopping: %s", e)

@@ -10,7 +10,10 @@
 
 Each builder module has `PACKAGES` (Debian), `load(limit, workers) -> (examples, skipped)`
 and `build(output, limit=None, overwrite=False, workers=None, seed=0)`. A build whose output
-already holds a complete manifest with the same build arguments is a no-op.
+already holds a complete manifest with the same build arguments is a no-op. `build` locks
+the output folder (one writer at a time: OUTPUT/.lock); a failed build removes what it
+wrote, and one killed outright is cleared by the next build (no --overwrite needed).
+Shards are byte-reproducible: the same builder, arguments and seed give the same sha256.
 """
 
 from __future__ import annotations
@@ -96,7 +99,10 @@ def check_reuse(outputs: list[str], build: dict, overwrite: bool) -> bool:
                "(--overwrite rebuilds it)", o)
     return True
   for o in outputs:
-    if os.path.isdir(o) and os.listdir(o):
+    # Rewritable without --overwrite: empty, left by a killed write, or this very build
+    # (a rerun after a failure in a later set; the same arguments give the same bytes).
+    if (os.path.isdir(o) and ingest_lib.entries(o) and not ingest_lib.interrupted(o)
+        and not build_args_match(o, build)):
       have = None
       try:
         have = manifest_lib.read(o).get("build")
@@ -116,7 +122,7 @@ def write_examples(output: str, name: str, examples: list[Example], *, skipped: 
 
   sources: per-example source strings (default: each example's origin), e.g. "emoji:junk_image".
   """
-  ingest_lib.prepare_output(output, overwrite)
+  ingest_lib.prepare_output(output, overwrite or build_args_match(output, build))
   writer = ingest_lib.ShardWriter(output, name, shard_size)
   try:
     for i, ex in enumerate(examples):
@@ -148,7 +154,8 @@ def build(name: str, output: str, **kwargs) -> list[dict]:
   if unknown:
     raise ValueError(f"the {name} builder takes no "
                      + ", ".join("--" + k.replace("_", "-") for k in unknown))
-  return builder(output, **kwargs)
+  with ingest_lib.lock_output(output):  # a second build into the same folder stops here
+    return builder(output, **kwargs)
 
 
 def build_collection(name: str, load, output: str, limit: int | None, overwrite: bool,

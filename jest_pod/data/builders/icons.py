@@ -62,6 +62,7 @@ import time
 
 import numpy as np
 
+from jest_pod.data import builders
 from jest_pod.data import ingest as ingest_lib
 from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records, system_packages
@@ -273,8 +274,7 @@ def make_curated(train: list[dict], rng: np.random.Generator) -> list[tuple]:
 
 
 def _ours(entries: list[str]) -> bool:
-  return all(e.endswith((".array_record", ".tmp", "skipped.tsv")) or e == manifest_lib.MANIFEST
-             for e in entries)
+  return all(ingest_lib.is_ours(e) for e in entries)
 
 
 def outputs_state(outs: list[str], args: dict, overwrite: bool) -> bool:
@@ -285,7 +285,7 @@ def outputs_state(outs: list[str], args: dict, overwrite: bool) -> bool:
     return False
   done = 0
   for o in outs:
-    if not os.path.isdir(o) or not os.listdir(o):
+    if not os.path.isdir(o) or not ingest_lib.entries(o):
       continue
     try:
       m = manifest_lib.read(o)
@@ -295,7 +295,7 @@ def outputs_state(outs: list[str], args: dict, overwrite: bool) -> bool:
       resumable = m.get("build") is None and m.get("created_by") == "build icons"
       have = m.get("build")
     except manifest_lib.ManifestError as e:
-      resumable, have = _ours(os.listdir(o)), f"incomplete ({e})"
+      resumable, have = _ours(ingest_lib.entries(o)), f"incomplete ({e})"
     if not resumable:
       raise ingest_lib.OutputNotEmptyError(
           f"output folder {o!r} is not empty and does not hold this build (wanted {args}, "
@@ -449,11 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg.npm_cache = args.npm_cache
   if args.families:
     cfg.families = tuple(f for f in cfg.families if f in args.families)
-  try:
-    build(args.output, limit=args.limit, overwrite=args.overwrite, workers=args.workers,
-          seed=args.seed, image_size=args.image_size, config=cfg)
+  try:  # through the registry: it locks the output folder
+    builders.build("icons", args.output, limit=args.limit, overwrite=args.overwrite,
+                   workers=args.workers, seed=args.seed, image_size=args.image_size,
+                   config=cfg)
   except (ingest_lib.OutputNotEmptyError, system_packages.MissingPackageError,
-          FileNotFoundError, ValueError, RuntimeError) as e:
+          FileNotFoundError, ValueError, RuntimeError, OSError) as e:
     print(f"icons: error: {e}", file=sys.stderr)
     return 1
   return 0
