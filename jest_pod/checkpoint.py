@@ -250,7 +250,11 @@ def load_config(path, step=None) -> ml_collections.ConfigDict:
   if not cfg_file.exists():
     raise CheckpointError(f"checkpoint {root / str(step)} has no saved config ({cfg_file}); "
                           "it is partial or was not written by jest_pod")
-  return ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  try:
+    return ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+  except ValueError as e:
+    raise CheckpointError(f"{cfg_file} is damaged ({e}); use another step (--step) or move "
+                          f"{root / str(step)} aside") from e
 
 
 def check_params_fit(model, params, image_size: int, max_text_len: int) -> None:

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
     return 2
   module = importlib.import_module(SUBCOMMANDS[name][0])
-  return int(module.main(rest) or 0)
+  # Commands report their own expected failures; anything that escapes is one line too.
+  return errors.run_command(f"jest-pod {name}", lambda: module.main(rest))
 
 
 if __name__ == "__main__":

@@ -144,3 +144,35 @@ def quiet_save_thread_noise() -> None:
       logger.addFilter(_SaveThreadNoise())
   if not getattr(sys.unraisablehook, "jest_pod", False):
     sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+
+
+def failure_line(e: BaseException, where: str | None = None) -> str:
+  """The one line a command's failure ends with: this project's errors and ValueErrors
+  carry their own fix; storage errors get theirs from the errno; anything else is named as
+  unexpected, with the way to see its traceback."""
+  if type(e).__module__.startswith("jest_pod") or isinstance(e, ValueError):
+    return " ".join(str(e).split())
+  storage = storage_message(e, where)
+  if storage:
+    return storage
+  if isinstance(e, OSError):
+    return str(e)
+  return (f"{type(e).__name__}: {' '.join(str(e).split())} (unexpected: rerun with --debug "
+          "for the traceback and report it)")
+
+
+def run_command(name: str, fn) -> int:
+  """fn() → its exit code, with every failure as one line on stderr (`--debug` re-raises)
+  and Ctrl-C as exit 130: the guard around every `jest-pod` command."""
+  try:
+    return int(fn() or 0)
+  except KeyboardInterrupt:
+    if debug():
+      raise
+    print(f"{name}: stopped by Ctrl-C; rerun the same command to start again", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except  (one line; --debug: the traceback)
+    if debug():
+      raise
+    print(f"{name}: error: {failure_line(e)}", file=sys.stderr)
+    return 1

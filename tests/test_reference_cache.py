@@ -237,3 +237,14 @@ def test_forward_reference_with_other_preprocessing_names_the_cache_command(setu
   with pytest.raises(ValueError, match=r"max_text_len: 12 \(reference\) vs 8 \(learner\).*"
                                        r"jest-pod data cache-reference --data"):
     train_main.train(config, str(tmp_path / "w"))
+
+
+def test_a_second_builder_beside_the_same_data_is_refused(setup, tmp_path):
+  """Builders (and data-set writers) of one folder take its lock: two would interleave
+  OUTPUT.tmp."""
+  from jest_pod import lockfile
+  toy, ref, _ = setup
+  with lockfile.FolderLock(toy, what="data set writer"):
+    with pytest.raises(lockfile.FolderBusy, match=r"is in use by another reference-cache builder or data set writer.*\.lock"):
+      reference_lib.build_cache(toy, ref, output=os.path.join(toy, "another_cache"))
+  assert not os.path.exists(os.path.join(toy, "another_cache.tmp"))

@@ -348,3 +348,31 @@ def test_a_second_ctrl_c_stops_at_once():
   finally:
     preemption.uninstall()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_every_checkpoint_reader_verifies_the_digest(toy, base_run, tmp_path, capsys):
+  """A step whose state was swapped for another step's (readable, but not what it saved)
+  is refused by every reader — eval, embed, export, cache-reference and the trainer's
+  reference — in one line naming the step folder, where before only `train` checked."""
+  from jest_pod.evaluators import cli as eval_cli
+  from jest_pod.interop import embed_cli, export
+  from jest_pod.jest import reference as reference_lib
+  run = _copy(base_run, tmp_path)
+  _swap_state(f"{run}/checkpoints/4")
+  step4 = os.path.join(run, "checkpoints", "4")
+  for name, main in (
+      ("eval", lambda: eval_cli.main([run, "--data", toy])),
+      ("embed", lambda: embed_cli.main([run, "--data", toy, "--output", str(tmp_path / "e")])),
+      ("export", lambda: export.main([run, "--format", "hf", "--output", str(tmp_path / "x")])),
+      ("cache-reference", lambda: reference_lib.main(["--data", toy, "--reference", run,
+                                                      "--output", str(tmp_path / "c")]))):
+    assert main() == 1, name
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "damaged" in err and step4 in err, (name, err)
+  assert not os.path.exists(tmp_path / "c")  # no cache built from the damaged model
+  config = tiny_config(toy, steps=1, method="joint", reference=run,
+                       **{"selection.reference_cache": "off"})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"config.selection.reference=.*damaged"):
+    train_main.train(config, str(tmp_path / "jest"))
+  # The previous step still reads (eval --step 2).
+  assert eval_cli.main([run, "--step", "2", "--data", toy]) == 0

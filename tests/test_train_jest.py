@@ -55,10 +55,12 @@ def test_missing_reference_is_a_clear_error_before_training(toy, tmp_path):
     train_main.train(config, str(tmp_path / "run"))
 
 
+@pytest.mark.parametrize("score", ["learnability", "easy_reference"])
 def test_nonfinite_selection_scores_stop_the_run_naming_the_reference(toy, reference, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, score):
   """A damaged reference (NaN embeddings in a quarter of the rows, as from a damaged
-  cache) leaves the loss finite but the learnability NaN: the guard stops at the first
+  cache) leaves the loss finite but the selection scores NaN — for every score that uses
+  θ*, also easy_reference, which logs no learnability: the guard stops at the first
   check, saves nothing, and says what to rebuild (issue 23)."""
   import jax.numpy as jnp
   from jest_pod.jest import reference as reference_lib
@@ -72,9 +74,10 @@ def test_nonfinite_selection_scores_stop_the_run_naming_the_reference(toy, refer
   monkeypatch.setattr(reference_lib.ForwardReference, "embeddings", damaged)
   # The first test's config: its compiles are in the session's cache.
   config = tiny_config(toy, steps=3, method="joint", reference=reference,
-                       **{"selection.filter_ratio": 0.5}, **FLEXI)
+                       **{"selection.filter_ratio": 0.5, "selection.score": score}, **FLEXI)
   with pytest.raises(train_main.TrainingDiverged,
-                     match=r"selection scores are not finite at step 1 \(select/learnability"
+                     match=r"selection scores are not finite at step 1 \(select/"
+                           r"(learnability|score_super_batch)"
                            r".*restore the reference checkpoint config\.selection\.reference="):
     train_main.train(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not any(

@@ -23,6 +23,7 @@ is one more subclass here plus a branch in `open_reference`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -31,10 +32,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jest_pod import config as config_lib
 from jest_pod import embed
+from jest_pod import lockfile
 from jest_pod.data import pipeline
 from jest_pod.data import reference_cache as store_lib
 from jest_pod.data.reference_cache import ReferenceCacheError
@@ -250,6 +253,22 @@ def open_reference(config, mesh, learner: formats.Preprocessing) -> Reference | 
 # -------------------------------------------------------------------------- build
 
 
+@contextlib.contextmanager
+def _locked(output: str):
+  """One builder at a time beside a data set, and none while the data set is rewritten
+  (its writers hold the same FOLDER/.lock): two would interleave OUTPUT.tmp. Process 0
+  holds it; gs:// has no atomic create, so no lock there."""
+  if jax.process_index() or not store_lib.is_local(output):
+    yield
+    return
+  parent = os.path.dirname(os.path.abspath(output))
+  os.makedirs(parent, exist_ok=True)
+  with lockfile.FolderLock(parent, kind="folder",
+                           what="reference-cache builder or data set writer",
+                           fix="Wait for it to finish"):
+    yield
+
+
 def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: int = 256,
                 output: str | None = None, tokenizer: Any = None) -> str:
   """Embeds every record of `data_dir` with the reference, at the reference's own
@@ -272,81 +291,81 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
   n = int(data["num_examples"])
   mine = len(range(pi, n, pc))
   dim = int(loaded.config.model.embed_dim)
-  writer = store_lib.Writer(output, n, dim, process_index=pi, process_count=pc)
+  with _locked(output):
+    writer = store_lib.Writer(output, n, dim, process_index=pi, process_count=pc)
 
-  batches = pipeline.make_eval_iterator(
-      data_dir, batch_size=batch_size, image_size=prep.image_size,
-      max_text_len=prep.max_text_len, tokenizer=prep.tokenizer, process_index=pi,
-      process_count=pc)
-  embedded = embed.embed_stream(embed.encode_fn_for(model, image=True, text=True),
-                                loaded.params, batches, local_mesh,
-                                device_keys=("image", "text"))
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
-  buf_img, buf_txt, written, real, done = [], [], 0, 0, 0
-  t0 = last_log = time.perf_counter()
+    batches = pipeline.make_eval_iterator(
+        data_dir, batch_size=batch_size, image_size=prep.image_size,
+        max_text_len=prep.max_text_len, tokenizer=prep.tokenizer, process_index=pi,
+        process_count=pc)
+    embedded = embed.embed_stream(embed.encode_fn_for(model, image=True, text=True),
+                                  loaded.params, batches, local_mesh,
+                                  device_keys=("image", "text"))
+    buf_img, buf_txt, written, real, done = [], [], 0, 0, 0
+    t0 = last_log = time.perf_counter()
 
-  def flush(upto_all: bool):
-    nonlocal buf_img, buf_txt, written
-    if not buf_img:
-      return
-    img, txt = np.concatenate(buf_img), np.concatenate(buf_txt)
-    m = len(img) if upto_all else (len(img) // store_lib.SHARD_ROWS) * store_lib.SHARD_ROWS
-    if m:  # whole shards only, until the end: each stored shard is written once
-      writer.write(written, img[:m], txt[:m])
-      written += m
-    buf_img, buf_txt = [img[m:]], [txt[m:]]
+    def flush(upto_all: bool):
+      nonlocal buf_img, buf_txt, written
+      if not buf_img:
+        return
+      img, txt = np.concatenate(buf_img), np.concatenate(buf_txt)
+      m = len(img) if upto_all else (len(img) // store_lib.SHARD_ROWS) * store_lib.SHARD_ROWS
+      if m:  # whole shards only, until the end: each stored shard is written once
+        writer.write(written, img[:m], txt[:m])
+        written += m
+      buf_img, buf_txt = [img[m:]], [txt[m:]]
 
-  try:
-    for out in embedded:  # rows [:batch_size] are the batch's, in order
-      take = min(batch_size, mine - done)
-      if take <= 0:
-        break
-      real += int(out["mask"][:take].sum())
-      buf_img.append(out["image"][:take].astype(ml_dtypes.bfloat16))
-      buf_txt.append(out["text"][:take].astype(ml_dtypes.bfloat16))
-      done += take
-      if sum(map(len, buf_img)) >= store_lib.SHARD_ROWS:
-        flush(False)
-      now = time.perf_counter()
-      if now - last_log >= LOG_EVERY_S and pi == 0:
-        rate = done / (now - t0)
-        log.info("reference cache: %d/%d examples (this host; %d hosts), %.0f examples/s "
-                 "(all hosts ≈ %.0f), ETA %.0fs", done, mine, pc, rate, rate * pc,
-                 (mine - done) / max(rate, 1e-9))
-        last_log = now
-    flush(True)
-    writer.flush()
-    embed_seconds = time.perf_counter() - t0
+    try:
+      for out in embedded:  # rows [:batch_size] are the batch's, in order
+        take = min(batch_size, mine - done)
+        if take <= 0:
+          break
+        real += int(out["mask"][:take].sum())
+        buf_img.append(out["image"][:take].astype(ml_dtypes.bfloat16))
+        buf_txt.append(out["text"][:take].astype(ml_dtypes.bfloat16))
+        done += take
+        if sum(map(len, buf_img)) >= store_lib.SHARD_ROWS:
+          flush(False)
+        now = time.perf_counter()
+        if now - last_log >= LOG_EVERY_S and pi == 0:
+          rate = done / (now - t0)
+          log.info("reference cache: %d/%d examples (this host; %d hosts), %.0f examples/s "
+                   "(all hosts ≈ %.0f), ETA %.0fs", done, mine, pc, rate, rate * pc,
+                   (mine - done) / max(rate, 1e-9))
+          last_log = now
+      flush(True)
+      writer.flush()
+      embed_seconds = time.perf_counter() - t0
 
-    stats = np.array([real, mine], np.int64)
-    if pc > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      stats = np.asarray(multihost_utils.process_allgather(stats)).reshape(pc, 2)
-    embedded_n, expected = int(stats[..., 0].sum()), int(stats[..., 1].sum())
-    if embedded_n != n or expected != n:
-      raise ReferenceCacheError(
-          f"{data_dir}: embedded {embedded_n} of {n} records (some failed to decode); a cache "
-          "needs every row — re-ingest the data set or train without a cache")
-  except BaseException:
-    writer.abort()  # a failed build leaves no half-written folder behind
-    raise
+      stats = np.array([real, mine], np.int64)
+      if pc > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        stats = np.asarray(multihost_utils.process_allgather(stats)).reshape(pc, 2)
+      embedded_n, expected = int(stats[..., 0].sum()), int(stats[..., 1].sum())
+      if embedded_n != n or expected != n:
+        raise ReferenceCacheError(
+            f"{data_dir}: embedded {embedded_n} of {n} records (some failed to decode); a cache "
+            "needs every row — re-ingest the data set or train without a cache")
+    except BaseException:
+      writer.abort()  # a failed build leaves no half-written folder behind
+      raise
 
-  _, _, extras = model.apply({"params": loaded.params}, None, None)
-  per_example = example_flops(loaded)
-  meta = {"num_examples": n, "dim": dim,
-          "temperature": float(extras["t"]), "bias": float(extras["b"]),
-          "fingerprint": {"data": data, "reference": loaded.identity(),
-                          "preprocessing": prep.fingerprint()},
-          "tokenizer": prep.tokenizer.path, "batch_size": batch_size,
-          "flops": float(n * per_example), "flops_per_example": float(per_example),
-          "embed_seconds": round(embed_seconds, 2),
-          "seconds": round(time.perf_counter() - t_start, 2)}
-  writer.commit(meta)
-  if pi == 0:
-    log.info("reference cache: %d examples (%d host(s)) in %.1fs (%.0f examples/s), "
-             "%.3g FLOPs → %s", n, pc, meta["seconds"], n / max(embed_seconds, 1e-9),
-             meta["flops"], output)
-  return output
+    _, _, extras = model.apply({"params": loaded.params}, None, None)
+    per_example = example_flops(loaded)
+    meta = {"num_examples": n, "dim": dim,
+            "temperature": float(extras["t"]), "bias": float(extras["b"]),
+            "fingerprint": {"data": data, "reference": loaded.identity(),
+                            "preprocessing": prep.fingerprint()},
+            "tokenizer": prep.tokenizer.path, "batch_size": batch_size,
+            "flops": float(n * per_example), "flops_per_example": float(per_example),
+            "embed_seconds": round(embed_seconds, 2),
+            "seconds": round(time.perf_counter() - t_start, 2)}
+    writer.commit(meta)
+    if pi == 0:
+      log.info("reference cache: %d examples (%d host(s)) in %.1fs (%.0f examples/s), "
+               "%.3g FLOPs → %s", n, pc, meta["seconds"], n / max(embed_seconds, 1e-9),
+               meta["flops"], output)
+    return output
 
 
 def main(argv: list[str]) -> int:

@@ -163,6 +163,14 @@ def batch_score(scores_matrix, idx):
   return jnp.sum(scores_matrix[idx[:, None], idx[None, :]])
 
 
+def mean_diagonal_score(learner, reference, score):
+  """Mean over the super-batch of the score's own L_kk (each used model's sigmoid loss of
+  its positive pair, weighted by SCORES): defined for every score, so a damaged model's
+  embeddings show as a non-finite value whatever the score."""
+  return jnp.mean(sum(w * _diag_sigmoid_losses(m)
+                      for w, m in _weighted_models(learner, reference, score)))
+
+
 def mean_learnability(learner, reference, idx=None):
   """Mean of the sigmoid learnability L_kk = ℓ_θ(k, k) − ℓ_θ*(k, k).
 

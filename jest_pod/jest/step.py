@@ -44,7 +44,9 @@ def make_select_fn(config, mesh, num_select):
                                          method=s.independent_method, **kw)
     batch = {k: jax.lax.with_sharding_constraint(jnp.take(v, idx, axis=0), batch_sharding)
              for k, v in super_batch.items() if k in DEVICE_KEYS}
-    metrics = {}
+    # The score's own diagonal, for every score: the NaN guard watches select/*.
+    metrics = {"select/score_super_batch": selection.mean_diagonal_score(learner, reference,
+                                                                         s.score)}
     if learner is not None and reference is not None:
       metrics["select/learnability_super_batch"] = selection.mean_learnability(learner,
                                                                                reference)
