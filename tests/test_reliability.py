@@ -316,9 +316,12 @@ def test_disk_full_during_a_checkpoint_save_is_one_line_and_keeps_the_last(toy, 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(toy, tmp_path):
   import signal
+  # A terminal's Ctrl-C: SIGINT at its default even when this suite runs in the
+  # background (`cmd &` starts with SIGINT ignored, which the trainer then respects).
   proc = _jest_pod_train(tiny_config(toy, steps=400, ckpt_every=100), tmp_path / "run",
                          tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)
+                         start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   lines = []
   for line in proc.stderr:
     lines.append(line)
@@ -335,6 +338,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(toy, tmp_path):
 
 def test_a_second_ctrl_c_stops_at_once():
   import signal
+  # As at a terminal (a background run starts with SIGINT ignored: then it stays ignored).
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
   preemption = hooks.Preemption()
   preemption.install()
   try:
@@ -347,7 +352,9 @@ def test_a_second_ctrl_c_stops_at_once():
       os.kill(os.getpid(), signal.SIGINT)
   finally:
     preemption.uninstall()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    restored = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, outer)
+  assert restored is signal.default_int_handler
 
 
 def test_every_checkpoint_reader_verifies_the_digest(toy, base_run, tmp_path, capsys):
