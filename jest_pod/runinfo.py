@@ -73,6 +73,27 @@ def _config_dict(config: Any) -> Any:
   return dict(config) if isinstance(config, dict) else str(config)
 
 
+def cpu_info() -> dict[str, Any]:
+  """The host's CPU model, its core count, the cores this process may use, and the load
+  average (1, 5, 15 min)."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), model)
+  except OSError:
+    pass
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    usable = os.cpu_count()
+  try:
+    load = [round(x, 2) for x in os.getloadavg()]
+  except (AttributeError, OSError):
+    load = None
+  return {"model": model, "count": os.cpu_count(), "usable": usable, "load_average": load}
+
+
 def collect(config: Any = None, mesh: Any = None) -> dict[str, Any]:
   """Facts about this run; call after `jest_pod.parallel.distributed.initialize()`.
 
@@ -99,6 +120,8 @@ def collect(config: Any = None, mesh: Any = None) -> dict[str, Any]:
       "device_count": jax.device_count(),
       "local_device_count": jax.local_device_count(),
       "device_kinds": sorted({d.device_kind for d in devices}),
+      # Wall-clock figures are read beside the machine and its load at the start.
+      "cpu": cpu_info(),
       "mesh": None,
       "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
       "config": _config_dict(config),

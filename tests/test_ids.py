@@ -48,7 +48,7 @@ def test_selected_ids_past_2_31_and_2_40_round_trip_through_selection():
       jnp.asarray(y / np.linalg.norm(y, axis=1, keepdims=True)), jnp.float32(10.0),
       jnp.float32(-5.0))
   select = jax.jit(jest_lib.make_select_fn(config, mesh, b))
-  batch, _ = select(jax.random.key(0), learner, None, super_batch)
+  batch, _, _ = select(jax.random.key(0), learner, None, super_batch)
   picked = np.asarray(batch["image"][:, 0, 0, 0]).astype(np.int64)
   assert len(set(picked.tolist())) == b
   got = ids_lib.host_ids(batch["index"])

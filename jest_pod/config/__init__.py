@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from jest_pod.jest import losses
 from jest_pod.jest import selection
 from jest_pod.config.variants import set_model  # pylint: disable=unused-import (re-export)
 # The config.input defaults, from a leaf module: not data.pipeline (Grain, decoders).
@@ -89,7 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
       # θ*'s embeddings precomputed by `jest-pod data cache-reference`: a cache folder,
       # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
       reference_cache="",
+      # Early-only selection (AJEST): JEST for this fraction of total_steps, then uniform
+      # batches of B (the input switches from super-batches; selection_steps()).
+      until=1.0,
   ))
+  # Distillation from the reference (losses.distill_loss): loss += weight · KD between θ*'s
+  # and the learner's logits on the trained batch; θ*'s rows come from what JEST already
+  # computed (cache or forward pass). weight 0 = off.
+  c.distill = ml_collections.ConfigDict(dict(weight=0.0, temperature=1.0, kind="softmax"))
   # Flexi-JEST: score at a large patch, train split across patch sizes. The defaults
   # follow model.image.patch_size (with a fixed (4,), a ViT-B/16 config that forgot this
   # field trained at patch 4); read them only through score_patch_size/train_patch_sizes.
@@ -136,16 +144,33 @@ def num_super_batch(config) -> int:
   return int(round(n / 8.0)) * 8
 
 
+def selection_steps(config) -> int:
+  """Steps that select (JEST) before the run trains on uniform batches: round(until ·
+  total_steps) for a selecting method, 0 for uniform."""
+  if config.selection.method == "uniform":
+    return 0
+  return min(config.total_steps, int(round(config.selection.until * config.total_steps)))
+
+
+def distilling(config) -> bool:
+  """Whether the loss has the distillation term (config.distill.weight > 0)."""
+  return config.distill.weight > 0
+
+
 def needs_reference(config) -> bool:
   """Whether a run needs θ* (its forward pass or its cache): a selecting method whose
-  score weighs the reference's loss (selection.SCORES)."""
+  score weighs the reference's loss (selection.SCORES), or distillation from it."""
   s = config.selection
-  return s.method != "uniform" and selection.uses_models(s.score)[1]
+  return (s.method != "uniform" and selection.uses_models(s.score)[1]) or distilling(config)
 
 
 def missing_reference_message(config) -> str:
   """The one message for a run that needs θ* and has none."""
-  return (f"config.selection.score={config.selection.score!r} needs a reference model: set "
+  why = (f"config.distill.weight={config.distill.weight:g}"
+         if distilling(config) and not (config.selection.method != "uniform" and
+                                        selection.uses_models(config.selection.score)[1])
+         else f"config.selection.score={config.selection.score!r}")
+  return (f"{why} needs a reference model: set "
           "config.selection.reference to a checkpoint (a workdir of configs/reference.py, a "
           "Hugging Face SigLIP folder or a big_vision .npz), or build its embedding cache "
           f"with `jest-pod data cache-reference --data {config.input.data or 'DATA'} "
@@ -285,6 +310,17 @@ def validate(config) -> None:
   if not 0.0 <= s.filter_ratio < 1.0:
     raise ValueError(f"config.selection.filter_ratio={s.filter_ratio} must be in [0, 1) "
                      "(the paper uses 0.5, 0.8, 0.9)")
+  if not 0.0 < s.until <= 1.0:
+    raise ValueError(f"config.selection.until={s.until} must be in (0, 1]: the fraction of "
+                     "config.total_steps that selects before uniform batches (1 = always)")
+  if s.method == "uniform" and s.until != 1.0:
+    raise ValueError(f"config.selection.until={s.until} needs a selecting method; "
+                     "config.selection.method is 'uniform'")
+  d = config.distill
+  _choice("distill.kind", d.kind, losses.DISTILL_KINDS)
+  if d.weight < 0 or d.temperature <= 0:
+    raise ValueError(f"config.distill: weight={d.weight} must be >= 0 (0 = off) and "
+                     f"temperature={d.temperature} > 0")
   if s.method == "joint" and config.batch_size % s.n_chunks:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by "
                      f"config.selection.n_chunks={s.n_chunks}")
@@ -351,7 +387,8 @@ RESUME_BREAKING = ("seed", "batch_size", "loss", "input.data", "input.mixture",
                    "input.image_size", "input.max_text_len", "input.tokenizer", "model",
                    "selection.method", "selection.score", "selection.filter_ratio",
                    "selection.n_chunks", "selection.independent_method",
-                   "selection.reference", "selection.reference_tokenizer", "flexi")
+                   "selection.reference", "selection.reference_tokenizer",
+                   "selection.until", "distill", "flexi")
 # Always fine to change on resume (schedule, logging, evaluation, throughput knobs).
 RESUME_ALLOWED = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "evals",
                   "time_split_every", "preemption_check_every", "device_prefetch",

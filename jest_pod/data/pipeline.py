@@ -186,15 +186,15 @@ def _component_seed(seed: int, c: int) -> int:
 
 
 class _HostBlocks(grain.MapDataset):
-  """Local position m -> global position (m // b)·b·P + p·b + m % b: host p reads the
-  p-th block of b rows of every global batch of b·P."""
+  """Local position m -> global position offset + (m // b)·b·P + p·b + m % b: host p reads
+  the p-th block of b rows of every global batch of b·P, from global position `offset`."""
 
-  def __init__(self, parent, p, pc, b):
+  def __init__(self, parent, p, pc, b, offset=0):
     super().__init__(parent)
-    self.p, self.pc, self.b = p, pc, b
+    self.p, self.pc, self.b, self.offset = p, pc, b, offset
 
   def __len__(self):
-    return len(self._parent) // self.pc
+    return (len(self._parent) - self.offset) // self.pc
 
   def __getitem__(self, index):
     if isinstance(index, slice):
@@ -203,29 +203,29 @@ class _HostBlocks(grain.MapDataset):
 
   def _global(self, index: int) -> int:
     q, r = divmod(index, self.b)
-    return (q * self.pc + self.p) * self.b + r
+    return self.offset + (q * self.pc + self.p) * self.b + r
 
   def _getitems(self, indices):
     return self._parent._getitems([self._global(i) for i in indices])  # pylint: disable=protected-access
 
 
 def train_map_dataset(input_config, *, seed: int, process_index: int,
-                      process_count: int, block: int = 1) -> grain.MapDataset:
+                      process_count: int, block: int = 1, offset: int = 0) -> grain.MapDataset:
   """This host's infinite, shuffled, decoded examples (before `prefetch.SkipBad` and batching).
 
-  With block = 1, position k is global position process_index + k·process_count; with
-  block = b (what training uses), host p reads the p-th block of b rows of every global
-  batch of b·process_count. Exposed for tests and for computing what any position holds
-  without iterating to it.
+  With block = 1, position k is global position offset + process_index + k·process_count;
+  with block = b (what training uses), host p reads the p-th block of b rows of every
+  global batch of b·process_count, from global position `offset`. Exposed for tests and
+  for computing what any position holds without iterating to it.
   """
   comps = sources.components(input_config)
   tok = tokenizer_lib.resolve(input_config)
-  datasets, source_ids, offset = [], [], 0
+  datasets, source_ids, first_id = [], [], 0
   for c, (spec, _) in enumerate(comps):
     source, names = sources.open_source(spec)
     sources.warn_if_upscaled(spec, input_config.image_size)
-    source_ids.append({n: offset + i for i, n in enumerate(names)})
-    offset += len(names)
+    source_ids.append({n: first_id + i for i, n in enumerate(names)})
+    first_id += len(names)
     pool = sources.pool_indices(len(source), input_config.get("pool_size", 0), spec)
     if pool is not None:
       source = sources.PoolSource(source, pool)
@@ -236,17 +236,19 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
   else:
     ds = grain.MapDataset.mix(datasets, [w for _, w in comps])
   if block == 1:
-    ds = ds[process_index::process_count]
+    ds = ds[offset + process_index::process_count]
   else:
-    ds = _HostBlocks(ds, process_index, process_count, block)
+    ds = _HostBlocks(ds, process_index, process_count, block, offset)
   return ds.map(_Decode(input_config.image_size, input_config.max_text_len, tok, source_ids,
                         input_config.get("max_pixels", MAX_PIXELS)))
 
 
 def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
                         process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
-  """Infinite iterator of host batches of global_batch_size / process_count examples.
+                        process_count: int | None = None,
+                        offset: int = 0) -> grain.DatasetIterator:
+  """Infinite iterator of host batches of global_batch_size / process_count examples,
+  from global position `offset` of the shuffled stream on.
 
   Batches: image f32 [b, S, S, 3] in [-1, 1], text i32 [b, L], label i32 [b],
   source i32 [b], index i64 [b], skipped i32 [b]. `get_state()`/`set_state()` restore
@@ -259,7 +261,7 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
                      f"{pc} processes: each host must read the same number of examples")
   b = global_batch_size // pc
   ds = train_map_dataset(input_config, seed=seed, process_index=pi, process_count=pc,
-                         block=b)
+                         block=b, offset=offset)
   workers = resolve_worker_count(input_config.get("worker_count", 0))
   # Threads decode ahead; a buffer of ~2 batches keeps memory bounded at large images.
   ahead = min(2 * b, 1024)
@@ -278,6 +280,54 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
             per_worker_buffer_size=int(input_config.get("worker_buffer_size", 2))),
         worker_init_fn=_init_worker)
   return iter(ds)
+
+
+class SwitchingIterator:
+  """Batches of `first` global examples for `steps` batches, then batches of `then` from
+  global position steps · first on: JEST's super-batches of N, then uniform batches of B
+  (config.selection.until). `make(global_batch, offset)` builds each phase's iterator,
+  lazily, so a restore builds only the one it needs.
+
+  State {"phase", "read", "offset", "iterator"}: exact resume in either phase. A skipped
+  damaged record moves the first phase on by one position, so its batches end a few
+  positions past steps · first and the second phase rereads those few (deterministic).
+  """
+
+  def __init__(self, make, *, steps: int, first: int, then: int):
+    self._make, self.steps, self.first, self.then = make, steps, first, then
+    self.phase, self.read, self.offset, self._iter = 0, 0, 0, None
+
+  def _current(self):
+    if self.phase == 0 and self.read >= self.steps:  # the switch
+      self.phase, self.offset, self._iter = 1, self.steps * self.first, None
+    if self._iter is None:
+      self._iter = (self._make(self.first, 0) if self.phase == 0
+                    else self._make(self.then, self.offset))
+    return self._iter
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._current())
+    self.read += self.phase == 0
+    return batch
+
+  def get_state(self) -> dict:
+    return {"phase": self.phase, "read": self.read, "offset": self.offset,
+            "iterator": self._current().get_state()}
+
+  def set_state(self, state):
+    # In the first phase the switch step follows the config (total_steps may change on
+    # resume); once switched, the saved offset keeps the order already begun.
+    self.phase, self.read, self.offset = state["phase"], state["read"], state["offset"]
+    self._iter = (self._make(self.first, 0) if self.phase == 0
+                  else self._make(self.then, self.offset))
+    self._iter.set_state(state["iterator"])
+
+  def start_prefetch(self):
+    if hasattr(self._iter, "start_prefetch"):
+      self._iter.start_prefetch()
 
 
 # ---------------------------------------------------------------------------------------

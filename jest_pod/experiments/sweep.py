@@ -1,7 +1,8 @@
 """`jest-pod sweep`: the paper's claims in miniature, on real offline data, over seeds.
 
   jest-pod sweep [--pool demo|icons] [--data data/POOL] [--workdir workdirs/sweep]
-                 [--seeds 0,1,2] [--only f,joint,score,flexi,damage,pool,batch] [--jobs 2]
+                 [--seeds 0,1,2] [--only f,joint,score,flexi,damage,pool,batch,distill,
+                 reference,schedule] [--jobs 2]
                  [--report-only]
 
 Pools (`--pool`; each a plan of B, steps and evaluations, saved in WORKDIR/sweep_plan.json):
@@ -17,7 +18,7 @@ uniform:
   joint   joint vs independent selection (top-k, and sampled ∝ exp(L_kk)) at f = 50%, 90%
   score   learnability vs easy_reference vs hard_learner at f = 80%
   flexi   Flexi-JEST (score at patch 2p, train half at p, half at 2p) vs full-resolution
-          scoring and training, f = 80%
+          scoring and training, f = 50, 80, 90%
   damage  share of each damage kind of the web pool among selected examples vs the pool
   pool    (icons only) uniform and JEST f = 90% on a fixed random 19,435-pair sub-pool (the
           demo pool's size) beside the same runs on the whole pool: does a small pool,
@@ -25,10 +26,19 @@ uniform:
   batch   uniform and JEST f = 50/80/90% at 4× B for ¼ of the steps (the same examples;
           16 chunks of 4B/16 instead of B/16), each against uniform at its own batch: does
           a bigger batch, with more in-batch structure, steepen the f trend?
+Beyond the paper (issue 24; each against plain uniform):
+  distill    uniform and JEST f = 80%, each with and without distillation from θ*
+             (config.distill: softmax KL of the batch's logits, weight 1, τ = 1; ACED)
+  reference  JEST f = 80% with a reference bigger than the learner (REFERENCES
+             "reference_big": width 128, depth 4 vs 64, 2; same tokenizer), ± KD (ACID)
+  schedule   JEST f = 80% for the first half of the steps, then uniform (AJEST)
+Every table also reads in wall-clock: each run's training seconds (evaluations left
+out) to reach the target, with the machine and its load beside them, and the spread of
+each variant's seconds over seeds (the machine's noise).
 
 Stages, each resumable (Ctrl-C and rerun continues; finished runs are skipped): data and
-tokenizer (as `jest-pod demo`), the reference (configs/reference.py on the curated set),
-its embedding cache over the web pool, the runs (`--jobs` processes at a time, 1 XLA CPU
+tokenizer (as `jest-pod demo`), each reference the chosen variants use (configs/reference.py
+on the curated set) and its embedding cache over the web pool, the runs (`--jobs` processes at a time, 1 XLA CPU
 device each; logs in WORKDIR/runs/VARIANT/seedS/train.log; seed by seed, so an early
 stop leaves whole seeds), then the report (sweep_report.py): WORKDIR/sweep_report.md
 (tables), WORKDIR/sweep_results.json, WORKDIR/sweep_*.png.
@@ -43,6 +53,7 @@ import os
 import sys
 import time
 
+from jest_pod import config as config_lib
 from jest_pod.experiments import demo
 from jest_pod.experiments import sweep_report
 
@@ -54,13 +65,27 @@ class Variant:
   args: str     # its arguments beyond the plan's runlocal,data,batch,steps
   small_pool: bool = False  # trains on the plan's sub-pool (the "pool" experiment)
   batch_scale: int = 1  # B × this for steps ÷ this: the same examples in bigger batches
+  overrides: tuple = ()  # (dotted config key, value) pairs set after the file's arguments
+  reference: str = "reference"  # REFERENCES entry: θ* for selection and distillation
 
   @property
   def baseline(self) -> str:
-    """The run whose final scores are this variant's targets: uniform on the same pool
-    with the same batch."""
-    return next(n for n, v in VARIANTS.items() if v.config == "siglip.py"
+    """The run whose final scores are this variant's targets: plain uniform on the same
+    pool with the same batch."""
+    return next(n for n, v in VARIANTS.items() if v.config == "siglip.py" and not v.overrides
                 and (v.small_pool, v.batch_scale) == (self.small_pool, self.batch_scale))
+
+
+# Distillation as ACED/open_clip distil: the softmax KL of the batch's logits, τ = 1.
+KD = (("distill.weight", 1.0), ("distill.temperature", 1.0), ("distill.kind", "softmax"))
+
+# θ*s a sweep trains on the curated set, each in WORKDIR/NAME with its cache in
+# WORKDIR/NAME_cache: tower overrides of configs/reference.py (the learner's towers are
+# the demo's "mu": width 64, depth 2). The big one has 4× the width² and 2× the depth.
+REFERENCES = {
+    "reference": {},
+    "reference_big": dict(width=128, depth=4, num_heads=4, mlp_dim=256),
+}
 
 
 VARIANTS = {
@@ -82,8 +107,9 @@ VARIANTS = {
                             "method=joint,score=easy_reference,f=0.8"),
     "hard_learner_f80": Variant("hard_learner f=80%", "jest.py",
                                 "method=joint,score=hard_learner,f=0.8"),
-    "fullres_f80": Variant("JEST f=80%, full-res scoring", "jest.py",
-                           "method=joint,score=learnability,f=0.8,flexi=0"),
+    **{f"fullres_f{f}": Variant(f"JEST f={f}%, full-res scoring", "jest.py",
+                                f"method=joint,score=learnability,f={f / 100},flexi=0")
+       for f in (50, 80, 90)},
     # The sub-pool pair: `pool=` is filled in from the plan's small_pool.
     "uniform_small": Variant("uniform, small pool", "siglip.py", "", small_pool=True),
     "jest_f90_small": Variant("JEST f=90%, small pool", "jest.py",
@@ -93,6 +119,19 @@ VARIANTS = {
     **{f"jest_f{f}_4xb": Variant(f"JEST f={f}%, 4× batch", "jest.py",
                                  f"method=joint,score=learnability,f={f / 100}",
                                  batch_scale=4) for f in (50, 80, 90)},
+    # Beyond the paper (issue 24): distillation, a bigger reference, early-only selection.
+    "uniform_kd": Variant("uniform + KD", "siglip.py", "", overrides=KD),
+    "jest_f80_kd": Variant("JEST f=80% + KD", "jest.py",
+                           "method=joint,score=learnability,f=0.8", overrides=KD),
+    "jest_f80_bigref": Variant("JEST f=80%, big reference", "jest.py",
+                               "method=joint,score=learnability,f=0.8",
+                               reference="reference_big"),
+    "jest_f80_bigref_kd": Variant("JEST f=80% + KD, big reference", "jest.py",
+                                  "method=joint,score=learnability,f=0.8", overrides=KD,
+                                  reference="reference_big"),
+    "jest_f80_until50": Variant("JEST f=80% until 50% of steps, then uniform", "jest.py",
+                                "method=joint,score=learnability,f=0.8",
+                                overrides=(("selection.until", 0.5),)),
 }
 
 # name → (title, variants shown; the baselines are the reference lines of every comparison)
@@ -104,8 +143,10 @@ EXPERIMENTS = {
                "indep_sample_f90")),
     "score": ("Learnability vs easy-reference vs hard-learner scores at f = 80%",
               ("uniform", "jest_f80", "easy_ref_f80", "hard_learner_f80")),
-    "flexi": ("Flexi-JEST (score at 2p, half/half training) vs full-resolution, f = 80%",
-              ("uniform", "jest_f80", "fullres_f80")),
+    "flexi": ("Flexi-JEST (score at 2p, half/half training) vs full-resolution scoring "
+              "at f = 50/80/90%",
+              ("uniform", "jest_f50", "fullres_f50", "jest_f80", "fullres_f80", "jest_f90",
+               "fullres_f90")),
     "damage": ("What selection keeps: share of each damage kind, selected vs pool",
                ("jest_f50", "jest_f80", "jest_f90", "indep_f50", "indep_f90", "indep_sample_f50",
                 "indep_sample_f90", "easy_ref_f80", "hard_learner_f80", "fullres_f80")),
@@ -114,6 +155,14 @@ EXPERIMENTS = {
     "batch": ("Batch size: uniform and JEST f = 50/80/90% at 4× the batch and ¼ of the steps",
               ("uniform", "jest_f80", "uniform_4xb", "jest_f50_4xb", "jest_f80_4xb",
                "jest_f90_4xb")),
+    "distill": ("Distillation from the reference JEST already holds (ACED): uniform and "
+                "JEST f = 80%, each with and without KD",
+                ("uniform", "uniform_kd", "jest_f80", "jest_f80_kd")),
+    "reference": ("A bigger reference (width 128, depth 4 vs the learner's 64, 2), JEST "
+                  "f = 80% with and without KD",
+                  ("uniform", "jest_f80", "jest_f80_bigref", "jest_f80_bigref_kd")),
+    "schedule": ("Early-only selection (AJEST): JEST f = 80% for the first half, then uniform",
+                 ("uniform", "jest_f80", "jest_f80_until50")),
 }
 
 
@@ -158,11 +207,29 @@ def make_config(plan_name: str, variant: str, seed: int, data: str, workdir: str
   if v.small_pool:
     args += f",pool={plan.small_pool}"
   if v.config == "jest.py":
-    args += f",{v.args},reference={os.path.join(workdir, 'reference')}"
+    args += f",{v.args},reference={os.path.join(workdir, v.reference)}"
   c = demo.load_config(v.config, args, plan.demo_plan(plan_name))
   c.seed = seed
-  if c.selection.method != "uniform":
-    c.selection.reference_cache = os.path.join(workdir, "reference_cache")
+  for key, value in v.overrides:
+    *path, last = key.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    node[last] = value
+  if config_lib.needs_reference(c):
+    c.selection.reference = os.path.join(workdir, v.reference)
+    c.selection.reference_cache = os.path.join(workdir, f"{v.reference}_cache")
+  return c
+
+
+def reference_config(plan_name: str, name: str, data: str, workdir: str):
+  """configs/reference.py at the plan's size with REFERENCES[name]'s towers."""
+  c = demo.run_configs(PLANS[plan_name].demo_plan(plan_name), data, workdir)["reference"]
+  towers = REFERENCES[name]
+  if towers:
+    c.model.image.update(towers)
+    c.model.text.update(towers)
+    c.model.embed_dim = towers["width"]
   return c
 
 
@@ -252,36 +319,44 @@ def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> boo
 def report(workdir: str, plan_name: str, configs: dict, only: list[str], command: str) -> dict:
   """Reads the finished runs, writes WORKDIR/sweep_report.md, sweep_results.json and one
   figure per experiment; returns the results."""
-  from jest_pod import checkpoint as ckpt_lib
   from jest_pod.experiments import plot
   from jest_pod.data import reference_cache
-  ref_dir = os.path.join(workdir, "reference")
-  ref_config = ckpt_lib.load_config(ref_dir)
-  ref_train_flops = plot.read_metrics(ref_dir)[-1].get("flops", 0.0)
-  cache_meta = reference_cache.read_meta(os.path.join(workdir, "reference_cache")) or {}
+  refs = {}  # each reference's training FLOPs and cache metadata
+  for name in REFERENCES:
+    ref_dir = os.path.join(workdir, name)
+    if os.path.exists(demo.done_marker(ref_dir)):
+      refs[name] = (plot.read_metrics(ref_dir)[-1].get("flops", 0.0),
+                    reference_cache.read_meta(os.path.join(workdir, f"{name}_cache")) or {})
   runs: dict = {}
   for (name, seed), config in configs.items():
     out = run_dir(workdir, name, seed)
     if os.path.exists(demo.done_marker(out)):
-      runs.setdefault(name, {})[seed] = sweep_report.summarise_run(config, out, ref_config)
-  analysis = sweep_report.analyse(runs, ref_train_flops,
-                                  {n: v.baseline for n, v in VARIANTS.items()})
-  analysis["reference_cache"] = {k: cache_meta.get(k) for k in ("num_examples", "flops",
-                                                                "seconds")}
-  t, uni_flops = analysis["targets"], analysis["uniform_flops"]
+      ref_flops = refs.get(VARIANTS[name].reference, (0.0, {}))[0]
+      runs.setdefault(name, {})[seed] = sweep_report.summarise_run(config, out, ref_flops)
+  analysis = sweep_report.analyse(runs, {n: v.baseline for n, v in VARIANTS.items()})
+  analysis["references"] = {
+      n: {"training_flops": f, **{k: meta.get(k) for k in ("num_examples", "flops", "seconds")}}
+      for n, (f, meta) in refs.items()}
+  t, uni = analysis["targets"], analysis["uniform_totals"]
   targets = ", ".join(f"{m} {v:.3f}" for m, v in t.items())
+  machine = sweep_report.machine_line(runs)
   md = [f"# jest-pod sweep ({plan_name} plan)", "",
         f"Regenerate: `{command}`", "",
         f"Targets (uniform's final, mean over seeds): {targets}. Cells: mean ± sd over "
         "seeds; examples as a fraction of the baseline's (uniform on the same pool), FLOPs "
-        "as a multiple of its; crossing points linearly interpolated between evaluations. "
-        "FLOPs charged: the reference forward over every scored example counts; amortised: "
-        "it does not (the cache below is computed once for all runs). Reference training: "
-        f"{ref_train_flops:.3g} FLOPs (uniform run: {uni_flops:.3g}).", ""]
-  if cache_meta:
-    md += [f"Reference cache, computed once: {cache_meta['num_examples']} examples, "
-           f"{cache_meta['flops']:.3g} FLOPs ({cache_meta['flops'] / uni_flops:.2f}× a "
-           f"uniform run), {cache_meta['seconds']:.0f} s.", ""]
+        "and wall-clock as a multiple of its; crossing points linearly interpolated between "
+        "evaluations. FLOPs charged: the reference forward over every scored example counts; "
+        "amortised: it does not (each cache below is computed once for all runs). "
+        "Wall-clock: the run's training seconds (evaluations left out) on this machine, "
+        f"{sweep_report.RUNS_AT_ONCE_NOTE} {machine}", ""]
+  for name, r in analysis["references"].items():
+    line = (f"Reference `{name}`: trained with {r['training_flops']:.3g} FLOPs "
+            f"({r['training_flops'] / uni['flops']:.2f}× a uniform run)")
+    if r.get("flops"):
+      line += (f"; its cache, computed once: {r['num_examples']} examples, "
+               f"{r['flops']:.3g} FLOPs ({r['flops'] / uni['flops']:.2f}× a uniform run), "
+               f"{r['seconds']:.0f} s")
+    md += [line + ".", ""]
   figures = {}
   for exp in only:
     title, names = EXPERIMENTS[exp]
@@ -298,7 +373,9 @@ def report(workdir: str, plan_name: str, configs: dict, only: list[str], command
       for metric in analysis["metrics"]:
         md += [f"Reaching the baseline's final {metric}:", "",
                sweep_report.reach_table(analysis, labels, metric), ""]
-      md += [sweep_report.learnability_table(analysis, labels), ""]
+      md += [sweep_report.learnability_table(analysis, labels), "",
+             "Training wall-clock over seeds (the same work per seed: the spread is the "
+             "machine's noise):", "", sweep_report.noise_table(analysis, labels), ""]
       figures[exp] = sweep_report.plot_curves(analysis, runs, labels, png, title)
     md += [f"![{exp}]({os.path.basename(figures[exp])})", ""]
   text = "\n".join(md)
@@ -394,18 +471,19 @@ def main(argv: list[str] | None = None) -> int:
              for v in variants for s in seeds}
 
   if not args.report_only:
-    ref_dir = os.path.join(workdir, "reference")
-    if not os.path.exists(demo.done_marker(ref_dir)):
-      print(f"[sweep] training the reference → {ref_dir}/train.log", flush=True)
-      ref_config = demo.run_configs(plan.demo_plan(plan_name), data, workdir)["reference"]
-      if not run_all([("reference", ref_config, ref_dir)], jobs, devices * max(jobs, 1)):
-        return 1
-    cache = os.path.join(workdir, "reference_cache")
     from jest_pod.data import reference_cache
     from jest_pod.jest import reference
-    if reference_cache.read_meta(cache) is None:
-      print(f"[sweep] caching reference embeddings of {data}/web → {cache}", flush=True)
-      reference.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
+    for name in dict.fromkeys(VARIANTS[v].reference for v in variants):
+      ref_dir = os.path.join(workdir, name)
+      if not os.path.exists(demo.done_marker(ref_dir)):
+        print(f"[sweep] training {name} → {ref_dir}/train.log", flush=True)
+        ref_config = reference_config(plan_name, name, data, workdir)
+        if not run_all([(name, ref_config, ref_dir)], jobs, devices * max(jobs, 1)):
+          return 1
+      cache = os.path.join(workdir, f"{name}_cache")
+      if reference_cache.read_meta(cache) is None:
+        print(f"[sweep] caching {name}'s embeddings of {data}/web → {cache}", flush=True)
+        reference.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
     todo = [(f"{v} seed {s}", c, run_dir(workdir, v, s)) for (v, s), c in configs.items()
             if not os.path.exists(demo.done_marker(run_dir(workdir, v, s)))]
     print(f"[sweep] {len(configs)} runs ({len(variants)} variants × {len(seeds)} seeds), "

@@ -16,6 +16,7 @@ FLOPs are counted as the paper counts them, in two views side by side:
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -47,24 +48,42 @@ def metric_keys(events: list[dict]) -> dict[str, tuple[str, ...]]:
   return out
 
 
-def _series(events: list[dict], keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """(examples, values) of one metric (or the mean of several) at each evaluation."""
-  pts = [(e["examples"], float(np.mean([e[k] for k in keys])))
-         for e in events if all(k in e for k in keys)]
-  pts.sort()
-  return np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+# The axes a target is reached on: each evaluation record carries them (train/main.py).
+AXES = {"examples": "examples", "flops": "flops", "flops_amortised": "flops_amortised",
+        "seconds": "time/train_elapsed_s"}
+
+
+def _series(events: list[dict], keys: tuple[str, ...]) -> dict[str, list[float]]:
+  """{"values": the metric (or the mean of several) at each evaluation, and per AXES the
+  examples, FLOPs (charged, amortised) and training seconds at it}, in examples order."""
+  pts = sorted((e["examples"], i) for i, e in enumerate(events) if all(k in e for k in keys))
+  out = {"values": [float(np.mean([events[i][k] for k in keys])) for _, i in pts]}
+  for axis, key in AXES.items():
+    out[axis] = [float(events[i].get(key, float("nan"))) for _, i in pts]
+  return out
+
+
+def crossing(ys, target: float) -> tuple[int, float] | None:
+  """(i, t): the curve first reaches `target` between evaluation i − 1 and i, at fraction
+  t of the way (linear interpolation; i = 0, t = 1 when the first evaluation reaches it);
+  None if it never does."""
+  for i, y in enumerate(ys):
+    if y >= target:
+      return (0, 1.0) if i == 0 else (i, (target - ys[i - 1]) / (y - ys[i - 1]))
+  return None
+
+
+def at_crossing(xs, hit: tuple[int, float]) -> float:
+  """The axis value `xs` at a `crossing`."""
+  i, t = hit
+  return float(xs[i]) if i == 0 else float(xs[i - 1] + (xs[i] - xs[i - 1]) * t)
 
 
 def examples_to_reach(xs: np.ndarray, ys: np.ndarray, target: float) -> float | None:
   """Training examples at which the curve first reaches `target`, linearly interpolated
   between the two evaluations around the crossing; None if it never does."""
-  for i, (x, y) in enumerate(zip(xs, ys)):
-    if y >= target:
-      if i == 0:
-        return float(x)
-      x0, y0 = xs[i - 1], ys[i - 1]
-      return float(x0 + (x - x0) * (target - y0) / (y - y0))
-  return None
+  hit = crossing(ys, target)
+  return None if hit is None else at_crossing(xs, hit)
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -101,91 +120,132 @@ def _damage_shares(events: list[dict]) -> dict[str, tuple[float, float]]:
   return {k: (v[0], v[1]) for k, v in sums.items()}
 
 
-def summarise_run(config, out_dir: str, ref_config) -> dict:
+def summarise_run(config, out_dir: str, ref_train_flops: float = 0.0) -> dict:
+  """One finished run: its curves on every axis, totals, the host's load while it ran.
+  `ref_train_flops`: the training FLOPs of the reference it used (0 for none)."""
   from jest_pod import config as config_lib
-  from jest_pod.models.flops import example_forward_flops
-  from jest_pod.train import flops as flops_lib
   events = plot.read_metrics(out_dir)
-  rm = ref_config.model
-  parts = flops_lib.step_flops(config, reference_example_flops=example_forward_flops(
-      rm, rm.image_size, rm.image["patch_size"], ref_config.input.max_text_len))
-  b = config.batch_size
   curves = {m: _series(events, keys) for m, keys in metric_keys(events).items()}
   learn = [(e.get("select/learnability_selected"), e.get("select/learnability_super_batch"))
            for e in events if "select/learnability_selected" in e]
-  last = [e for e in events if "step" in e]
+  logged = [e for e in events if "train/loss" in e]
+  last = logged[-1] if logged else {}
+  steps = int(last.get("step", 0))
+  load = [e["host/load1"] for e in logged if math.isfinite(e.get("host/load1", math.nan))]
   return {
-      "run_dir": out_dir, "seed": config.seed, "batch": b,
-      # Whether the run needed a trained reference (its training is charged in "+ref").
+      "run_dir": out_dir, "seed": config.seed, "batch": config.batch_size,
+      # The reference's training is charged in "+ref" when the run needed one.
       "uses_reference": config_lib.needs_reference(config),
-      "steps": max((e["step"] for e in last), default=0),
-      "flops_per_step": parts["total"],  # charged
-      "flops_per_step_amortised": parts["total"] - parts["reference"],
-      "curves": {m: [xs.tolist(), ys.tolist()] for m, (xs, ys) in curves.items()},
-      "final": {m: float(ys[-1]) if ys.size else float("nan")
-                for m, (_, ys) in curves.items()},
+      "reference_training_flops": ref_train_flops if config_lib.needs_reference(config) else 0.0,
+      "steps": steps,
+      "total": {axis: float(last.get(key, math.nan)) for axis, key in AXES.items()},
+      "flops_per_step": last.get("flops", math.nan) / max(steps, 1),  # charged, mean
+      "flops_per_step_amortised": last.get("flops_amortised", math.nan) / max(steps, 1),
+      "load": float(np.mean(load)) if load else math.nan,
+      "curves": curves,
+      "final": {m: c["values"][-1] if c["values"] else math.nan for m, c in curves.items()},
       "learnability": ([float(np.mean([a for a, _ in learn])),
                         float(np.mean([c for _, c in learn]))] if learn else None),
       "damage": _damage_shares(events),
   }
 
 
-def analyse(runs: dict, ref_train_flops: float, baselines: dict[str, str]) -> dict:
-  """Per variant: finals and examples/FLOPs to reach its baseline's mean final scores
-  (`baselines`: variant → baseline variant, uniform with the same pool and batch).
-  Examples are a fraction of the baseline's, FLOPs a multiple of the baseline's."""
-  nan = float("nan")
-
+def analyse(runs: dict, baselines: dict[str, str]) -> dict:
+  """Per variant: finals and examples / FLOPs / wall-clock seconds to reach its baseline's
+  mean final scores (`baselines`: variant → baseline variant, uniform with the same pool
+  and batch), each as a fraction (multiple) of the baseline's run; seconds also absolute.
+  `noise`: the spread of each variant's training seconds over seeds (the same work, so
+  the spread is the machine's)."""
   metrics = sorted({m for seeds in runs.values() for r in seeds.values() for m in r["final"]})
 
   def base_stats(name):
-    uni = runs.get(name, {})
-    return ({m: _mean_sd([r["final"].get(m) for r in uni.values()])[0] for m in metrics},
-            float(np.mean([r["steps"] * r["batch"] for r in uni.values()])) if uni else nan,
-            float(np.mean([r["steps"] * r["flops_per_step"] for r in uni.values()]))
-            if uni else nan)
+    uni = runs.get(name, {}).values()
+    totals = {axis: _mean_sd([r["total"][axis] for r in uni])[0] for axis in AXES}
+    return {m: _mean_sd([r["final"].get(m) for r in uni])[0] for m in metrics}, totals
 
-  targets, uni_examples, uni_flops = base_stats("uniform")
-  out = {"metrics": metrics, "targets": targets, "uniform_examples": uni_examples,
-         "uniform_flops": uni_flops,
-         "reference_training_flops": ref_train_flops, "variants": {}}
+  targets, uni_totals = base_stats("uniform")
+  out = {"metrics": metrics, "targets": targets, "uniform_totals": uni_totals,
+         "uniform_flops": uni_totals["flops"], "variants": {}}
   for name, seeds in runs.items():
     base = baselines.get(name, "uniform")
-    tg, base_examples, base_flops = base_stats(base)
-    row = {"seeds": sorted(seeds), "baseline": base, "targets": tg, "final": {}, "reach": {}}
+    tg, base_totals = base_stats(base)
+    order = sorted(seeds)
+    row = {"seeds": order, "baseline": base, "targets": tg, "final": {}, "reach": {}}
     for m in metrics:
-      row["final"][m] = [seeds[s]["final"].get(m) for s in sorted(seeds)]
-      ex, fl, fla, flr = [], [], [], []
-      for s in sorted(seeds):
+      row["final"][m] = [seeds[s]["final"].get(m) for s in order]
+      cells = {"examples_frac": [], "flops_ratio": [], "flops_ratio_amortised": [],
+               "flops_ratio_incl_ref": [], "seconds_ratio": [], "seconds": []}
+      for s in order:
         r = seeds[s]
-        xs, ys = r["curves"].get(m, ([], []))
-        hit = examples_to_reach(np.array(xs), np.array(ys), tg[m])
-        steps = None if hit is None else hit / r["batch"]
-        ex.append(None if hit is None else hit / base_examples)
-        fl.append(None if hit is None else steps * r["flops_per_step"] / base_flops)
-        fla.append(None if hit is None else steps * r["flops_per_step_amortised"] / base_flops)
-        ref = ref_train_flops if r["uses_reference"] else 0.0
-        flr.append(None if hit is None else
-                   (steps * r["flops_per_step"] + ref) / base_flops)
-      row["reach"][m] = {"examples_frac": ex, "flops_ratio": fl, "flops_ratio_amortised": fla,
-                         "flops_ratio_incl_ref": flr,
-                         "reached": sum(x is not None for x in ex), "of": len(ex)}
-    row["learnability"] = [seeds[s]["learnability"] for s in sorted(seeds)
-                           if seeds[s]["learnability"]]
-    row["damage"] = {s: seeds[s]["damage"] for s in sorted(seeds)}
+        c = r["curves"].get(m)
+        hit = crossing(c["values"], tg[m]) if c else None
+        at = {axis: None if hit is None else at_crossing(c[axis], hit) for axis in AXES}
+        cells["examples_frac"].append(at["examples"] and at["examples"] / base_totals["examples"])
+        cells["flops_ratio"].append(at["flops"] and at["flops"] / base_totals["flops"])
+        cells["flops_ratio_amortised"].append(
+            at["flops_amortised"] and at["flops_amortised"] / base_totals["flops"])
+        cells["flops_ratio_incl_ref"].append(
+            None if hit is None else (at["flops"] + r["reference_training_flops"])
+            / base_totals["flops"])
+        cells["seconds_ratio"].append(at["seconds"] and at["seconds"] / base_totals["seconds"])
+        cells["seconds"].append(at["seconds"])
+      row["reach"][m] = {**cells, "reached": sum(x is not None for x in cells["examples_frac"]),
+                         "of": len(order)}
+    row["learnability"] = [seeds[s]["learnability"] for s in order if seeds[s]["learnability"]]
+    row["damage"] = {s: seeds[s]["damage"] for s in order}
     for k in ("flops_per_step", "flops_per_step_amortised"):
       row[k] = float(np.mean([r[k] for r in seeds.values()]))
+    row["seconds"] = [seeds[s]["total"]["seconds"] for s in order]
+    row["load"] = [seeds[s]["load"] for s in order]
     out["variants"][name] = row
   return out
 
 
+RUNS_AT_ONCE_NOTE = ("which ran its runs side by side (`--jobs`), so each run's seconds "
+                     "include its neighbour's share of the cores.")
+
+
+def machine_line(runs: dict) -> str:
+  """The CPU the runs' run_info.json names, and the load they saw (1-min, mean over logs)."""
+  cpus, loads = set(), []
+  for seeds in runs.values():
+    for r in seeds.values():
+      try:
+        with open(f"{r['run_dir']}/run_info.json") as f:
+          cpu = json.load(f).get("cpu") or {}
+        cpus.add(f"{cpu.get('model')} ({cpu.get('usable')} of {cpu.get('count')} cores)")
+      except (OSError, ValueError):
+        pass
+      if math.isfinite(r["load"]):
+        loads.append(r["load"])
+  where = ", ".join(sorted(cpus)) or "machine not recorded"
+  load = (f"1-min load {min(loads):.1f}–{max(loads):.1f} (per-run means)" if loads
+          else "load not recorded")
+  return f"Machine: {where}; {load}."
+
+
+def noise_table(analysis: dict, labels: dict[str, str]) -> str:
+  """Each variant's training wall-clock over seeds: the machine's noise (same work)."""
+  lines = ["| variant | training seconds, mean ± sd | sd / mean | mean 1-min load |",
+           "|---|---|---|---|"]
+  for name, label in labels.items():
+    row = analysis["variants"].get(name)
+    if not row:
+      continue
+    m, sd = _mean_sd(row["seconds"])
+    cv = f"{sd / m:.1%}" if math.isfinite(m) and m > 0 and len(row["seconds"]) > 1 else "–"
+    lines.append(f"| {label} | {_pm(row['seconds'], '{:.0f}')} | {cv} | "
+                 f"{_pm(row['load'], '{:.1f}')} |")
+  return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ tables and figures
 
-def _reach_cell(reach: dict, key: str) -> str:
+def _reach_cell(reach: dict, key: str, fmt: str = "{:.2f}") -> str:
   vals = [v for v in reach[key] if v is not None]
   if not vals:
     return f"not reached (0/{reach['of']})"
-  cell = _pm(vals, "{:.2f}")
+  cell = _pm(vals, fmt)
   if reach["reached"] < reach["of"]:
     cell += f" ({reach['reached']}/{reach['of']} reached)"
   return cell
@@ -205,9 +265,11 @@ def quality_table(analysis: dict, labels: dict[str, str]) -> str:
 
 def reach_table(analysis: dict, labels: dict[str, str], metric: str) -> str:
   """What each variant needs to reach its baseline's final `metric`: examples (fraction
-  of the baseline's) and FLOPs (multiple of the baseline's) in both views."""
+  of the baseline's), FLOPs (multiple of the baseline's) in both views, and wall-clock
+  training seconds on this machine (multiple of the baseline's, and absolute)."""
   lines = ["| variant | examples to reach | FLOPs, charged | FLOPs, amortised | charged + "
-           "reference training |", "|---|---|---|---|---|"]
+           "reference training | wall-clock (× baseline's) | wall-clock seconds |",
+           "|---|---|---|---|---|---|---|"]
   for name, label in labels.items():
     row = analysis["variants"].get(name)
     if not row or row["baseline"] == name:  # a baseline defines the target
@@ -215,7 +277,8 @@ def reach_table(analysis: dict, labels: dict[str, str], metric: str) -> str:
     r = row["reach"][metric]
     lines.append(f"| {label} | {_reach_cell(r, 'examples_frac')} | "
                  f"{_reach_cell(r, 'flops_ratio')} | {_reach_cell(r, 'flops_ratio_amortised')} "
-                 f"| {_reach_cell(r, 'flops_ratio_incl_ref')} |")
+                 f"| {_reach_cell(r, 'flops_ratio_incl_ref')} | "
+                 f"{_reach_cell(r, 'seconds_ratio')} | {_reach_cell(r, 'seconds', '{:.0f}')} |")
   return "\n".join(lines)
 
 
@@ -258,28 +321,29 @@ def damage_table(analysis: dict, labels: dict[str, str]) -> tuple[str, dict]:
   return "\n".join(lines), ratios
 
 
+# The figures' rows: the score against each axis.
+ROWS = (("examples", "training examples"), ("flops_amortised", "FLOPs (amortised)"),
+        ("seconds", "training wall-clock seconds (this machine)"))
+
+
 def plot_curves(analysis, runs, labels: dict[str, str], path, title):
-  """One column per metric: the score against training examples (top) and against
-  amortised FLOPs (bottom); mean over seeds, band = min–max."""
-  from jest_pod.experiments import plot
+  """One column per metric: the score against training examples, amortised FLOPs and
+  training wall-clock seconds (rows); mean over seeds, band = min–max."""
   plt = plot.pyplot()
   metrics = analysis["metrics"]
-  fig, axes = plt.subplots(2, len(metrics), figsize=(5.2 * len(metrics), 8), dpi=100,
-                           squeeze=False)
+  fig, axes = plt.subplots(len(ROWS), len(metrics), figsize=(5.2 * len(metrics), 11.5),
+                           dpi=100, squeeze=False)
   for col, metric in enumerate(metrics):
-    for ax, x in zip(axes[:, col], ("examples", "flops")):
+    for ax, (axis, xlabel) in zip(axes[:, col], ROWS):
       for name, label in labels.items():
         seeds = runs.get(name)
         curves = [seeds[s]["curves"][metric] for s in sorted(seeds or {})
                   if metric in seeds[s]["curves"]]
         if not curves:
           continue
-        n = min(len(c[0]) for c in curves)
-        ys = np.array([c[1][:n] for c in curves])
-        xs = np.array(curves[0][0][:n])
-        if x == "flops":
-          r = next(iter(seeds.values()))
-          xs = xs / r["batch"] * r["flops_per_step_amortised"]
+        n = min(len(c["values"]) for c in curves)
+        ys = np.array([c["values"][:n] for c in curves])
+        xs = np.array([c[axis][:n] for c in curves]).mean(0)  # seconds differ per seed
         row = analysis["variants"].get(name, {})
         baseline = row.get("baseline") == name  # a uniform run: others' targets
         style = dict(linestyle="--") if baseline else {}
@@ -291,7 +355,7 @@ def plot_curves(analysis, runs, labels: dict[str, str], path, title):
         if baseline:
           ax.axhline(row["targets"][metric], color=line.get_color(), linewidth=0.8,
                      linestyle=":")
-      ax.set_xlabel("training examples" if x == "examples" else "FLOPs (amortised)")
+      ax.set_xlabel(xlabel)
       ax.set_title(metric, fontsize=9)
       ax.grid(True, alpha=0.3)
   axes[0, 0].legend(fontsize=7)
@@ -305,7 +369,6 @@ def plot_curves(analysis, runs, labels: dict[str, str], path, title):
 
 
 def plot_damage(ratios: dict, labels: dict[str, str], path: str) -> str:
-  from jest_pod.experiments import plot
   plt = plot.pyplot()
   names = list(ratios)
   kinds = sorted({k for r in ratios.values() for k in r})

@@ -66,3 +66,50 @@ def contrastive_loss(kind, zimg, ztxt, t, b):
   if kind == "softmax":
     return softmax_loss(zimg, ztxt, t)
   raise ValueError(f"config.loss={kind!r}: choose 'sigmoid' or 'softmax'")
+
+
+# ---------------------------------------------------------------------------------------
+# Distillation from the reference (config.distill; ACED, open_clip's DistillClipLoss).
+# The teacher's logits are its own: t* · X* Y*ᵀ (+ b*) in its embedding space, so a
+# reference wider than the learner works. Scaled by τ² (Hinton et al.) so the gradient's
+# size does not shrink as τ grows.
+
+DISTILL_KINDS = ("softmax", "sigmoid")
+
+
+def softmax_distill_loss(student_logits, teacher_logits, temperature):
+  """τ² · ½ (KL image→text + KL text→image): per row (column) of the batch's logits, the
+  KL divergence KL(softmax(teacher/τ) ‖ softmax(student/τ)), averaged over rows."""
+  s = student_logits.astype(jnp.float32) / temperature
+  t = teacher_logits.astype(jnp.float32) / temperature
+
+  def kl(axis):
+    log_p, log_q = jax.nn.log_softmax(t, axis=axis), jax.nn.log_softmax(s, axis=axis)
+    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis))
+
+  return temperature ** 2 * 0.5 * (kl(1) + kl(0))
+
+
+def sigmoid_distill_loss(student_logits, teacher_logits, temperature):
+  """τ² · Σ_ij KL(Bernoulli(σ(teacher_ij/τ)) ‖ Bernoulli(σ(student_ij/τ))) / n: SigLIP's
+  pairs, each a binary match/no-match, normalised by the batch size as the sigmoid loss."""
+  s = student_logits.astype(jnp.float32) / temperature
+  t = teacher_logits.astype(jnp.float32) / temperature
+  p = jax.nn.sigmoid(t)
+  # KL(p ‖ q) for q = σ(s): p·(log p − log q) + (1−p)·(log(1−p) − log(1−q)).
+  kl = (p * (jax.nn.log_sigmoid(t) - jax.nn.log_sigmoid(s))
+        + (1 - p) * (jax.nn.log_sigmoid(-t) - jax.nn.log_sigmoid(-s)))
+  return temperature ** 2 * jnp.sum(kl) / s.shape[0]
+
+
+def distill_loss(kind, student, teacher, temperature):
+  """The distillation term named by config.distill.kind. `student`, `teacher`: (zimg, ztxt,
+  t, b) of the same B pairs, each in its own embedding space; the softmax kind ignores b."""
+  (zs_img, zs_txt, ts, bs), (zt_img, zt_txt, tt, bt) = student, teacher
+  if kind == "softmax":
+    return softmax_distill_loss(softmax_logits(zs_img, zs_txt, ts),
+                                softmax_logits(zt_img, zt_txt, tt), temperature)
+  if kind == "sigmoid":
+    return sigmoid_distill_loss(softmax_logits(zs_img, zs_txt, ts) + bs,
+                                softmax_logits(zt_img, zt_txt, tt) + bt, temperature)
+  raise ValueError(f"config.distill.kind={kind!r}: choose one of {', '.join(DISTILL_KINDS)}")

@@ -7,7 +7,8 @@ The one home of what the trainer and `jest-pod bench step` both run, in order:
               (rows of the reference cache looked up on the host and put on the devices
               with the super-batch, or a forward pass)
   selection   joint (or independent) selection of B rows from the embeddings, then the
-              gather of those rows from the sharded super-batch
+              gather of those rows from the sharded super-batch (and, when distilling,
+              of θ*'s embeddings of them: the teacher, at no second reference pass)
 `__call__` only dispatches (nothing waits for the device), so the step overlaps with the
 input pipeline; `timed_call` runs the same parts with a barrier after each, for the
 sampled time split.
@@ -19,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jest_pod import config as config_lib
 from jest_pod.data.input_config import DEVICE_KEYS
@@ -29,21 +29,31 @@ from jest_pod.parallel import sharding as shd
 
 
 def make_select_fn(config, mesh, num_select):
-  """(key, learner_emb, reference_emb, super_batch) → (batch, metrics): JEST's choice of
-  B rows out of N, gathered from the sharded super-batch (device keys only)."""
+  """(key, learner_emb, reference_emb, super_batch) → (batch, metrics, teacher): JEST's
+  choice of B rows out of N, gathered from the sharded super-batch (device keys only);
+  `teacher` is θ*'s Embeddings of those rows when distilling (config.distill), else None.
+  `reference_emb` may be given for the teacher alone (a score that does not weigh θ*)."""
   s = config.selection
   batch_sharding = shd.batch_sharding(mesh)
   kw = dict(num_select=num_select, score=s.score, loss=config.loss, mesh=mesh,
             data_axes=shd.data_axes(mesh))
+  scores_reference = selection.uses_models(s.score)[1]
+  distill = config_lib.distilling(config)
 
-  def select(key, learner, reference, super_batch):
+  def rows(v, idx):
+    return jax.lax.with_sharding_constraint(jnp.take(v, idx, axis=0), batch_sharding)
+
+  def select(key, learner, reference_all, super_batch):
+    reference = reference_all if scores_reference else None
     if s.method == "joint":
       idx = selection.joint_select(key, learner, reference, n_chunks=s.n_chunks, **kw)
     else:
       idx = selection.independent_select(key, learner, reference,
                                          method=s.independent_method, **kw)
-    batch = {k: jax.lax.with_sharding_constraint(jnp.take(v, idx, axis=0), batch_sharding)
-             for k, v in super_batch.items() if k in DEVICE_KEYS}
+    batch = {k: rows(v, idx) for k, v in super_batch.items() if k in DEVICE_KEYS}
+    teacher = (reference_all._replace(image=rows(reference_all.image, idx),
+                                      text=rows(reference_all.text, idx))
+               if distill else None)
     # The score's own diagonal, for every score: the NaN guard watches select/*.
     metrics = {"select/score_super_batch": selection.mean_diagonal_score(learner, reference,
                                                                          s.score)}
@@ -52,7 +62,7 @@ def make_select_fn(config, mesh, num_select):
                                                                                reference)
       metrics["select/learnability_selected"] = selection.mean_learnability(
           learner, reference, idx)
-    return batch, metrics
+    return batch, metrics, teacher
 
   return select
 
@@ -64,42 +74,36 @@ class JestStep:
     config: the run's config (selection, flexi, loss, batch_size).
     model: the learner's model.
     mesh: the device mesh; rows are sharded over its data axes.
-    reference: the run's `jest.reference.Reference` (None when the score does not use θ*).
+    reference: the run's `jest.reference.Reference` (None when neither the score nor
+      distillation uses θ*).
   """
 
   def __init__(self, config, model, mesh, *, reference=None):
     self.config = config
     self.uses_learner, uses_reference = selection.uses_models(config.selection.score)
-    self.reference = reference if uses_reference else None
+    self.reference = (reference if uses_reference or config_lib.distilling(config)
+                      else None)
     self._learner = (jax.jit(make_embed_fn(model, config_lib.score_patch_size(config)))
                      if self.uses_learner else None)
     self._select = jax.jit(make_select_fn(config, mesh, config.batch_size))
-
-  @property
-  def device_keys(self) -> tuple[str, ...]:
-    """Keys of `host_inputs` that go on the devices with the super-batch."""
-    return self.reference.device_keys if self.reference else ()
-
-  def host_inputs(self, host_batch) -> dict[str, np.ndarray]:
-    """Host-side rows the step needs beside the batch (the reference cache's rows of this
-    host's examples: an O(rows) look-up; run it in the input thread)."""
-    return self.reference.host_inputs(host_batch) if self.reference else {}
 
   def learner_embeddings(self, params, super_batch):
     """The learner's Embeddings of the super-batch at the score patch (None if unused)."""
     return self._learner(params, super_batch) if self._learner else None
 
   def reference_embeddings(self, super_batch):
-    """θ*'s Embeddings of the super-batch (None if the score does not use the reference)."""
+    """θ*'s Embeddings of the super-batch (None if neither the score nor distillation
+    uses the reference)."""
     return self.reference.embeddings(super_batch) if self.reference else None
 
   def __call__(self, params, super_batch, key):
-    """→ (batch of B rows, selection metrics); dispatch only, no host sync."""
+    """→ (batch of B rows, selection metrics, teacher or None); dispatch only, no host
+    sync."""
     return self._select(key, self.learner_embeddings(params, super_batch),
                         self.reference_embeddings(super_batch), super_batch)
 
   def timed_call(self, params, super_batch, key):
-    """`__call__` waiting for each part: → (batch, metrics, {part: seconds})."""
+    """`__call__` waiting for each part: → (batch, metrics, teacher, {part: seconds})."""
     times, out = {}, {}
     parts = (("scoring", lambda: self.learner_embeddings(params, super_batch)),
              ("reference", lambda: self.reference_embeddings(super_batch)))
@@ -108,7 +112,7 @@ class JestStep:
       out[part] = jax.block_until_ready(fn())
       times[part] = time.perf_counter() - t
     t = time.perf_counter()
-    batch, metrics = jax.block_until_ready(
+    batch, metrics, teacher = jax.block_until_ready(
         self._select(key, out["scoring"], out["reference"], super_batch))
     times["selection"] = time.perf_counter() - t
-    return batch, metrics, times
+    return batch, metrics, teacher, times

@@ -43,6 +43,10 @@ class IteratorState:
   def __init__(self, state):
     self.state = state
 
+  def with_values(self, **values) -> IteratorState:
+    """This state with run counters beside it (SkipCounter restores them)."""
+    return IteratorState({**self.state, **values})
+
   def get_state(self) -> bytes:
     return json.dumps(self.state, indent=4).encode()
 
@@ -50,14 +54,15 @@ class IteratorState:
 class SkipCounter:
   """Host-batch iterator that counts the damaged records skipped before its batches
   (each batch's `skipped` column) and keeps the count in its state, so that
-  `data/skipped_records` continues after a resume instead of restarting at 0.
+  `data/skipped_records` continues after a resume instead of restarting at 0. The
+  trainer's `train_seconds` (hooks.TrainTimer) travels in the same saved state.
 
-  State: {"iterator": <the Grain iterator's state>, "skipped_records": n}. A plain Grain
-  state (a checkpoint from before the count was saved) restores with n = 0.
+  State: {"iterator": <the inner iterator's state>, "skipped_records": n[,
+  "train_seconds": s]}.
   """
 
   def __init__(self, data_iter):
-    self._iter, self.skipped = data_iter, 0
+    self._iter, self.skipped, self.train_seconds = data_iter, 0, 0.0
 
   def __iter__(self):
     return self
@@ -73,12 +78,9 @@ class SkipCounter:
   def set_state(self, state):
     if isinstance(state, (bytes, str)):  # Grain's checkpoint handler passes our JSON
       state = json.loads(state)
-    if "skipped_records" in state:
-      self._iter.set_state(state["iterator"])
-      self.skipped = int(state["skipped_records"])
-    else:
-      self._iter.set_state(state)
-      self.skipped = 0
+    self._iter.set_state(state["iterator"])
+    self.skipped = int(state["skipped_records"])
+    self.train_seconds = float(state.get("train_seconds", 0.0))
 
   def start_prefetch(self):  # called by Grain's checkpoint handler after a restore
     if hasattr(self._iter, "start_prefetch"):

@@ -14,32 +14,41 @@ from jest_pod.models.flops import example_forward_flops, image_forward_flops, te
 
 
 def step_flops(config, *, reference_example_flops: float | None = None,
-               reference_dim: int | None = None) -> dict[str, float]:
+               reference_dim: int | None = None,
+               selecting: bool | None = None) -> dict[str, float]:
   """FLOPs of one training step by part: train (fwd+bwd over B at the Flexi split),
   scoring (learner forward over N at the scoring patch), reference (forward over N:
   always charged, also when its rows come from a cache — `run_flops` subtracts it for the
   amortised view), selection (pair blocks of the models the score uses: N rows × the
   B − c examples of the first n_chunks − 1 chunks, each added to the conditional scores
-  once). `reference_example_flops`: θ*'s forward FLOPs per example (`Reference
-  .example_flops`) and embedding width; None counts the learner's own towers (where no
-  reference is at hand)."""
+  once), distill (θ*'s logits of the trained batch, config.distill; its forward pass is
+  in `reference`: over N when selecting, over B otherwise). `reference_example_flops`:
+  θ*'s forward FLOPs per example (`Reference.example_flops`) and embedding width; None
+  counts the learner's own towers (where no reference is at hand). `selecting`: whether
+  this step selects (default: config.selection.method is not uniform; False for the
+  uniform steps after config.selection.until)."""
   mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
   b, d = config.batch_size, mc.embed_dim
-  out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0}
+  out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0, "distill": 0.0}
   for p, frac in zip(config_lib.train_patch_sizes(config), config.flexi.train_fractions):
     out["train"] += 3 * frac * b * image_forward_flops(mc, size, p)
   out["train"] += 3 * (b * text_forward_flops(mc, text_len) + 2 * b * b * d)
   s = config.selection
-  if s.method != "uniform":
+  selecting = s.method != "uniform" if selecting is None else selecting
+  distill = config_lib.distilling(config)
+  learner, reference = selection.uses_models(s.score) if selecting else (False, False)
+  if (reference or distill) and reference_example_flops is None:
+    reference_example_flops = example_forward_flops(mc, size, mc.image["patch_size"],
+                                                    text_len)
+  if distill:
+    out["distill"] = 2 * b * b * (reference_dim or d)
+    out["reference"] = b * reference_example_flops  # over N below when selecting
+  if selecting:
     n = config_lib.num_super_batch(config)
-    learner, reference = selection.uses_models(s.score)
     if learner:
       out["scoring"] = n * example_forward_flops(mc, size, config_lib.score_patch_size(config),
                                                  text_len)
-    if reference:
-      if reference_example_flops is None:
-        reference_example_flops = example_forward_flops(mc, size, mc.image["patch_size"],
-                                                        text_len)
+    if reference or distill:
       out["reference"] = n * reference_example_flops
     # Each model scores pairs in its own embedding space (widths may differ).
     widths = [d] * learner + [reference_dim or d] * reference
@@ -55,11 +64,31 @@ def run_flops(config, reference=None) -> dict:
   """A run's FLOPs per step in two views, and the cache's one-time cost. `charged`: the
   reference's forward pass counted on every scored example (the paper's accounting);
   `amortised`: reference rows read from a cache built once (its cost reported once).
-  `reference`: the run's `jest.reference.Reference`, or None."""
-  parts = step_flops(config, **({} if reference is None else dict(
-      reference_example_flops=reference.example_flops, reference_dim=reference.dim)))
+  `reference`: the run's `jest.reference.Reference`, or None. With early-only selection
+  (config.selection.until < 1) the steps after `selecting_steps` cost `after_selection`
+  each; `total_flops` sums the two phases."""
+  kw = {} if reference is None else dict(reference_example_flops=reference.example_flops,
+                                         reference_dim=reference.dim)
   cached = reference is not None and reference.cached
-  return {"charged": parts["total"],
-          "amortised": parts["total"] - (parts["reference"] if cached else 0.0),
-          "parts": parts,
-          "reference_cache_one_time": reference.one_time_flops if cached else 0.0}
+
+  def views(parts):
+    return {"charged": parts["total"],
+            "amortised": parts["total"] - (parts["reference"] if cached else 0.0),
+            "parts": parts}
+
+  out = views(step_flops(config, **kw))
+  out["reference_cache_one_time"] = reference.one_time_flops if cached else 0.0
+  out["selecting_steps"] = config_lib.selection_steps(config)
+  if config.selection.method != "uniform" and out["selecting_steps"] < config.total_steps:
+    out["after_selection"] = views(step_flops(config, selecting=False, **kw))
+  return out
+
+
+def total_flops(flops: dict, steps: int, view: str) -> float:
+  """FLOPs of a run's first `steps` steps in `view` (charged | amortised), from
+  `run_flops`: the selecting steps at their cost, the uniform ones after them at theirs."""
+  after = flops.get("after_selection")
+  if after is None:
+    return steps * flops[view]
+  k = min(steps, flops["selecting_steps"])
+  return k * flops[view] + (steps - k) * after[view]

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import jax
 import numpy as np
@@ -40,6 +41,32 @@ def fmt_time(seconds):
   seconds = int(seconds)
   h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class TrainTimer:
+  """Wall seconds spent training, evaluations left out, summed over every resume (the
+  checkpoint carries them: feed.SkipCounter): the experiments' wall-clock to reach a
+  score. Compilation, the input's waits and checkpoint saves count; the set-up before
+  the loop (reference load, cache open) does not."""
+
+  def __init__(self, seconds: float = 0.0):
+    self._base, self._start, self._excluded = float(seconds), time.perf_counter(), 0.0
+
+  def exclude(self, seconds: float) -> None:
+    """Leave out `seconds` already spent (an evaluation)."""
+    self._excluded += seconds
+
+  @property
+  def seconds(self) -> float:
+    return self._base + time.perf_counter() - self._start - self._excluded
+
+
+def host_load() -> float:
+  """The 1-minute load average (NaN where unknown): wall-clock figures are read beside it."""
+  try:
+    return os.getloadavg()[0]
+  except (OSError, AttributeError):
+    return float("nan")
 
 
 class TrainingDiverged(RuntimeError):

@@ -133,9 +133,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
   preprocessing = formats.Preprocessing(config.input.image_size, config.input.max_text_len,
                                         tokenizer)
-  data_iter = feed.SkipCounter(pipeline.make_train_iterator(
-      config.input, global_batch_size=n, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count()))
+  def make_iterator(global_batch, offset=0):
+    return pipeline.make_train_iterator(
+        config.input, global_batch_size=global_batch, seed=config.seed, offset=offset,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  # Early-only selection: super-batches of N while JEST selects, then batches of B.
+  selecting_steps = config_lib.selection_steps(config)
+  data_iter = feed.SkipCounter(
+      pipeline.SwitchingIterator(make_iterator, steps=selecting_steps, first=n, then=b)
+      if 0 < selecting_steps < config.total_steps else make_iterator(n))
   source_names = sources.source_names(config.input)
 
   # ---------------------------------------------------------------- model and state
@@ -162,9 +169,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   reference = reference_lib.open_reference(config, mesh, preprocessing)
   jest = (jest_lib.JestStep(config, model, mesh, reference=reference)
           if s.method != "uniform" else None)
-  train_step = jax.jit(step_lib.make_train_step(config, model, tx, schedule),
-                       in_shardings=(state_sh, batch_sharding),
-                       out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)
+  train_step = step_lib.jit_train_step(config, model, tx, schedule, mesh, state_sh)
+  distill = config_lib.distilling(config)
   flops = flops_lib.run_flops(config, reference)
   if primary:
     (workdir / "flops.json").write_text(json.dumps(flops, indent=1))
@@ -187,18 +193,33 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
   preemption.install()
 
   def to_device(host_batch):  # runs in the prefetch thread
-    extras = jest.host_inputs(host_batch) if jest is not None else {}
-    return feed.to_global({**host_batch, **extras}, batch_sharding,
-                          DEVICE_KEYS + (jest.device_keys if jest is not None else ()))
+    if reference is None:
+      return feed.to_global(host_batch, batch_sharding)
+    # θ*'s host-side rows (the cache's look-up), for selection or distillation
+    return feed.to_global({**host_batch, **reference.host_inputs(host_batch)},
+                          batch_sharding, DEVICE_KEYS + reference.device_keys)
 
   prefetcher = feed.DevicePrefetcher(data_iter, to_device, depth=config.device_prefetch)
-  examples = start * b
+  timer = hooks.TrainTimer(data_iter.train_seconds if start else 0.0)
+
+  def progress(done):  # the fields every record of step `done` carries
+    return {"step": done, "examples": done * b,
+            "flops": flops_lib.total_flops(flops, done, "charged"),
+            "flops_amortised": flops_lib.total_flops(flops, done, "amortised"),
+            "time/train_elapsed_s": timer.seconds, "host/load1": hooks.host_load()}
+
+  def save_state():  # the consumed batch's iterator state, with the run's train seconds
+    return prefetcher.state.with_values(train_seconds=timer.seconds)
+
   t_window, wait0, produce0, batches0 = None, 0.0, 0.0, 0
   sampled_s, sampled_n = 0.0, 0  # sampled steps are left out of the loop's rate
   split, last, pending, failed = {}, {}, [], False
-  log.info("training %s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
-           f"{s.method} ({s.score}, f={s.filter_ratio:g})" if jest else s.method, start,
-           config.total_steps, b, n, flops["charged"], flops["amortised"])
+  log.info("training %s%s%s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
+           f"{s.method} ({s.score}, f={s.filter_ratio:g})" if jest else s.method,
+           f", uniform from step {selecting_steps}" if "after_selection" in flops else "",
+           f", distilling from θ* ({config.distill.kind}, weight {config.distill.weight:g})"
+           if distill else "", start, config.total_steps, b, n, flops["charged"],
+           flops["amortised"])
   try:
     for step in range(start, config.total_steps):
       done = step + 1
@@ -210,19 +231,21 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         jax.block_until_ready(state)
         t_sample = time.perf_counter()
       sel_metrics, times = {}, {}
-      if jest is None:
+      selecting = jest is not None and step < selecting_steps  # config.selection.until
+      if not selecting:
         batch = super_batch
+        teacher = reference.embeddings(batch) if distill else None
       elif sample:
-        batch, sel_metrics, times = jest.timed_call(
+        batch, sel_metrics, teacher, times = jest.timed_call(
             state["params"], super_batch, jax.random.fold_in(select_rng, step))
       else:
-        batch, sel_metrics = jest(state["params"], super_batch,
-                                  jax.random.fold_in(select_rng, step))
-      if log_ids:  # a host sync: a debugging aid, off by default
+        batch, sel_metrics, teacher = jest(state["params"], super_batch,
+                                           jax.random.fold_in(select_rng, step))
+      if log_ids and selecting:  # a host sync: a debugging aid, off by default
         ids = ids_lib.host_ids(batch["index"])  # int32 words → int64 (parallel/ids.py)
         ids_log.write({"step": done, "ids": [int(i) for i in ids]})
       t = time.perf_counter()
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, teacher)
       if sample:
         jax.block_until_ready(state)
         times["train"] = time.perf_counter() - t
@@ -231,7 +254,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
           sampled_s += time.perf_counter() - t_sample
           sampled_n += 1
       pending.append((done, metrics, sel_metrics))
-      examples += b
       if t_window is None:  # the first step includes compilation: time from the next
         jax.block_until_ready(state)
         t_window, batches0 = time.perf_counter(), prefetcher.batches
@@ -268,11 +290,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         rate = steps_timed / elapsed if steps_timed else float("nan")
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update({k: float(v) for k, v in jax.device_get(sel_metrics).items()})
-        if jest is not None and "source" in batch:
+        if selecting and "source" in batch:
           scalars.update(_source_shares(batch["source"], super_batch["source"], source_names))
+        common = progress(done)
         scalars.update({
-            "progress/examples": examples, "progress/flops": done * flops["charged"],
-            "progress/flops_amortised": done * flops["amortised"],
+            "progress/examples": common["examples"], "progress/flops": common["flops"],
+            "progress/flops_amortised": common["flops_amortised"],
+            "progress/train_elapsed_s": common["time/train_elapsed_s"],
             "progress/steps_per_sec": rate, "progress/examples_per_sec": rate * b,
             # this host's count up to the consumed batch, restored with the iterator
             "data/skipped_records": distributed.process_sum(
@@ -287,8 +311,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
           scalars[f"time/{part}_s"] = seconds
           scalars[f"time/{part}_fraction"] = seconds / total_split
         writer.write_scalars(done, scalars)
-        record = {"step": done, "examples": examples, "flops": done * flops["charged"],
-                  "flops_amortised": done * flops["amortised"], **scalars}
+        record = {**common, **scalars}
         jsonl.write(record)
         eta = (config.total_steps - done) / rate if rate == rate and rate > 0 else float("nan")
         log.info("step %d/%d | loss %.4f | %.2f steps/s | %.0f examples/s | input wait "
@@ -309,15 +332,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                         "saving the checkpoint (this evaluation is not rerun)", ev.name, done)
             preempted = True
             continue
+          timer.exclude(time.perf_counter() - t_ev)
           writer.write_scalars(done, results)
-          jsonl.write({"step": done, "examples": examples, "flops": done * flops["charged"],
-                       "flops_amortised": done * flops["amortised"], **results})
+          jsonl.write({**progress(done), **results})
           last.update(results)
           log.info("eval at step %d (%.1fs): %s", done, time.perf_counter() - t_ev,
                    ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
       if preempted:
-        checkpointer.save(done, state, prefetcher.state, config, force=True)
+        checkpointer.save(done, state, save_state(), config, force=True)
         checkpointer.wait()
         log.warning("%s: checkpoint at step %d saved in %s; rerun the same command "
                     "to resume", "stopped by Ctrl-C" if preemption.interrupted else "preempted",
@@ -326,7 +349,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         last["interrupted"] = preemption.interrupted
         return last
       if saving:
-        checkpointer.save(done, state, prefetcher.state, config,
+        checkpointer.save(done, state, save_state(), config,
                           force=done == config.total_steps)
   except BaseException:
     failed = True

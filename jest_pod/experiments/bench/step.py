@@ -99,6 +99,8 @@ def _uniform_twin(config):
   import ml_collections  # pylint: disable=g-import-not-at-top
   u = ml_collections.ConfigDict(config.to_dict())
   u.selection.method = "uniform"
+  u.selection.until = 1.0
+  u.distill.weight = 0.0  # the plain uniform step: what JEST's overhead is measured against
   p = config.model.image["patch_size"]
   u.flexi.score_patch_size = 0
   u.flexi.train_patch_sizes, u.flexi.train_fractions = (p,), (1.0,)
@@ -119,9 +121,8 @@ def _xla_train_flops(config) -> float:
   state, state_sh = state_lib.create_state(config, model, tx, mesh, jax.random.key(0))
   b, s, l = config.batch_size, config.model.image_size, config.input.max_text_len
   batch = {"image": jnp.zeros((b, s, s, 3), jnp.float32), "text": jnp.ones((b, l), jnp.int32)}
-  fn = jax.jit(step_lib.make_train_step(config, model, tx, schedule),
-               in_shardings=(state_sh, shd.batch_sharding(mesh)))
-  cost = fn.lower(state, batch).compile().cost_analysis()
+  fn = step_lib.jit_train_step(config, model, tx, schedule, mesh, state_sh)
+  cost = fn.lower(state, batch, None).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float((cost or {}).get("flops", float("nan"))) * jax.device_count()
