@@ -27,6 +27,11 @@ def test_demo_smoke_runs_all_stages_and_resumes(tmp_path, capsys):
     assert 0.0 <= runs[name]["zero_shot_top1"] <= 1.0
     assert 0.0 <= runs[name]["img2txt_recall@1"] <= 1.0
   assert os.path.getsize(os.path.join(workdir, "demo_curves.png")) > 1000
+  # The wall-clock view: each run's training seconds, in the table and in every reach note.
+  assert all(runs[n]["seconds"] > 0 for n in ("uniform", "jest", "reference"))
+  assert "seconds" in results["table"].splitlines()[0]
+  for short, hit in results["reaches_uniform"]["jest"].items():
+    assert hit is None or 0 <= hit["seconds"] <= runs["jest"]["seconds"] + 1e-6
 
   # A rerun skips every finished stage and rewrites the report.
   assert demo.main(argv) == 0

@@ -219,25 +219,33 @@ def _summarise(name: str, run_dir: str, config) -> dict:
          "steps": last.get("step", 0), "batch": config.batch_size,
          "super_batch": config_lib.num_super_batch(config),
          "examples": last.get("examples", 0), "flops": last.get("flops", 0.0),
-         "metric_keys": keys}
+         "seconds": last.get("time/train_elapsed_s", float("nan")), "metric_keys": keys}
   out["examples_scored"] = out["steps"] * out["super_batch"] if name.startswith("jest") else 0
   for short, key in keys.items():
     out[short] = _final(events, key)[0]
   return out
 
 
-def _examples_to_reach(run_dir: str, key: str, target: float):
-  """(examples, FLOPs) where `key` first reaches target, by the sweep's one definition
-  (sweep_report.examples_to_reach: interpolated between evaluations), else None."""
-  import numpy as np
+def _reach(run_dir: str, key: str, target: float) -> dict | None:
+  """{examples, flops, seconds} where `key` first reaches target, by the sweep's one
+  definition (sweep_report.crossing: interpolated between evaluations), else None."""
   from jest_pod.experiments import plot
-  from jest_pod.experiments.sweep_report import examples_to_reach
+  from jest_pod.experiments.sweep_report import at_crossing, crossing
   events = [e for e in plot.read_metrics(run_dir) if key in e]
-  xs = np.array([e["examples"] for e in events], float)
-  hit = examples_to_reach(xs, np.array([e[key] for e in events], float), target)
+  hit = crossing([e[key] for e in events], target)
   if hit is None:
     return None
-  return hit, float(np.interp(hit, xs, [e["flops"] for e in events]))
+  return {axis: at_crossing([e.get(k, float("nan")) for e in events], hit)
+          for axis, k in (("examples", "examples"), ("flops", "flops"),
+                          ("seconds", "time/train_elapsed_s"))}
+
+
+def _machine() -> str:
+  from jest_pod import runinfo
+  cpu = runinfo.cpu_info()
+  load = cpu["load_average"]
+  return (f"{cpu['model']}, {cpu['usable']} of {cpu['count']} cores"
+          + (f", 1-min load {load[0]:.1f} at the report" if load else ""))
 
 
 def _plot(workdir: str, runs: dict, path: str) -> str:
@@ -245,8 +253,9 @@ def _plot(workdir: str, runs: dict, path: str) -> str:
   plt = plot.pyplot()
   panels = [("zero_shot_top1", "examples", "zero-shot top-1 (eval_fashion)"),
             ("img2txt_recall@1", "examples", "retrieval recall@1 image→text"),
-            ("zero_shot_top1", "flops", "zero-shot top-1 vs FLOPs")]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=110)
+            ("zero_shot_top1", "flops", "zero-shot top-1 vs FLOPs"),
+            ("zero_shot_top1", "seconds", "zero-shot top-1 vs wall-clock (this machine)")]
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.4), dpi=110)
   for ax, (short, x, title) in zip(axes, panels):
     for name in [n for n in ("uniform", "jest", "jest_hf_reference") if n in runs]:
       r = runs[name]
@@ -297,13 +306,13 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
     j["flops_incl_reference_training"] = j["flops"] + ref_flops
     for short in ("zero_shot_top1", "img2txt_recall@1", "txt2img_recall@1"):
       key = j["metric_keys"][short]
-      hit = _examples_to_reach(j["run_dir"], key, u[short]) if key else None
-      reach.setdefault(jest, {})[short] = (
-          {"examples": hit[0], "flops": hit[1], "flops_incl_reference_training": hit[1] + ref_flops}
-          if hit else None)
+      hit = _reach(j["run_dir"], key, u[short]) if key else None
+      if hit:
+        hit["flops_incl_reference_training"] = hit["flops"] + ref_flops
+      reach.setdefault(jest, {})[short] = hit
   lines = [
       f"{'run':<18} {'zero-shot':>9} {'R@1 i→t':>8} {'R@1 t→i':>8} {'examples':>9} "
-      f"{'scored':>8} {'FLOPs':>9} {'FLOPs+ref':>9}",
+      f"{'scored':>8} {'FLOPs':>9} {'FLOPs+ref':>9} {'seconds':>8}",
   ]
   lines.append("-" * len(lines[0]))
   for name in [n for n in ("uniform", "jest", "jest_hf_reference", "reference",
@@ -313,7 +322,7 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
     lines.append(f"{name:<18} {r['zero_shot_top1']:>9.3f} {r['img2txt_recall@1']:>8.3f} "
                  f"{r['txt2img_recall@1']:>8.3f} {r['examples']:>9d} "
                  f"{r['examples_scored']:>8d} {r['flops']:>9.3g} "
-                 f"{(f'{plus:.3g}' if plus is not None else '-'):>9}")
+                 f"{(f'{plus:.3g}' if plus is not None else '-'):>9} {r['seconds']:>8.0f}")
   table = "\n".join(lines)
   ref_flops = runs["reference"]["flops"]
   notes = [
@@ -323,6 +332,8 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
       "forward); FLOPs+ref adds the reference's own training "
       f"({ref_flops:.3g} FLOPs on the curated set; reference row: trained on curated, "
       "evaluated on the same held-out sets).",
+      "seconds = the run's training wall-clock on this machine, evaluations left out "
+      f"({_machine()}); CPU time is noisy: `jest-pod sweep` measures the spread over seeds.",
   ]
   if "jest_hf_reference" in runs:
     notes.append("jest_hf_reference: the same JEST run with a SigLIP-family reference "
@@ -337,7 +348,8 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
                      f"of uniform's), {hit['flops']:.3g} FLOPs "
                      f"({hit['flops'] / max(u['flops'], 1):.2f}× uniform's; "
                      f"{hit['flops_incl_reference_training'] / max(u['flops'], 1):.2f}× with "
-                     "reference training)")
+                     f"reference training), {hit['seconds']:.0f} s of training "
+                     f"({hit['seconds'] / u['seconds']:.2f}× uniform's wall-clock)")
       else:
         notes.append(f"{jest} did not reach uniform's final {short} ({u[short]:.3f}) "
                      "within the run")

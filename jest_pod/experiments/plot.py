@@ -16,9 +16,10 @@ import json
 import os
 import sys
 
-X_KEYS = {"examples": "examples", "flops": "flops", "steps": "step"}
+X_KEYS = {"examples": "examples", "flops": "flops", "steps": "step",
+          "seconds": "time/train_elapsed_s"}
 X_LABELS = {"examples": "training examples seen", "flops": "FLOPs (training + scoring + reference)",
-            "steps": "step"}
+            "steps": "step", "seconds": "training wall-clock seconds (evaluations left out)"}
 
 
 class PlotError(ValueError):

@@ -359,9 +359,8 @@ def plot_curves(analysis, runs, labels: dict[str, str], path, title):
       ax.set_title(metric, fontsize=9)
       ax.grid(True, alpha=0.3)
   axes[0, 0].legend(fontsize=7)
-  fig.suptitle(f"{title} — mean over seeds, band = min–max; dashed = a baseline (uniform), "
-               "dotted = its final",
-               fontsize=10)
+  fig.suptitle(f"{title}\nmean over seeds, band = min–max; dashed = a baseline (uniform), "
+               "dotted = its final", fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

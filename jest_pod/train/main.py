@@ -296,7 +296,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         scalars.update({
             "progress/examples": common["examples"], "progress/flops": common["flops"],
             "progress/flops_amortised": common["flops_amortised"],
-            "progress/train_elapsed_s": common["time/train_elapsed_s"],
+            "time/train_elapsed_s": common["time/train_elapsed_s"],
+            "host/load1": common["host/load1"],
             "progress/steps_per_sec": rate, "progress/examples_per_sec": rate * b,
             # this host's count up to the consumed batch, restored with the iterator
             "data/skipped_records": distributed.process_sum(
