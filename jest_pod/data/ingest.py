@@ -56,6 +56,7 @@ import time
 import warnings
 from typing import Iterator
 
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
 from jest_pod import lockfile
@@ -257,7 +258,6 @@ class ShardWriter:
 
   def add(self, data: bytes, source: str) -> None:
     """Appends one serialized record (records.encode output) from `source`."""
-    from array_record.python.array_record_module import ArrayRecordWriter
     if self._writer is None:
       path = os.path.join(self.out_dir, f".{self.name}-{len(self._tmp_paths):05d}.array_record.tmp")
       # group_size:1 keeps random access (Grain's global shuffle) one read per record.
@@ -507,7 +507,6 @@ def _ingest(input_path, output, *, name, source, max_side, shard_size, workers, 
 
 def iter_records(data_dir: str) -> Iterator[records.Record]:
   """Reads back every record of a data set folder in order (tests, tools; not the pipeline)."""
-  from array_record.python.array_record_module import ArrayRecordReader
   for path in manifest_lib.shard_paths(data_dir):
     r = ArrayRecordReader(path)
     try:
