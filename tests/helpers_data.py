@@ -12,7 +12,7 @@ import numpy as np
 from array_record.python import array_record_module
 from PIL import Image
 
-from jest_pod.data import records, tokenizer
+from jest_pod.data import records, sources, tokenizer
 
 COLOURS = ["red", "green", "blue", "yellow"]
 BAD_PROTO = b"\xff\xfe this is not a tf.train.Example"
@@ -68,3 +68,39 @@ def write_dataset(data_dir: str, n: int, *, num_shards: int = 2, origin: str = "
       f"a {c} {w}" for c in COLOURS for w in ("thing", "dog", "shape", "square")]
   tokenizer.train_tokenizer(captions, os.path.join(data_dir, "tokenizer"), vocab_size)
   return data_dir
+
+
+def mem_kind(folder: str) -> sources.SourceKind:
+  """The tests' "mem" source kind, registered with `monkeypatch.setitem(sources.KINDS,
+  "mem", mem_kind(folder))`: "mem:N" is the first N records of `folder` held in memory,
+  "mem:N:labelled" the same with the folder's class names. The root "mem" holds the sets
+  `web` (all of it), `eval_labelled` and `eval_captions` (8 records each). Every
+  function goes through the folder kind's public parts only, never its files."""
+  folder_kind = sources.KINDS[sources.FOLDER]
+  folder_manifest = folder_kind.manifest(folder)
+  names = list(folder_manifest["sources"])
+
+  def parse(spec):
+    parts = spec.split(":")
+    return int(parts[1]), parts[2:] == ["labelled"]
+
+  def open_mem(spec):
+    src, _ = folder_kind.open(folder)
+    return [src[i] for i in range(parse(spec)[0])], list(names)
+
+  def manifest(spec):
+    out = {"sources": list(names)}
+    if parse(spec)[1]:
+      out["class_names"] = list(folder_manifest["class_names"])
+    return out
+
+  def sets(root):
+    del root
+    n = folder_manifest["num_examples"]
+    return {"web": f"mem:{n}", "eval_labelled": "mem:8:labelled", "eval_captions": "mem:8"}
+
+  return sources.SourceKind(
+      open=open_mem, manifest=manifest, tokenizer=lambda spec: folder_kind.tokenizer(folder),
+      fingerprint=lambda spec: {"num_examples": parse(spec)[0],
+                                "of": folder_kind.fingerprint(folder)},
+      captions=lambda spec: sources.read_captions(open_mem(spec)[0]), sets=sets)

@@ -259,7 +259,9 @@ def test_a_new_source_kind_is_one_registry_entry(toy, monkeypatch):
   mem_names = list(folder.manifest(toy)["sources"])  # the kind's own copy of the names
   kind = sources.SourceKind(open=lambda spec: (open_mem(spec)[0], mem_names),
                             manifest=lambda spec: {"sources": mem_names},
-                            tokenizer=lambda spec: folder.tokenizer(toy))
+                            tokenizer=lambda spec: folder.tokenizer(toy),
+                            fingerprint=lambda spec: {"num_examples": int(spec[4:])},
+                            captions=lambda spec: sources.read_captions(open_mem(spec)[0]))
   monkeypatch.setitem(sources.KINDS, "mem", kind)
   assert sources.scheme("mem:5") == "mem" and not sources.is_folder("mem:5")
   assert sources.source_names(_config("mem:5")) == mem_names  # read through the kind
@@ -359,3 +361,35 @@ def test_in_process_order_equals_grain_prefetch(toy_bad):
   want, got = iter(want), _train(config, 4)
   for _ in range(6):
     _assert_batches_equal(next(got), next(want))
+
+
+def test_a_source_kind_owns_its_fingerprint_captions_and_sets(toy, monkeypatch, tmp_path):
+  # What the reference cache, the tokenizer trainer and eval discovery ask a kind: the
+  # folder answers from its files, "mem" (tests/helpers_data.mem_kind) through the registry.
+  monkeypatch.setitem(sources.KINDS, "mem", helpers_data.mem_kind(toy))
+  fp = sources.fingerprint(toy)
+  assert fp["num_examples"] == 20 and len(fp["shards"]) == 2
+  assert sources.fingerprint("mem:5") == {"num_examples": 5, "of": fp}
+  assert sources.fingerprint("mem:5") != sources.fingerprint("mem:6")
+  want = [helpers_data.toy_record(i).text for i in range(20)]
+  assert list(sources.captions(toy)) == want
+  assert list(sources.captions("mem:5")) == want[:5]
+  assert list(sources.captions("virtual:3")) == [virtual.record(i).text for i in range(3)]
+  assert sources.fingerprint("virtual:3")["num_examples"] == 3
+  assert sources.exists(toy) and sources.exists("mem:5") and sources.exists("virtual")
+  os.symlink(toy, tmp_path / "eval_toy")
+  os.makedirs(tmp_path / "eval_unbuilt")  # no manifest: not a data set
+  assert not sources.exists(str(tmp_path / "eval_unbuilt"))
+  assert sources.sets(str(tmp_path)) == {"eval_toy": str(tmp_path / "eval_toy")}
+  assert sources.sets("mem") == {"eval_captions": "mem:8", "eval_labelled": "mem:8:labelled",
+                                 "web": "mem:20"}
+  assert sources.sets("virtual") == {}
+
+
+def test_captions_skip_unreadable_records(toy_bad):
+  # Both paths skip what the pipeline skips: the folder's sequential reader and
+  # `read_captions` over a random-access source (other kinds' default).
+  want = [helpers_data.toy_record(i).text for i in range(20) if i != 3]
+  assert list(sources.captions(toy_bad)) == want
+  assert list(sources.read_captions(sources.open_source(toy_bad)[0])) == want
+

@@ -11,6 +11,7 @@ import pytest
 
 from jest_pod import checkpoint
 from jest_pod.data import reference_cache
+from jest_pod.data import sources
 from jest_pod.data.toy import build_toy
 from jest_pod.interop import formats
 from jest_pod.jest import reference as reference_lib
@@ -21,6 +22,7 @@ from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.models import flops as flops_lib
 from jest_pod.parallel import sharding
 from jest_pod.train import main as train_main
+from tests import helpers_data
 from train_helpers import read_metrics, tiny_config
 
 N = 256
@@ -173,6 +175,25 @@ def test_default_cache_path(setup, tmp_path):
   assert reference_cache.default_path(str(tmp_path)) is None
   os.makedirs(tmp_path / "reference_cache")  # a folder without meta.json is no cache
   assert reference_cache.default_path(str(tmp_path)) is None
+
+
+def test_a_cache_of_any_source_kind(setup, tmp_path, monkeypatch):
+  """The cache is keyed by the source kind's fingerprint (`sources.fingerprint`): a "mem"
+  source (tests/helpers_data.mem_kind) builds, opens and is refused for other records as
+  a folder is."""
+  toy, ref, path = setup
+  monkeypatch.setitem(sources.KINDS, "mem", helpers_data.mem_kind(toy))
+  out = str(tmp_path / "mem_cache")
+  assert reference_lib.build_cache("mem:100", ref, output=out, batch_size=64) == out
+  cache = _open(out, "mem:100", ref)
+  assert cache.store.meta["fingerprint"]["data"] == sources.fingerprint("mem:100")
+  assert cache.store.num_examples == 100
+  idx = np.arange(100)  # the first 100 records of the folder: the folder's cache rows
+  for got, want in zip(cache.store.lookup(idx), _open(path, toy, ref).store.lookup(idx)):
+    np.testing.assert_allclose(got, want, atol=1e-2)
+  with pytest.raises(reference_cache.ReferenceCacheError, match="other data than mem:90"):
+    _open(out, "mem:90", ref)
+  assert reference_cache.default_path("mem:100") is None  # no folder to hold one
 
 
 def test_rebuild_replaces_the_cache(setup, tmp_path):

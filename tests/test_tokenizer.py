@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from jest_pod.data import tokenizer
+from jest_pod.data import sources, tokenizer
 from tests import helpers_data
 
 TEXTS = [f"a {c} {s} number {i}" for i in range(50) for c in ("red", "blue", "green")
@@ -98,3 +98,18 @@ def test_more_distinct_characters_than_pieces_still_trains(tmp_path):
   assert tok.encode_batch(["apple"], 8)[0][0] != tokenizer.UNK_ID
   unknown = sum(tokenizer.UNK_ID in tok.encode_batch([r], 8)[0] for r in rare)
   assert 0 < unknown < len(rare)  # the rarest are unk; what fits keeps its own piece
+
+
+def test_cli_trains_on_any_source_kind(tmp_path, monkeypatch, capsys):
+  # The trainer reads captions through the kind (`sources.captions`), not the folder.
+  d = helpers_data.write_dataset(str(tmp_path / "d"), 12)
+  monkeypatch.setitem(sources.KINDS, "mem", helpers_data.mem_kind(d))
+  out = str(tmp_path / "mem" / "tok.model")
+  assert tokenizer.main(["--data", "mem:7", "--vocab-size", "40", "--output", out]) == 0
+  with open(tmp_path / "mem" / "tokenizer.json") as f:
+    info = json.load(f)
+  assert info["num_captions"] == 7 and info["data"] == "mem:7" and info["model"] == "tok.model"
+  assert tokenizer.Tokenizer(out).vocab_size == info["vocab_size"] <= 40
+  # A kind with no tokenizer of its own needs --output.
+  assert tokenizer.main(["--data", "virtual:5"]) == 2
+  assert "pass --output" in capsys.readouterr().err

@@ -457,17 +457,12 @@ DEMO_EVAL_SETS = {"eval_fashion": "zeroshot", "eval_retrieval": "retrieval"}
 
 
 def eval_sets(data_root: str) -> dict[str, str]:
-  """The evaluation sets beside a pool's web set: {folder name: evaluator type} for each
-  ROOT/eval_*/ with a manifest; zero-shot when the manifest names classes, else
-  retrieval. A root without any (not built yet) gets the demo pool's two sets."""
-  from jest_pod.data import manifest  # pylint: disable=g-import-not-at-top
-  found = {}
-  names = sorted(os.listdir(data_root)) if os.path.isdir(data_root) else []
-  for name in names:
-    path = os.path.join(data_root, name)
-    if name.startswith("eval_") and os.path.exists(os.path.join(path, manifest.MANIFEST)):
-      m = manifest.read(path, check_files=False)  # a damaged one: a clear error here
-      found[name] = "zeroshot" if m.get("class_names") else "retrieval"
+  """The evaluation sets beside a pool's web set: {set name: evaluator type} for each
+  eval_* set under the root (`evaluators.base.discover`: listed by the root's source kind,
+  typed by the evaluator registry). A root without any (not built yet) gets the demo
+  pool's two sets."""
+  from jest_pod.evaluators import base  # pylint: disable=g-import-not-at-top
+  found = {name: s["type"] for name, s in base.discover(data_root).items()}
   return found or dict(DEMO_EVAL_SETS)
 
 

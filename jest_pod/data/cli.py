@@ -17,6 +17,9 @@ import importlib
 import logging
 import sys
 
+from jest_pod import errors, lockfile
+from jest_pod.data import builders, ingest, system_packages
+
 DELEGATES = {
     "tokenizer": "jest_pod.data.tokenizer",
     "cache-reference": "jest_pod.jest.reference",
@@ -25,7 +28,6 @@ DELEGATES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-  from jest_pod.data.builders import BUILDERS
   p = argparse.ArgumentParser(prog="jest-pod data", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
@@ -50,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip (unread) image files/tar members larger than this "
                         "(default: ingest.MAX_IMAGE_BYTES, 64 MiB)")
   b = sub.add_parser("build", help="build a real offline data set from Debian packages")
-  b.add_argument("name", choices=sorted(BUILDERS))
+  b.add_argument("name", choices=sorted(builders.BUILDERS))
   b.add_argument("--output", required=True)
   b.add_argument("--limit", type=int, default=None, help="cap each collection (fast tests)")
   b.add_argument("--overwrite", action="store_true")
@@ -63,8 +65,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _failure(command: str, e: BaseException, output: str | None) -> str:
   """The one line a failed ingest/build ends with: the path and what to do."""
-  from jest_pod import errors, lockfile  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import ingest, system_packages  # pylint: disable=g-import-not-at-top
   if isinstance(e, (lockfile.FolderBusy, ingest.OutputNotEmptyError, ValueError,
                     system_packages.MissingPackageError)):
     return str(e)
@@ -79,7 +79,6 @@ def _failure(command: str, e: BaseException, output: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from jest_pod import errors  # pylint: disable=g-import-not-at-top
   argv = errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv))
   if argv and argv[0] in DELEGATES:  # their own argparse: pass the rest through untouched
     try:
@@ -95,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
   if not logging.getLogger().handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
-  from jest_pod.data import ingest
   try:
     if args.command == "ingest":
       ingest.ingest(args.input, args.output, name=args.name, source=args.source,
@@ -103,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
                     overwrite=args.overwrite, image_format=args.image_format,
                     follow_symlinks=args.follow_symlinks, max_image_bytes=args.max_image_bytes)
     else:
-      from jest_pod.data import builders
       # Options only some builders take (`build` refuses them for the others).
       extra = {} if args.image_size is None else {"image_size": args.image_size}
       builders.build(args.name, args.output, limit=args.limit, overwrite=args.overwrite,

@@ -56,6 +56,7 @@ import time
 import warnings
 from typing import Iterator
 
+from array_record.python import array_record_module
 from PIL import Image
 
 from jest_pod import lockfile
@@ -257,11 +258,10 @@ class ShardWriter:
 
   def add(self, data: bytes, source: str) -> None:
     """Appends one serialized record (records.encode output) from `source`."""
-    from array_record.python.array_record_module import ArrayRecordWriter
     if self._writer is None:
       path = os.path.join(self.out_dir, f".{self.name}-{len(self._tmp_paths):05d}.array_record.tmp")
       # group_size:1 keeps random access (Grain's global shuffle) one read per record.
-      self._writer = ArrayRecordWriter(path, "group_size:1")
+      self._writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
       self._tmp_paths.append(path)
       self._counts.append(0)
     self._writer.write(data)
@@ -507,9 +507,8 @@ def _ingest(input_path, output, *, name, source, max_side, shard_size, workers, 
 
 def iter_records(data_dir: str) -> Iterator[records.Record]:
   """Reads back every record of a data set folder in order (tests, tools; not the pipeline)."""
-  from array_record.python.array_record_module import ArrayRecordReader
   for path in manifest_lib.shard_paths(data_dir):
-    r = ArrayRecordReader(path)
+    r = array_record_module.ArrayRecordReader(path)
     try:
       for data in r.read_all():
         yield records.decode(data)

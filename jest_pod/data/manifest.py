@@ -20,6 +20,7 @@ import tempfile
 import time
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"  # a folder's own tokenizer (`jest-pod data tokenizer`)
 FORMAT = "array_record/tf.train.Example (jest_pod.data.records)"
 REQUIRED = ("name", "num_examples", "shards", "skipped", "sources", "source_counts",
             "image_max_side", "created_by")

@@ -49,7 +49,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from jest_pod.data import decode, prefetch, records, sources
 from jest_pod.data import tokenizer as tokenizer_lib
@@ -150,7 +152,6 @@ def _ensure_absl_flags_parsed():
   """Grain reads its absl flags when it starts workers (parent) and inside them; a
   program that never ran absl's app.run (pytest, notebooks, our CLI) would raise
   UnparsedFlagAccessError. Mark them parsed: the defaults are what we want."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -168,7 +169,6 @@ def _init_worker(worker_index: int, worker_count: int):
 
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:

@@ -24,7 +24,12 @@ import os
 import shutil
 import zlib
 
+import jax
 import numpy as np
+import tensorstore as ts
+from jax.experimental import multihost_utils
+
+from jest_pod.data import sources
 
 CACHE_DIR = "reference_cache"
 META = "meta.json"
@@ -61,7 +66,6 @@ def join(path: str, name: str) -> str:
 def read_meta(path: str) -> dict | None:
   """meta.json of the cache at `path`, or None when there is none (missing/incomplete);
   ReferenceCacheError naming the file when it does not parse."""
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
   if is_local(path) and not os.path.isdir(path):
     return None
   r = ts.KvStore.open(_kvstore(path)).result().read(META).result()
@@ -75,20 +79,15 @@ def read_meta(path: str) -> dict | None:
 
 
 def default_path(data_dir: str) -> str | None:
-  """DATA/reference_cache when it holds a complete cache (meta.json), else None."""
+  """DATA/reference_cache when it holds a complete cache (meta.json), else None (also for
+  a source kind other than a folder: it has no folder to hold one)."""
+  if not sources.is_folder(data_dir):
+    return None
   path = join(data_dir, CACHE_DIR)
   try:
     return path if read_meta(path) is not None else None
   except Exception:  # pylint: disable=broad-except  (no cache here: the forward pass)
     return None
-
-
-def data_fingerprint(data_dir: str) -> dict:
-  """What identifies the records of a data set: its count and each shard's checksum."""
-  from jest_pod.data import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
-  m = manifest_lib.read(data_dir)
-  return {"num_examples": m["num_examples"],
-          "shards": [[s["file"], s.get("sha256", ""), s["num_records"]] for s in m["shards"]]}
 
 
 def row_checksums(image: np.ndarray, text: np.ndarray) -> np.ndarray:
@@ -103,7 +102,6 @@ def _spec(path: str, name: str) -> dict:
 
 
 def _create(path: str, rows: int, dim: int) -> None:
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
   shapes = {"image": ([rows, dim], "bfloat16"), "text": ([rows, dim], "bfloat16"),
             "check": ([rows], "uint32")}
   for name, (shape, dtype) in shapes.items():
@@ -121,7 +119,6 @@ def _create(path: str, rows: int, dim: int) -> None:
 
 
 def _open(path: str, cache_bytes: int = 64 << 20):
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
   # One context: the pool caches shard indices (16 bytes per row) and recent rows.
   ctx = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
   try:
@@ -133,9 +130,7 @@ def _open(path: str, cache_bytes: int = 64 << 20):
 
 
 def _barrier(name: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 
@@ -160,7 +155,6 @@ class Writer:
         shutil.rmtree(self.work, ignore_errors=True)
         os.makedirs(self.work)
       elif read_meta(output) is not None:
-        import tensorstore as ts  # pylint: disable=import-outside-toplevel
         ts.KvStore.open(_kvstore(output)).result().delete(META).result()
       _create(self.work, process_count * self.rows_per_process, dim)
     _barrier("reference_cache:created")
@@ -190,7 +184,6 @@ class Writer:
     self.flush()
     _barrier("reference_cache:written")
     if self.process_index == 0:
-      import tensorstore as ts  # pylint: disable=import-outside-toplevel
       meta = {"format": FORMAT, "layout": self.layout, **meta}
       ts.KvStore.open(_kvstore(self.work)).result().write(
           META, json.dumps(meta, indent=1).encode()).result()

@@ -4,13 +4,15 @@ A spec names its kind by a scheme prefix: `"virtual"` / `"virtual:N"` is the vir
 source (`virtual.py`); anything else is a data set folder (manifest.json + ArrayRecord
 shards). `KINDS` maps each scheme to a `SourceKind`, and every caller that needs to know
 what a spec is goes through it (`kind`, `open_source`, `manifest_of`, `tokenizer_path`,
-`is_folder`), never through string tests of its own.
+`fingerprint`, `captions`, `exists`, `sets`, `is_folder`), never through string tests or
+folder reads of its own.
 
 Adding a source kind (say `gs://` or `hf://`) is one entry in `KINDS`, e.g.
-`"hf": SourceKind(open=hf.open_source, manifest=hf.manifest, tokenizer=hf.tokenizer_path)`,
-plus its own module `jest_pod/data/hf.py` implementing those three functions; the
-pipeline, evaluators, tokenizer resolution and config validation then accept `hf:...`
-specs unchanged.
+`"hf": SourceKind(open=hf.open_source, manifest=hf.manifest, tokenizer=hf.tokenizer_path,
+fingerprint=hf.fingerprint, captions=hf.captions)`, plus its own module
+`jest_pod/data/hf.py` implementing those functions; the pipeline, evaluators, eval-set
+discovery, tokenizer resolution and training, the reference cache, `bench step` and config
+validation then accept `hf:...` specs unchanged.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from array_record.python import array_record_module
 
 from jest_pod.data import manifest as manifest_lib
+from jest_pod.data import records
 from jest_pod.data import virtual
-from jest_pod.data.tokenizer import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -165,28 +168,90 @@ def _open_folder(spec: str):
   return _SafeSource(spec, shards), list(manifest.get("sources", []))
 
 
+def _folder_fingerprint(spec: str) -> dict:
+  # The shard checksums the writer recorded: no record is read (a pod-scale pool is TBs).
+  m = manifest_lib.read(spec)
+  return {"num_examples": m["num_examples"],
+          "shards": [[s["file"], s.get("sha256", ""), s["num_records"]] for s in m["shards"]]}
+
+
+def _folder_captions(spec: str) -> Iterable[str]:
+  # Shard by shard with a sequential reader: faster than the random-access source.
+  for path in manifest_lib.shard_paths(spec):
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      for i in range(reader.num_records()):
+        try:
+          yield records.decode(reader.read([i])[0]).text
+        except records.RecordError:
+          continue  # the pipeline skips these too
+    finally:
+      reader.close()
+
+
+def _folder_exists(spec: str) -> bool:
+  return os.path.exists(os.path.join(spec, manifest_lib.MANIFEST))
+
+
+def _folder_sets(root: str) -> dict[str, str]:
+  names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  return {n: os.path.join(root, n) for n in names if _folder_exists(os.path.join(root, n))}
+
+
+def read_captions(source) -> Iterable[str]:
+  """Every caption of a random-access source of serialized records, in index order,
+  skipping records that cannot be read or decoded (as the pipeline does): a kind's
+  `captions` when it has no faster sequential path."""
+  for i in range(len(source)):
+    raw = source[i]
+    if isinstance(raw, Unreadable):
+      continue
+    try:
+      yield records.decode(raw).text
+    except records.RecordError:
+      continue
+
+
 # ---------------------------------------------------------------------------------------
 # The registry.
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceKind:
-  """How specs of one kind open. Every function takes the spec string."""
+  """How specs of one kind open, and what else the workflow needs to know of them. Every
+  function takes the spec string."""
   # -> (grain random-access source of serialized records, source names [str])
   open: Callable[[str], tuple[Any, list[str]]]
   # -> the manifest fields the kind can tell without reading records: `sources` (the
-  # names batch["source"] indexes), `image_max_side`, ... ({} when it knows none)
+  # names batch["source"] indexes), `image_max_side`, `class_names`, ... ({} when it
+  # knows none)
   manifest: Callable[[str], Mapping]
-  # -> path of the data's own tokenizer.model, or None when the kind has none
+  # -> path of the data's own tokenizer.model (also where `jest-pod data tokenizer`
+  # writes one by default), or None when the kind has none
   tokenizer: Callable[[str], str | None]
+  # -> JSON-able identity of the records: equal fingerprints mean the same records at
+  # the same indices (the reference cache is keyed by it); holds "num_examples"
+  fingerprint: Callable[[str], Mapping]
+  # -> every caption, in index order, skipping unreadable records (the tokenizer
+  # trainer); `read_captions(source)` serves any kind
+  captions: Callable[[str], Iterable[str]]
+  # -> whether the spec names data that is there (a scheme-named source is assumed to
+  # be; it fails when opened)
+  exists: Callable[[str], bool] = lambda spec: True
+  # -> the data sets under a root spec, {name: spec} (a pool's root: web, curated,
+  # eval_*; eval-set discovery reads it), {} for a kind without roots
+  sets: Callable[[str], Mapping[str, str]] = lambda root: {}
 
 
 FOLDER = "folder"
 KINDS: dict[str, SourceKind] = {
     FOLDER: SourceKind(open=_open_folder, manifest=_folder_manifest,
-                       tokenizer=lambda spec: os.path.join(spec, MODEL_NAME)),
+                       tokenizer=lambda spec: os.path.join(spec, manifest_lib.TOKENIZER),
+                       fingerprint=_folder_fingerprint, captions=_folder_captions,
+                       exists=_folder_exists, sets=_folder_sets),
     virtual.PREFIX: SourceKind(open=virtual.open_source, manifest=virtual.manifest,
-                               tokenizer=lambda spec: None),
+                               tokenizer=lambda spec: None, fingerprint=virtual.fingerprint,
+                               captions=virtual.captions),
 }
 
 
@@ -218,6 +283,26 @@ def manifest_of(spec: str) -> Mapping:
 def tokenizer_path(spec: str) -> str | None:
   """The spec's own tokenizer.model (None: the kind has none)."""
   return kind(spec).tokenizer(spec)
+
+
+def fingerprint(spec: str) -> dict:
+  """What identifies the spec's records (the reference cache's `fingerprint.data`)."""
+  return dict(kind(spec).fingerprint(spec))
+
+
+def captions(spec: str) -> Iterable[str]:
+  """Every caption of the spec's records, in index order (unreadable ones skipped)."""
+  return kind(spec).captions(spec)
+
+
+def exists(spec: str) -> bool:
+  """Whether the spec names data that is there (a folder: it holds a manifest)."""
+  return kind(spec).exists(spec)
+
+
+def sets(root: str) -> dict[str, str]:
+  """The data sets under a root spec, {name: spec}, sorted by name."""
+  return dict(sorted(kind(root).sets(root).items()))
 
 
 def _names(spec: str) -> list[str]:

@@ -1,7 +1,9 @@
 """The text tokenizer: a sentencepiece model and the rule that turns a caption into ids.
 
-`jest-pod data tokenizer --data DIR --vocab-size N` writes `DIR/tokenizer.model` and
-`DIR/tokenizer.json` ({vocab_size, sha256, num_captions, ...}). Ids: 0 = pad (the
+`jest-pod data tokenizer --data SPEC --vocab-size N [--output PATH]` trains on the
+captions of any source kind (`sources.captions`) and writes PATH (default: the kind's own
+tokenizer path, `DIR/tokenizer.model` for a folder) and the `tokenizer.json` beside it
+({vocab_size, sha256, num_captions, ...}). Ids: 0 = pad (the
 contract of the host batch), 1 = unk, 2 = bos, 3 = eos; text is lowercased by the
 normaliser (`nmt_nfkc_cf`) so that "Dog" and "dog" share ids.
 
@@ -34,13 +36,13 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from jest_pod.data import sources
 from jest_pod.data.input_config import cfg_get
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TEXT_STYLES = ("plain", "siglip", "siglip_cased")
 EOS_PIECE = "</s>"  # SigLIP's EOS and pad piece (id 1 in c4_en, 3 in this project's models)
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-MODEL_NAME = "tokenizer.model"
 INFO_NAME = "tokenizer.json"
 
 
@@ -206,7 +208,6 @@ def resolve(input_config: Any = None, explicit: Any = None) -> Tokenizer:
     if not first_dir:
       raise TokenizerError("no tokenizer: config.input sets neither `tokenizer` nor a "
                            "`data`/`mixture` folder holding tokenizer.model")
-    from jest_pod.data import sources  # pylint: disable=import-outside-toplevel
     spec = sources.tokenizer_path(str(first_dir))
     if spec is None:
       raise TokenizerError(
@@ -232,43 +233,37 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         f"Set config.model.text.vocab_size >= {tokenizer.vocab_size}.")
 
 
-def iter_captions(data_dir: str) -> Iterable[str]:
-  """Yields every caption of a data set folder (manifest.json + shards), in order."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import records  # pylint: disable=g-import-not-at-top
-  for path in manifest_lib.shard_paths(data_dir):
-    reader = array_record_module.ArrayRecordReader(path)
-    try:
-      for i in range(reader.num_records()):
-        try:
-          yield records.decode(reader.read([i])[0]).text
-        except records.RecordError:
-          continue  # the pipeline skips these too
-    finally:
-      reader.close()
-
-
 def main(argv: list[str]) -> int:
-  """`jest-pod data tokenizer --data DIR --vocab-size N`."""
+  """`jest-pod data tokenizer --data SPEC --vocab-size N [--output PATH]`."""
   p = argparse.ArgumentParser(prog="jest-pod data tokenizer",
-                              description="train DIR/tokenizer.model on DIR's captions")
-  p.add_argument("--data", required=True, help="data set folder (manifest.json + shards)")
+                              description="train a tokenizer on a data set's captions")
+  p.add_argument("--data", required=True,
+                 help="data set: a folder (manifest.json + shards) or another source kind's "
+                      "spec (jest_pod.data.sources.KINDS)")
   p.add_argument("--vocab-size", type=int, default=8000,
                  help="maximum vocabulary size (smaller corpora get fewer pieces)")
+  p.add_argument("--output", default=None,
+                 help="the .model to write (default: the data set's own, DIR/tokenizer.model)")
   args = p.parse_args(argv)
-  if not os.path.exists(os.path.join(args.data, "manifest.json")):
+  if not sources.exists(args.data):
     print(f"jest-pod data tokenizer: {args.data!r} has no manifest.json; "
           f"build or ingest a data set there first", file=sys.stderr)
     return 2
-  captions = list(iter_captions(args.data))
-  path = train_tokenizer(captions, os.path.join(args.data, "tokenizer"), args.vocab_size)
+  output = args.output or sources.tokenizer_path(args.data)
+  if not output:
+    print(f"jest-pod data tokenizer: the {sources.scheme(args.data)} source has no place "
+          "for a tokenizer of its own: pass --output PATH.model", file=sys.stderr)
+    return 2
+  prefix = output[:-len(".model")] if output.endswith(".model") else output
+  captions = list(sources.captions(args.data))
+  path = train_tokenizer(captions, prefix, args.vocab_size)
   tok = Tokenizer(path)
   info = {"vocab_size": tok.vocab_size, "requested_vocab_size": args.vocab_size,
-          "sha256": tok.sha256, "num_captions": len(captions), "model": MODEL_NAME,
+          "sha256": tok.sha256, "num_captions": len(captions),
+          "model": os.path.basename(path), "data": args.data,
           "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
           "normalization": "nmt_nfkc_cf"}
-  with open(os.path.join(args.data, INFO_NAME), "w") as f:
+  with open(os.path.join(os.path.dirname(os.path.abspath(path)), INFO_NAME), "w") as f:
     json.dump(info, f, indent=2)
   print(f"wrote {path}: vocab_size={tok.vocab_size} from {len(captions)} captions, "
         f"sha256={tok.sha256[:16]}…")

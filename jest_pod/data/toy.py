@@ -16,6 +16,9 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.data.builders import Example, write_examples
+
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220),
           "yellow": (230, 210, 40), "purple": (150, 60, 190), "white": (245, 245, 245)}
@@ -41,8 +44,6 @@ def build_toy(out_dir: str, n: int = 512, *, noise: float = 0.0, seed: int = 0,
               image_size: int = 32, vocab_size: int = 64, shards: int = 2,
               labelled: bool = True, duplicate_images: float = 0.0) -> str:
   """Writes `n` examples into `out_dir` (manifest.json, shards, tokenizer.model)."""
-  from jest_pod.data import tokenizer as tokenizer_lib
-  from jest_pod.data.builders import Example, write_examples
   rng = np.random.default_rng(seed)
   colors = list(COLORS)
   examples, drawn = [], []

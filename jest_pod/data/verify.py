@@ -24,6 +24,9 @@ import threading
 import time
 from concurrent import futures
 
+from array_record.python import array_record_module
+
+from jest_pod import errors
 from jest_pod.data import manifest as manifest_lib
 
 CHUNK = 4 << 20  # read size: large enough that hashing, not the syscall, dominates
@@ -70,7 +73,6 @@ def _sha256(path: str, progress: _Progress) -> str:
 
 def _num_records(path: str) -> tuple[int | None, str]:
   """(records the ArrayRecord reader finds, "") or (None, why it cannot read the shard)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   try:  # Riegeli may raise at open, at num_records or at close: all mean "damaged"
     reader = array_record_module.ArrayRecordReader(path)
     n = reader.num_records()
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("dir", help="data set folder")
   p.add_argument("--workers", type=int, default=None,
                  help="shards hashed at once (default: min(8, shards, cores))")
-  from jest_pod import errors  # pylint: disable=g-import-not-at-top
   args = p.parse_args(errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv)))
   try:
     bad = verify(args.dir, workers=args.workers)

@@ -1,7 +1,11 @@
 """The evaluator base class, the registry of evaluator types, and building them from config.
 
-Adding an evaluator type: its module (a subclass of `Evaluator` with `CONFIG_KEYS`) and
-one entry in `TYPES`; config validation, `build_evaluator` and `jest-pod eval` read it.
+Adding an evaluator type: its module (a subclass of `Evaluator` with `CONFIG_KEYS`,
+`KEY_PREFIX`, `METRICS`, `HEADLINE`, and `claims` if sets can be recognised as its) and one
+entry in `TYPES`. What reads the registry: config validation, `build_evaluator`,
+`jest-pod eval --data [TYPE:]DIR` and eval-set discovery (`infer_type`, `discover`), and
+the reports that find metrics in a run's log (`headlines`, `logged_keys`: the sweep and
+the demo).
 """
 
 from __future__ import annotations
@@ -16,14 +20,21 @@ import jax
 import numpy as np
 
 from jest_pod import embed
+from jest_pod.data import manifest as manifest_lib
+from jest_pod.data import pipeline
+from jest_pod.data import sources
+from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.input_config import cfg_get
 from jest_pod.evaluators.metrics import EvalDataError
 
-# Evaluator type (`config.evals.<name>.type`) → "module:class", imported when used.
+# Evaluator type (`config.evals.<name>.type`) → "module:class". Strings, not classes: the
+# type modules import this one.
 TYPES = {
     "zeroshot": "jest_pod.evaluators.zeroshot:ZeroShotEvaluator",
     "retrieval": "jest_pod.evaluators.retrieval:RetrievalEvaluator",
 }
+# What a set no type `claims` is evaluated with (any set of captioned images qualifies).
+DEFAULT_TYPE = "retrieval"
 
 # Keys of one `config.evals.<name>` entry passed to every evaluator.
 _COMMON_KEYS = ("every_steps", "batch_size", "patch_size", "set_name")
@@ -37,13 +48,52 @@ def evaluator_class(kind: str) -> type[Evaluator]:
   return getattr(importlib.import_module(module), name)
 
 
+def infer_type(manifest: Mapping, given: Mapping | None = None) -> str:
+  """The evaluator type of a set when none is named: the first type in `TYPES` whose class
+  `claims` it (zero-shot: the set's manifest or `given` names classes), else
+  `DEFAULT_TYPE`. `given`: options set for it (e.g. `jest-pod eval --class-names`)."""
+  for kind in TYPES:
+    if kind != DEFAULT_TYPE and evaluator_class(kind).claims(manifest, given or {}):
+      return kind
+  return DEFAULT_TYPE
+
+
+def discover(root: str, prefix: str = "eval_") -> dict[str, dict[str, str]]:
+  """The evaluation sets under a pool's root, through its source kind (`sources.sets`):
+  {set name: {"type": inferred type, "data": spec}} for each set named PREFIX*. A set
+  whose manifest is damaged fails here with the manifest's error."""
+  return {name: {"type": infer_type(sources.manifest_of(spec)), "data": spec}
+          for name, spec in sources.sets(root).items() if name.startswith(prefix)}
+
+
+def headlines(keys: Iterable[str]) -> dict[str, tuple[str, ...]]:
+  """The headline score of every (type, set) whose headline keys were all logged:
+  {label (e.g. "eval_flags top-1"): its keys (averaged)}, in key order. The registry's
+  answer to "which logged metrics are the scores", so reports match no prefixes."""
+  keys = set(keys)
+  found = []
+  for kind in TYPES:
+    cls = evaluator_class(kind)
+    for set_name in cls.sets_logged(keys):
+      label, wanted = cls.headline(set_name)
+      if all(k in keys for k in wanted):
+        found.append((wanted, label))
+  return {label: wanted for wanted, label in sorted(found)}
+
+
+def logged_keys(keys: Iterable[str], kind: str, metric: str) -> list[str]:
+  """The logged keys of `kind`'s `metric` (a name of its `METRICS`), one per set, sorted."""
+  cls = evaluator_class(kind)
+  if metric not in cls.METRICS:
+    raise ValueError(f"{kind} evaluators log {list(cls.METRICS)}, not {metric!r}")
+  return sorted(cls.metric_key(s, metric) for s in cls.sets_logged(keys, metric))
+
+
 def check_data_set(data_dir: str, *, check_files: bool = True) -> dict:
   """The validated manifest of an eval set (`manifest.read`); EvalDataError naming what
   is missing otherwise, with fixes that apply to a set made elsewhere (the data module's
   own hint, "rebuild with --overwrite", only applies to sets it built). A spec of another
   source kind (`data.sources.KINDS`) gives what that kind knows instead."""
-  from jest_pod.data import manifest as manifest_lib  # pylint: disable=import-outside-toplevel
-  from jest_pod.data import sources  # pylint: disable=import-outside-toplevel
   if not sources.is_folder(data_dir):
     return dict(sources.manifest_of(data_dir))
   try:
@@ -100,6 +150,43 @@ class Evaluator:
   # Whether it tokenises text of its own (prompts): it then needs the tokenizer even
   # with an injected iterator.
   TOKENIZES_TEXT = False
+  # Its metric names: the logged key of metric M on set S is `KEY_PREFIX + S + "_" + M`
+  # (`metric_key`); `evaluate` logs `METRICS`. `HEADLINE`: the metrics averaged into the
+  # one score reports follow (`headline`), `HEADLINE_LABEL` its name ("{set}" = S).
+  KEY_PREFIX = ""
+  METRICS: tuple[str, ...] = ()
+  HEADLINE: tuple[str, ...] = ()
+  HEADLINE_LABEL = "{set}"
+
+  @classmethod
+  def claims(cls, manifest: Mapping, given: Mapping) -> bool:
+    """Whether a set with this manifest (and these options) is this type's when no type
+    is named (`infer_type`)."""
+    del manifest, given
+    return False
+
+  @classmethod
+  def metric_key(cls, set_name: str, metric: str) -> str:
+    return f"{cls.KEY_PREFIX}{set_name}_{metric}"
+
+  @classmethod
+  def metric_keys(cls, set_name: str) -> list[str]:
+    """Every key `evaluate` logs on `set_name`."""
+    return [cls.metric_key(set_name, m) for m in cls.METRICS]
+
+  @classmethod
+  def headline(cls, set_name: str) -> tuple[str, tuple[str, ...]]:
+    """(label, keys averaged into it) of the score reports follow on `set_name`."""
+    return (cls.HEADLINE_LABEL.format(set=set_name),
+            tuple(cls.metric_key(set_name, m) for m in cls.HEADLINE))
+
+  @classmethod
+  def sets_logged(cls, keys: Iterable[str], metric: str | None = None) -> list[str]:
+    """Set names whose `metric` (default: the first of `HEADLINE`) is among `keys`."""
+    metric = metric or cls.HEADLINE[0]
+    head, tail = cls.KEY_PREFIX, f"_{metric}"
+    return sorted({k[len(head):-len(tail)] for k in keys
+                   if k.startswith(head) and k.endswith(tail) and len(k) > len(head + tail)})
 
   def __init__(self, name: str, data_dir: str, model: Any, mesh: jax.sharding.Mesh, *,
                every_steps: int = 0, batch_size: int = 256, image_size: int | None = None,
@@ -127,7 +214,6 @@ class Evaluator:
     """This host's share of one ordered pass, last batch padded with `mask`."""
     if self._iterator_fn is not None:
       return self._iterator_fn()
-    from jest_pod.data import pipeline  # pylint: disable=import-outside-toplevel
     return pipeline.make_eval_iterator(
         self.data_dir, batch_size=self.host_batch_size, image_size=self.image_size,
         max_text_len=self.max_text_len, tokenizer=self.tokenizer or "")
@@ -177,7 +263,6 @@ def build_evaluator(name: str, eval_config: Any, config: Any, model: Any, mesh,
     overrides.pop("tokenize_fn", None)
   if "iterator_fn" not in overrides or (cls.TOKENIZES_TEXT and "tokenize_fn" not in overrides):
     # Only resolved when something will tokenise: injected iterators (tests) need none.
-    from jest_pod.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
     kwargs["tokenizer"] = tokenizer_lib.resolve(cfg_get(config, "input"),
                                                 cfg_get(eval_config, "tokenizer"))
   kwargs.update(overrides)

@@ -21,7 +21,17 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
+
+from jest_pod import checkpoint
+from jest_pod.data import sources
+from jest_pod.data.manifest import ManifestError
+from jest_pod.data.tokenizer import TokenizerError
+from jest_pod.evaluators import base
+from jest_pod.evaluators.metrics import EvalDataError, metric_sort_key
+from jest_pod.interop import InteropError, formats
+from jest_pod.parallel import sharding as shd
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,22 +66,17 @@ def _fail(msg: str) -> int:
 
 def eval_specs(data_args: list[str], args: argparse.Namespace) -> dict[str, dict]:
   """`--data [TYPE:]DIR` arguments → `config.evals`-style {name: {type, data, ...}}."""
-  from jest_pod.data import sources  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators import base, metrics  # pylint: disable=import-outside-toplevel
   specs: dict[str, dict] = {}
   for arg in data_args:
     kind, sep, path = arg.partition(":")
     if not sep or kind not in base.TYPES:
       kind, path = "", arg
     if sources.is_folder(path) and not os.path.isdir(path):
-      raise metrics.EvalDataError(f"--data {arg}: {path!r} is not a folder")
+      raise EvalDataError(f"--data {arg}: {path!r} is not a folder")
     manifest = base.check_data_set(path, check_files=False)
     name = base.set_name_of(path, manifest)
-    if kind:
-      kinds = [kind]
-    else:  # infer: zero-shot where the labels have names, else retrieval
-      kinds = ["zeroshot"] if (manifest.get("class_names") or args.class_names) else ["retrieval"]
-    for k in kinds:
+    # The registry infers the type (zero-shot where the labels have names) unless named.
+    for k in [kind or base.infer_type(manifest, vars(args))]:
       spec = {"type": k, "data": path, "batch_size": args.batch_size}
       if args.tokenizer:
         spec["tokenizer"] = args.tokenizer
@@ -80,10 +85,10 @@ def eval_specs(data_args: list[str], args: argparse.Namespace) -> dict[str, dict
       for option in base.evaluator_class(k).CONFIG_KEYS:  # e.g. --class-names, --templates
         value = getattr(args, option, None)
         if value:
-          spec[option] = value if isinstance(value, str) else list(value)
+          spec[option] = list(value) if isinstance(value, (list, tuple)) else value
       key = f"{name}_{k}"
       if key in specs:
-        raise metrics.EvalDataError(f"--data {arg}: set {name!r} is given twice for {k}")
+        raise EvalDataError(f"--data {arg}: set {name!r} is given twice for {k}")
       specs[key] = spec
   return specs
 
@@ -95,7 +100,6 @@ def format_table(metrics: dict[str, float]) -> str:
     return "(no metrics)"
   w = max(len(k) for k in metrics)
   lines = [f"{'metric':<{w}}  {'value':>7}", f"{'-' * w}  {'-' * 7}"]
-  from jest_pod.evaluators.metrics import metric_sort_key  # pylint: disable=import-outside-toplevel
   lines += [f"{k:<{w}}  {100 * v:>6.2f}%"
             for k, v in sorted(metrics.items(), key=lambda kv: metric_sort_key(kv[0]))]
   return "\n".join(lines)
@@ -103,14 +107,6 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  import jax  # pylint: disable=import-outside-toplevel
-  from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
-  from jest_pod.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators import build_evaluator  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import InteropError, formats  # pylint: disable=import-outside-toplevel
-  from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
-  from jest_pod.data.manifest import ManifestError  # pylint: disable=import-outside-toplevel
 
   # Whatever devices this machine has, one data axis: eval is data-parallel only.
   mesh = shd.make_mesh((("data", -1),))
@@ -129,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
       return _fail("nothing to evaluate: pass --data DIR (the checkpoint's config has no evals)")
     # Each evaluator checks its set as it is built: a partial or foreign set fails here,
     # before any compile.
-    evs = [build_evaluator(name, spec, config, model, mesh) for name, spec in specs.items()]
+    evs = [base.build_evaluator(name, spec, config, model, mesh) for name, spec in specs.items()]
   except (EvalDataError, TokenizerError, ValueError) as e:
     return _fail(str(e))
 

@@ -31,6 +31,11 @@ class RetrievalEvaluator(base.Evaluator):
   """
 
   CONFIG_KEYS = ("group_identical_images", "group_identical_captions")
+  KEY_PREFIX = "z/retr/"
+  METRICS = tuple(f"{d}_recall@{k}" for d in ("img2txt", "txt2img") for k in metrics.RETRIEVAL_KS)
+  # Recall@5 both ways: at this project's scales recall@1 is a handful of hits, too coarse
+  # to say when a run crosses a target.
+  HEADLINE, HEADLINE_LABEL = ("img2txt_recall@5", "txt2img_recall@5"), "{set} R@5"
 
   def __init__(self, name: str, data_dir: str, model: Any, mesh, *,
                ks: Sequence[int] = metrics.RETRIEVAL_KS, group_identical_images: bool = True,
@@ -76,7 +81,7 @@ class RetrievalEvaluator(base.Evaluator):
           f"retrieval on {self.set_name!r} ({self.data_dir}): no record has a caption")
     rec = metrics.retrieval_recall(image_emb, text_emb, caption_to_image, self.ks,
                                    caption_groups=caption_group)
-    scores = {f"z/retr/{self.set_name}_{k}": v for k, v in rec.items()}
+    scores = {self.metric_key(self.set_name, k): v for k, v in rec.items()}
     arrays = {"image": image_emb, "text": text_emb, "caption_to_image": caption_to_image,
               "caption_group": caption_group}
     return scores, arrays

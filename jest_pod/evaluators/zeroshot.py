@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from jest_pod import embed
+from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.evaluators import base, metrics
 
 # big_vision / CLIP style prompt ensemble; short on purpose (each template costs one text
@@ -65,6 +66,14 @@ class ZeroShotEvaluator(base.Evaluator):
 
   CONFIG_KEYS = ("class_names", "templates")
   TOKENIZES_TEXT = True
+  KEY_PREFIX = "z/0shot/"
+  METRICS = tuple(f"top{k}" for k in metrics.ZEROSHOT_KS)
+  HEADLINE, HEADLINE_LABEL = ("top1",), "{set} top-1"
+
+  @classmethod
+  def claims(cls, manifest, given):
+    # Labels whose classes have names: what zero-shot needs (a captions-only set has none).
+    return bool(manifest.get("class_names") or given.get("class_names"))
 
   def __init__(self, name: str, data_dir: str, model: Any, mesh, *,
                class_names: Any = None, templates: Sequence[str] | None = None,
@@ -81,7 +90,6 @@ class ZeroShotEvaluator(base.Evaluator):
       if not self.tokenizer or not self.max_text_len:
         raise ValueError(f"zero-shot {name!r}: needs tokenizer and max_text_len (or tokenize_fn)")
       # The data pipeline's own tokenizer: prompts are tokenised exactly like captions.
-      from jest_pod.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
       tok, max_len = tokenizer_lib.resolve(None, self.tokenizer), self.max_text_len
       tokenize_fn = lambda texts: tok.encode_batch(list(texts), max_len)
     self._tokenize = tokenize_fn
@@ -117,6 +125,6 @@ class ZeroShotEvaluator(base.Evaluator):
           f"zero-shot on {self.set_name!r}: label {labels.max()} but only {n_classes} "
           "class names; the class_names list does not match this set")
     acc = metrics.zeroshot_accuracy(got["image"][known], class_emb, labels[known], self.ks)
-    scores = {f"z/0shot/{self.set_name}_{k}": v for k, v in acc.items()}
+    scores = {self.metric_key(self.set_name, k): v for k, v in acc.items()}
     arrays = {"image": got["image"], "label": labels, "class_text": class_emb}
     return scores, arrays

@@ -209,11 +209,14 @@ def _final(events, key):
 def _summarise(name: str, run_dir: str, config) -> dict:
   from jest_pod import config as config_lib
   from jest_pod.experiments import plot
-  from jest_pod.experiments.sweep_report import metric_key
+  from jest_pod.evaluators import base as evaluators_base
   events = plot.read_metrics(run_dir)
-  keys = {"zero_shot_top1": metric_key(events, "z/0shot/", "_top1"),
-          "img2txt_recall@1": metric_key(events, "z/retr/", "_img2txt_recall@1"),
-          "txt2img_recall@1": metric_key(events, "z/retr/", "_txt2img_recall@1")}
+  logged = {k for e in events for k in e}
+  # The registry names each type's metrics; the first set's key (None if none logged).
+  keys = {short: next(iter(evaluators_base.logged_keys(logged, kind, metric)), None)
+          for short, kind, metric in (("zero_shot_top1", "zeroshot", "top1"),
+                                      ("img2txt_recall@1", "retrieval", "img2txt_recall@1"),
+                                      ("txt2img_recall@1", "retrieval", "txt2img_recall@1"))}
   last = events[-1] if events else {}
   out = {"run_dir": run_dir, "method": config.selection.method,
          "steps": last.get("step", 0), "batch": config.batch_size,

@@ -21,31 +21,16 @@ import math
 
 import numpy as np
 
+from jest_pod.evaluators import base as evaluators_base
 from jest_pod.experiments import plot
-
-
-def metric_key(events: list[dict], prefix: str, suffix: str) -> str | None:
-  """The first logged metric name with this prefix and suffix (None if none)."""
-  keys = sorted({k for e in events for k in e if k.startswith(prefix) and k.endswith(suffix)})
-  return keys[0] if keys else None
 
 
 def metric_keys(events: list[dict]) -> dict[str, tuple[str, ...]]:
   """The scores whose targets the report reaches, named by evaluation set (the sets differ
   per pool: demo eval_fashion + eval_retrieval; icons eval_flags, eval_retrieval, eval_web)
-  → their logged key(s): zero-shot top-1 per labelled set; retrieval recall@5 per
-  retrieval set, the mean of both directions (at this scale recall@1 is a handful of
-  hits, too coarse to say when a run crosses a target)."""
-  keys = {k for e in events for k in e}
-  out = {}
-  for k in sorted(keys):
-    if k.startswith("z/0shot/") and k.endswith("_top1"):
-      out[f"{k[len('z/0shot/'):-len('_top1')]} top-1"] = (k,)
-    elif k.startswith("z/retr/") and k.endswith("_img2txt_recall@5"):
-      other = k.replace("_img2txt_", "_txt2img_")
-      if other in keys:
-        out[f"{k[len('z/retr/'):-len('_img2txt_recall@5')]} R@5"] = (k, other)
-  return out
+  → their logged key(s): each evaluator type's headline (`evaluators.base.headlines`:
+  zero-shot top-1 per labelled set, retrieval recall@5 both ways per retrieval set)."""
+  return evaluators_base.headlines({k for e in events for k in e})
 
 
 # The axes a target is reached on: each evaluation record carries them (train/main.py).

@@ -40,6 +40,7 @@ from jest_pod import embed
 from jest_pod import lockfile
 from jest_pod.data import pipeline
 from jest_pod.data import reference_cache as store_lib
+from jest_pod.data import sources
 from jest_pod.data.reference_cache import ReferenceCacheError
 from jest_pod.interop import InteropError, formats
 from jest_pod.jest import selection
@@ -184,7 +185,7 @@ def open_cache(path: str, *, data_dir: str, reference: str | None = None,
   store = store_lib.Store(path, meta, cmd)  # refuses another format
   fp = meta["fingerprint"]
   diffs = []
-  if fp["data"] != store_lib.data_fingerprint(data_dir):
+  if fp["data"] != sources.fingerprint(data_dir):
     diffs.append(f"it was built for other data than {data_dir} (shard checksums differ)")
   if reference:
     loaded = load(reference, tokenizer=tokenizer)
@@ -287,7 +288,7 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
   # Every host embeds its own records on its own devices: no cross-host communication.
   local_mesh = shd.make_mesh((("data", -1),), jax.local_devices())
   model = loaded.model()
-  data = store_lib.data_fingerprint(data_dir)
+  data = sources.fingerprint(data_dir)
   n = int(data["num_examples"])
   mine = len(range(pi, n, pc))
   dim = int(loaded.config.model.embed_dim)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import io
 import logging
 import os
 
@@ -68,7 +69,6 @@ def image_hash(image: np.ndarray) -> str:
 
 def decode_rgb(png_or_jpeg: bytes) -> np.ndarray:
   """An encoded image as stored in a record -> uint8 [H, W, 3]."""
-  import io
   return np.asarray(Image.open(io.BytesIO(png_or_jpeg)).convert("RGB"))
 
 
@@ -164,7 +164,6 @@ def build_collection(name: str, load, output: str, limit: int | None, overwrite:
   or returns the existing manifest when built with the same arguments. Returns [manifest]."""
   args = {"builder": name, "limit": limit, "max_side": max_side}
   if check_reuse([output], args, overwrite):
-    from jest_pod.data import manifest as manifest_lib
     return [manifest_lib.read(output)]
   examples, skipped = load(limit, workers)
   return [write_examples(output, name, examples, skipped=skipped, build=args,

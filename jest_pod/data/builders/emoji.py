@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import time
 
+import emoji as emoji_lib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -52,7 +53,6 @@ def emoji_id(emoji_char: str) -> str:
 
 def candidates(limit: int | None = None) -> list[tuple[str, str]]:
   """[(emoji, caption)] of fully-qualified emoji, in EMOJI_DATA order (deterministic)."""
-  import emoji as emoji_lib
   fq = emoji_lib.STATUS["fully_qualified"]
   out = [(e, caption_of(e, d["en"])) for e, d in emoji_lib.EMOJI_DATA.items()
          if d.get("status") == fq]

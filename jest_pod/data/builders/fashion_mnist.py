@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import system_packages
 from jest_pod.data.builders import Example, check_reuse, write_examples
 
@@ -88,7 +89,6 @@ def build(output: str, limit: int | None = None, overwrite: bool = False,
   args = {"builder": "fashion_mnist", "limit": limit}
   outs = {s: os.path.join(output, s) for s in ("train", "test")}
   if check_reuse(list(outs.values()), args, overwrite):
-    from jest_pod.data import manifest as manifest_lib
     return [manifest_lib.read(o) for o in outs.values()]
   manifests = []
   for split, out in outs.items():

@@ -23,6 +23,7 @@ import struct
 import time
 
 import numpy as np
+import resvg_py
 from PIL import Image, ImageDraw, ImageFont
 
 from jest_pod.data.builders import image_hash
@@ -56,7 +57,6 @@ def _square(im: Image.Image, size: int) -> np.ndarray:
 
 
 def _svg(data: dict, size: int) -> Image.Image:
-  import resvg_py
   w, h = data.get("w"), data.get("h")
   kw = {"skip_system_fonts": False}
   if w and h:  # iconify: the box is known, draw straight at the target size

@@ -21,6 +21,8 @@ import unicodedata
 import xml.etree.ElementTree as ET
 from typing import Callable
 
+from fontTools.ttLib import TTFont
+
 from jest_pod.data.builders import icons_fetch
 from jest_pod.data.builders.icons_names import (
     Emojibase, clean_name, hex_key, names_flag, non_commercial, regional_code, spread)
@@ -281,7 +283,6 @@ def _font_order(path: str) -> tuple:
 
 
 def _cmap(path: str) -> dict:
-  from fontTools.ttLib import TTFont
   with TTFont(path, lazy=True, fontNumber=0) as tt:
     return tt.getBestCmap() or {}
 

@@ -20,7 +20,8 @@ prefetch and JEST step — for --steps steps of a uniform config and of the JEST
 The reference is config.selection.reference when it exists, else a 1-step run of the
 learner's towers (same cost; timings do not depend on its weights). With
 --reference-cache on (the default) its embeddings are cached first, as a real JEST run
-would. --data: a data set folder (default: the config's, else a 2,048-example toy set).
+would. --data: a data set (a folder or another source kind's spec, e.g. virtual; default:
+the config's when it exists, else a 2,048-example toy set).
 --xla-check (CPU only: on GPU XLA's cost_analysis skips library calls such as cuBLAS,
 measured at 0.01-0.34 of the real count) compares XLA's FLOP count of the train step
 with the model's.
@@ -136,6 +137,7 @@ def main(argv):
   from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
   from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
+  from jest_pod.data import sources  # pylint: disable=g-import-not-at-top
   from jest_pod.jest import reference as reference_lib  # pylint: disable=g-import-not-at-top
   from jest_pod.data import toy  # pylint: disable=g-import-not-at-top
   from jest_pod.train import hooks  # pylint: disable=g-import-not-at-top
@@ -164,9 +166,9 @@ def main(argv):
   if args.data:
     config.input.data = args.data
     config.input.tokenizer = ""
-  elif not os.path.exists(os.path.join(config.input.data, "manifest.json")):
+  elif not sources.exists(config.input.data):  # any source kind, e.g. "virtual"
     data = os.path.join(root, "toy")
-    if not os.path.exists(os.path.join(data, "manifest.json")):
+    if not sources.exists(data):
       toy.build_toy(data, 2048, noise=0.2, image_size=config.model.image_size)
     config.input.data, config.input.tokenizer = data, ""
   config.input.mixture = ()
