@@ -517,7 +517,8 @@ def check_resume(saved, config) -> None:
 
 
 class UnknownKey(KeyError):
-  """An override names a key the config does not have."""
+  """An override names a key the config does not have. `parent`: the dotted path of the
+  section it was looked up in ('' = the top)."""
 
   def __init__(self, key: str, parent: str, name: str, keys: list[str]):
     self.key, self.parent, self.name, self.keys = key, parent, name, keys
@@ -527,13 +528,13 @@ class UnknownKey(KeyError):
   def describe(self, prefix: str = "config.") -> str:
     """'config.a has no key 'bb'; did you mean config.a.b? Keys of config.a: ...', with
     `prefix` (e.g. '--config.') in the suggestions."""
-    parent = self.parent.removeprefix("config").lstrip(".")
-    msg = f"{'.'.join(filter(None, ['config', parent]))} has no key {self.name!r}"
+    section = ".".join(filter(None, ["config", self.parent]))
+    msg = f"{section} has no key {self.name!r}"
     if self.close:
       msg += "; did you mean " + " or ".join(
-          prefix + ".".join(filter(None, [parent, c])) for c in self.close) + "?"
+          prefix + ".".join(filter(None, [self.parent, c])) for c in self.close) + "?"
     if self.keys:
-      msg += f" Keys of {'.'.join(filter(None, ['config', parent]))}: {', '.join(sorted(self.keys))}."
+      msg += f" Keys of {section}: {', '.join(sorted(self.keys))}."
     return msg
 
   def __str__(self):
@@ -567,7 +568,7 @@ def override(config, key: str, value) -> None:
   for i, part in enumerate([*path, last]):
     keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
     if part not in keys:
-      raise UnknownKey(key, ".".join(["config", *path[:i]]), part, keys)
+      raise UnknownKey(key, ".".join(path[:i]), part, keys)
     if i < len(path):
       node = node[part]
   if isinstance(value, str):

@@ -1,5 +1,6 @@
 """The small parts the training loop (train/main.py `_train`) is orchestrated from: the
-step timer, the metrics reporter, the NaN guard and `maybe_eval`.
+step's batch (Selector), the step timer, the metrics reporter, the NaN guard and
+`maybe_eval`.
 
 Each owns one concern's state, so the loop keeps only the step's own variables.
 """
@@ -13,12 +14,39 @@ import jax
 import numpy as np
 
 from jest_pod import evaluators as evaluators_lib
+from jest_pod.data import sources
+from jest_pod.jest import step as jest_lib
 from jest_pod.parallel import distributed
+from jest_pod.parallel import ids as ids_lib
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import hooks
 from jest_pod.train import writers
 
 log = logging.getLogger("jest_pod")
+
+
+class Selector:
+  """The step's batch: JEST's selection from the super-batch while the run selects
+  (config.selection.until), else the batch as read (uniform); θ*'s embeddings of it as
+  the teacher when distilling. The key of step s is fold_in(select_rng, s): exact resume."""
+
+  def __init__(self, config, spec, model, mesh, reference, select_rng):
+    self._spec, self._reference, self._rng = spec, reference, select_rng
+    self._jest = (jest_lib.JestStep(config, model, mesh, score_patch=spec.score_patch,
+                                    reference=reference) if spec.selecting else None)
+
+  def selecting(self, step: int) -> bool:
+    return self._jest is not None and step < self._spec.selection_steps
+
+  def __call__(self, step, params, super_batch, sample: bool):
+    """→ (batch, selection metrics, teacher or None, {part: seconds} when `sample`)."""
+    if not self.selecting(step):
+      teacher = self._reference.embeddings(super_batch) if self._spec.distill else None
+      return super_batch, {}, teacher, {}
+    key = jax.random.fold_in(self._rng, step)
+    if sample:  # part by part, with barriers: the time split
+      return self._jest.timed_call(params, super_batch, key)
+    return (*self._jest(params, super_batch, key), {})
 
 
 class StepTimer:
@@ -98,15 +126,19 @@ class Reporter:
   the scalar writer (TensorBoard); selected ids to selected_ids.jsonl. Process 0 writes.
   `last` is the latest train record with the evaluations since."""
 
-  def __init__(self, workdir, primary: bool, *, start: int, flops: dict, batch_size: int,
-               total_steps: int, clock: hooks.TrainTimer):
+  def __init__(self, workdir, primary: bool, *, start: int, flops: dict, config,
+               clock: hooks.TrainTimer):
     self.writer = writers.create_scalar_writer(workdir, primary)
     self.jsonl = writers.JsonlWriter(workdir, primary)
     # The global `index` of each selected row, per step (later lines win after a resume).
     self.ids = writers.JsonlWriter(workdir, primary, name="selected_ids.jsonl")
     self.jsonl.drop_after(start)
     self.ids.drop_after(start)
-    self._flops, self._b, self._total, self._clock = flops, batch_size, total_steps, clock
+    self._flops, self._clock = flops, clock
+    self._b, self._total = int(config.batch_size), int(config.total_steps)
+    self._source_names = sources.source_names(config.input)
+    # selected_ids.jsonl is a debugging aid (a host sync per step), off by default
+    self._log_ids = bool(config.get("log_selected_ids", False))
     self.last: dict = {}
 
   def progress(self, done: int) -> dict:
@@ -116,9 +148,17 @@ class Reporter:
             "flops_amortised": flops_lib.total_flops(self._flops, done, "amortised"),
             "time/train_elapsed_s": self._clock.seconds, "host/load1": hooks.host_load()}
 
-  def train(self, done: int, metrics, extra: dict[str, float]) -> dict:
+  def train(self, done: int, metrics, timer: StepTimer, prefetcher, selected=None) -> dict:
     """Step `done`'s record: the step's (and selection's) metrics read back from the
-    devices, `extra` host-side fields (timer, skipped records, source shares)."""
+    devices, the timer's fields, the skipped records and, when the step selected
+    (`selected` = (batch, super-batch)), each source's share of the batch and the pool."""
+    extra = {**timer.scalars(self._b),
+             # this host's count up to the consumed batch, restored with the iterator
+             "data/skipped_records": distributed.process_sum(
+                 prefetcher.state.state["skipped_records"])}
+    if selected is not None and "source" in selected[0]:
+      extra.update(source_shares(selected[0]["source"], selected[1]["source"],
+                                 self._source_names))
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     common = self.progress(done)
     scalars.update({
@@ -142,8 +182,11 @@ class Reporter:
     self.jsonl.write({**self.progress(done), **results})
     self.last.update(results)
 
-  def selected_ids(self, done: int, ids) -> None:
-    self.ids.write({"step": done, "ids": [int(i) for i in ids]})
+  def selected_ids(self, done: int, batch) -> None:
+    """The selected rows' global indices, with config.log_selected_ids."""
+    if self._log_ids:
+      ids = ids_lib.host_ids(batch["index"])  # int32 words → int64 (parallel/ids.py)
+      self.ids.write({"step": done, "ids": [int(i) for i in ids]})
 
 
 class NanGuard:

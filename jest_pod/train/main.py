@@ -26,15 +26,12 @@ from jest_pod import errors
 from jest_pod import evaluators as evaluators_lib
 from jest_pod import runinfo
 from jest_pod.data import pipeline
-from jest_pod.data import sources
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.input_config import DEVICE_KEYS
 from jest_pod.interop import formats
 from jest_pod.jest import reference as reference_lib
-from jest_pod.jest import step as jest_lib
 from jest_pod.models import build_model
 from jest_pod.parallel import distributed
-from jest_pod.parallel import ids as ids_lib
 from jest_pod.parallel import sharding as shd
 from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
@@ -97,27 +94,14 @@ def _agree(check):
 
 def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
            workdir: epath.Path) -> dict:
-  # ---------------------------------------------------------------- setup
   primary = jax.process_index() == 0
-  if primary:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  mesh = shd.make_mesh(config.mesh)
-  if primary:
-    runinfo.write(workdir, runinfo.collect(config, mesh))
-  log.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape),
-           jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
-  b, n = spec.batch_size, spec.super_batch
-  if n % jax.device_count() or b % jax.device_count():
-    raise ValueError(f"batch_size={b} and super-batch N={n} must be divisible by the "
-                     f"{jax.device_count()} devices")
+  mesh = _setup(config, spec, workdir, primary)
 
   # ---------------------------------------------------------------- data
-  hooks.warn_if_smaller_than_a_batch(config, n)
+  hooks.warn_if_smaller_than_a_batch(config, spec.super_batch)
   tokenizer = tokenizer_lib.resolve(config.input)
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
-  preprocessing = formats.Preprocessing(spec.image_size, spec.text_len, tokenizer)
   data_iter = _train_iterator(config, spec)
-  source_names = sources.source_names(config.input)
 
   # ---------------------------------------------------------------- model and state
   model = build_model(config.model)
@@ -130,10 +114,9 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
 
   # ---------------------------------------------------------------- JEST step
   reference = (reference_lib.open_reference(
-      config, mesh, preprocessing, missing=config_lib.missing_reference_message(config))
-               if spec.needs_reference else None)
-  jest = (jest_lib.JestStep(config, model, mesh, score_patch=spec.score_patch,
-                           reference=reference) if spec.selecting else None)
+      config, mesh, formats.Preprocessing(spec.image_size, spec.text_len, tokenizer),
+      missing=config_lib.missing_reference_message(config)) if spec.needs_reference else None)
+  select = loop.Selector(config, spec, model, mesh, reference, select_rng)
   train_step = step_lib.jit_train_step(config, model, tx, schedule, mesh, state_sh)
   flops = flops_lib.run_flops(config, reference)
   if primary:
@@ -141,34 +124,17 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
   evaluators = evaluators_lib.build_evaluators(config, model, mesh) if config.evals else []
 
   # ---------------------------------------------------------------- loop
-  def to_device(host_batch):  # runs in the prefetch thread
-    if reference is None:
-      return feed.to_global(host_batch, shd.batch_sharding(mesh))
-    # θ*'s host-side rows (the cache's look-up), for selection or distillation
-    return feed.to_global({**host_batch, **reference.host_inputs(host_batch)},
-                          shd.batch_sharding(mesh), DEVICE_KEYS + reference.device_keys)
-
-  def select(step, params, super_batch, sample):
-    """→ (batch, selection metrics, teacher, {part: s}, selecting) of this step."""
-    if jest is None or step >= spec.selection_steps:  # uniform (or after selection.until)
-      teacher = reference.embeddings(super_batch) if spec.distill else None
-      return super_batch, {}, teacher, {}, False
-    key = jax.random.fold_in(select_rng, step)
-    if sample:
-      return (*jest.timed_call(params, super_batch, key), True)
-    return (*jest(params, super_batch, key), {}, True)
-
-  checkpoints = ckpt_lib.checkpoint_dir(workdir)
   preemption = hooks.Preemption(every=config.preemption_check_every)
   preemption.install()
-  prefetcher = feed.DevicePrefetcher(data_iter, to_device, depth=config.device_prefetch)
+  prefetcher = feed.DevicePrefetcher(data_iter, _to_device(mesh, reference),
+                                     depth=config.device_prefetch)
   timer = loop.StepTimer(prefetcher, start=start, split_every=config.time_split_every,
                          train_seconds=data_iter.train_seconds if start else 0.0)
-  reporter = loop.Reporter(workdir, primary, start=start, flops=flops, batch_size=b,
-                           total_steps=config.total_steps, clock=timer.clock)
-  guard = loop.NanGuard(config, checkpointer, checkpoints, start=start, reference=reference)
-  log_ids = bool(config.get("log_selected_ids", False)) and jest is not None
-  _log_start(config, spec, flops, start, selecting=jest is not None)
+  reporter = loop.Reporter(workdir, primary, start=start, flops=flops, config=config,
+                           clock=timer.clock)
+  guard = loop.NanGuard(config, checkpointer, ckpt_lib.checkpoint_dir(workdir), start=start,
+                        reference=reference)
+  _log_start(config, spec, flops, start)
 
   with _closing(prefetcher, preemption, checkpointer, reporter.writer):
     for step in range(start, config.total_steps):
@@ -177,10 +143,9 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
       sample = timer.samples(done)
       if sample:
         timer.begin_sample(state)
-      batch, sel_metrics, teacher, times, selecting = select(step, state["params"],
-                                                              super_batch, sample)
-      if log_ids and selecting:  # a host sync: a debugging aid, off by default
-        reporter.selected_ids(done, ids_lib.host_ids(batch["index"]))  # int32 words → int64
+      batch, sel_metrics, teacher, times = select(step, state["params"], super_batch, sample)
+      if select.selecting(step):
+        reporter.selected_ids(done, batch)
       t = time.perf_counter()
       state, metrics = train_step(state, batch, teacher)
       if sample:
@@ -194,29 +159,54 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
       if is_log or saving:
         guard.check()  # raises TrainingDiverged: a non-finite state is never saved
       if is_log:
-        extra = {**timer.scalars(b),
-                 # this host's count up to the consumed batch, restored with the iterator
-                 "data/skipped_records": distributed.process_sum(
-                     prefetcher.state.state["skipped_records"])}
-        if selecting and "source" in batch:
-          extra.update(loop.source_shares(batch["source"], super_batch["source"],
-                                          source_names))
-        reporter.train(done, {**metrics, **sel_metrics}, extra)
+        reporter.train(done, {**metrics, **sel_metrics}, timer, prefetcher,
+                       (batch, super_batch) if select.selecting(step) else None)
       preempted = loop.maybe_eval(evaluators, done, config.total_steps, state["params"],
                                   preemption=preemption, reporter=reporter,
                                   clock=timer.clock, preempted=preempted)
-      # the consumed batch's iterator state, with the run's train seconds
-      if preempted or saving:
+      if preempted or saving:  # the consumed batch's iterator state, with the train seconds
         checkpointer.save(done, state,
                           prefetcher.state.with_values(train_seconds=timer.clock.seconds),
                           config, force=preempted or done == config.total_steps)
       if preempted:
-        checkpointer.wait()
-        log.warning("%s: checkpoint at step %d saved in %s; rerun the same command "
-                    "to resume", "stopped by Ctrl-C" if preemption.interrupted else "preempted",
-                    done, checkpoints)
-        return {**reporter.last, "preempted": True, "interrupted": preemption.interrupted}
+        return _stopped(checkpointer, preemption, done, reporter.last,
+                        ckpt_lib.checkpoint_dir(workdir))
   return reporter.last
+
+
+def _setup(config, spec, workdir, primary):
+  """The run's config and host info in the workdir, and the device mesh."""
+  if primary:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mesh = shd.make_mesh(config.mesh)
+  if primary:
+    runinfo.write(workdir, runinfo.collect(config, mesh))
+  log.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape),
+           jax.device_count(), jax.devices()[0].device_kind, jax.process_count())
+  b, n = spec.batch_size, spec.super_batch
+  if n % jax.device_count() or b % jax.device_count():
+    raise ValueError(f"batch_size={b} and super-batch N={n} must be divisible by the "
+                     f"{jax.device_count()} devices")
+  return mesh
+
+
+def _to_device(mesh, reference):
+  """Host batch → global device arrays (in the prefetch thread), with θ*'s host-side rows
+  (the cache's look-up) for selection or distillation."""
+  rows = shd.batch_sharding(mesh)
+  if reference is None:
+    return lambda host_batch: feed.to_global(host_batch, rows)
+  return lambda host_batch: feed.to_global(
+      {**host_batch, **reference.host_inputs(host_batch)}, rows,
+      DEVICE_KEYS + reference.device_keys)
+
+
+def _stopped(checkpointer, preemption, done, last, where):
+  """After the preemption / Ctrl-C checkpoint of step `done`: wait for it, say so."""
+  checkpointer.wait()
+  log.warning("%s: checkpoint at step %d saved in %s; rerun the same command to resume",
+              "stopped by Ctrl-C" if preemption.interrupted else "preempted", done, where)
+  return {**last, "preempted": True, "interrupted": preemption.interrupted}
 
 
 def _train_iterator(config, spec):
@@ -253,10 +243,10 @@ def _restore_or_init(config, workdir, checkpointer, data_iter, state, state_sh, 
   return 0, state
 
 
-def _log_start(config, spec, flops, start, *, selecting):
+def _log_start(config, spec, flops, start):
   s = config.selection
   log.info("training %s%s%s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
-           f"{s.method} ({s.score}, f={s.filter_ratio:g})" if selecting else s.method,
+           f"{s.method} ({s.score}, f={s.filter_ratio:g})" if spec.selecting else s.method,
            f", uniform from step {spec.selection_steps}" if "after_selection" in flops else "",
            f", distilling from θ* ({config.distill.kind}, weight {config.distill.weight:g})"
            if spec.distill else "", start, config.total_steps, spec.batch_size,
