@@ -250,7 +250,7 @@ def test_override_parses_like_the_command_line_and_names_unknown_keys():
           c.batch_size) == (3e-4, (4, 8), True, "virtual:64", 32)
   with pytest.raises(config_lib.UnknownKey) as e:
     config_lib.override(c, "optax.lrr", "1")
-  assert "config.optax has no key 'lrr'; did you mean config.optax.lr?" in str(e.value)
+  assert "config.optax.lrr does not exist; did you mean config.optax.lr?" in str(e.value)
   assert "did you mean --config.optax.lr?" in e.value.describe("--config.")
   with pytest.raises(TypeError):
     config_lib.override(c, "batch_size", "many")

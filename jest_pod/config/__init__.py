@@ -526,10 +526,10 @@ class UnknownKey(KeyError):
     super().__init__(self.describe())
 
   def describe(self, prefix: str = "config.") -> str:
-    """'config.a has no key 'bb'; did you mean config.a.b? Keys of config.a: ...', with
+    """'config.a.bb does not exist; did you mean config.a.b? Keys of config.a: ...', with
     `prefix` (e.g. '--config.') in the suggestions."""
     section = ".".join(filter(None, ["config", self.parent]))
-    msg = f"{section} has no key {self.name!r}"
+    msg = f"config.{self.key} does not exist"
     if self.close:
       msg += "; did you mean " + " or ".join(
           prefix + ".".join(filter(None, [self.parent, c])) for c in self.close) + "?"
