@@ -32,7 +32,6 @@ CONFIGS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 METHODS = ("uniform", "independent", "joint")
-SCORES = tuple(selection.SCORES)
 SHARDING_RULES = ("replicate", "fsdp")
 
 
@@ -363,7 +362,7 @@ def validate(config) -> None:
   _choice("loss", config.loss, selection.LOSSES)
   s = config.selection
   _choice("selection.method", s.method, METHODS)
-  _choice("selection.score", s.score, SCORES)
+  _choice("selection.score", s.score, tuple(selection.SCORES))  # read live: one registry
   _choice("selection.independent_method", s.independent_method, selection.INDEPENDENT_METHODS)
   if not 0.0 <= s.filter_ratio < 1.0:
     raise ValueError(f"config.selection.filter_ratio={s.filter_ratio} must be in [0, 1) "
