@@ -18,6 +18,7 @@ trains half the batch at 16 and half at 32.
 """
 
 from jest_pod import config as config_lib
+from jest_pod.config import variants
 
 
 def get_config(arg=None):
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c.input.worker_count = 8
   c.model.dtype = "bfloat16"
   c.model.text = dict(vocab_size=32_000, max_len=64)
-  config_lib.set_model(c, "B/16")
+  variants.set_model(c, "B/16")
   c.optax = dict(lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=5000,
                  grad_clip=1.0, end_lr_fraction=0.0)
   c.selection.method = a.method
@@ -53,7 +54,7 @@ def get_config(arg=None):
     c.input.image_size = c.model.image_size = 64
     c.input.worker_count = 0
     c.model.dtype = "float32"
-    config_lib.set_model(c, "mu/16", depth=1)
+    variants.set_model(c, "mu/16", depth=1)
     c.model.text["vocab_size"] = 1024
     c.mesh = (("data", -1), ("fsdp", 2))
   return c

@@ -15,6 +15,7 @@ the towers, tokenizer and image size become the checkpoint's.
 """
 
 from jest_pod import config as config_lib
+from jest_pod.config import variants
 
 
 def get_config(arg=None):
@@ -31,13 +32,13 @@ def get_config(arg=None):
   if a.runlocal:  # a 2-core CPU: ~1M-parameter towers, B = 64
     c.batch_size = 64
     c.total_steps = 300
-    config_lib.set_model(c, "mu/4", family=a.family)
+    variants.set_model(c, "mu/4", family=a.family)
     c.optax.lr, c.optax.warmup_steps = 2e-3, 30
     c.log_every, c.ckpt_every = 10, 100
   else:  # one accelerator: ViT-S-like towers at 32×32
     c.batch_size = 1024
     c.total_steps = 5000
-    config_lib.set_model(c, "S/4", family=a.family)
+    variants.set_model(c, "S/4", family=a.family)
     c.optax.lr, c.optax.warmup_steps = 1e-3, 500
     c.log_every, c.ckpt_every = 50, 500
   if a.family == "siglip":
@@ -45,8 +46,7 @@ def get_config(arg=None):
   c.flexi.train_patch_sizes = (c.model.image["patch_size"],)
   c.total_steps = a.steps or c.total_steps
   c.batch_size = a.batch or c.batch_size
-  eval_every = max(c.total_steps // 6, 1)
-  for name, kind in config_lib.eval_sets(a.data).items():  # eval_fashion → evals.fashion
-    c.evals[name.removeprefix("eval_")] = dict(type=kind, data=f"{a.data}/{name}",
-                                               every_steps=eval_every, batch_size=256)
+  # The pool's eval_* sets, found when the run starts (config.resolve_evals), every
+  # total_steps // 6 steps: building the config reads no folder.
+  c.discover_evals.root = a.data
   return c

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from jest_pod import config as config_lib
+from jest_pod.config import variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,23 +143,25 @@ def test_eval_sets_are_found_beside_the_pool(tmp_path):
                                                  "eval_retrieval": "retrieval"}
   c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, "siglip.py"),
                                 "siglip.py", f"runlocal,data={tmp_path},pool=5")
+  assert not c.evals  # building the config reads no folder: the sets join at run start
+  config_lib.resolve_evals(c)
   assert c.evals.flags.type == "zeroshot" and c.evals.retrieval.type == "retrieval"
   assert c.evals.flags.data == f"{tmp_path}/eval_flags" and c.input.pool_size == 5
 
 
 def test_model_variants_by_name_size_both_towers_and_flexi_follows_the_patch():
   c = config_lib.base_config()
-  config_lib.set_model(c, "S/16")
+  variants.set_model(c, "S/16")
   assert dict(c.model.image) == dict(patch_size=16, width=384, depth=12, num_heads=6,
                                     mlp_dim=1536)
   assert c.model.text["width"] == 384 and c.model.text["vocab_size"] == 1000  # kept
   assert c.model.embed_dim == 384
   assert config_lib.score_patch_size(c) == 16 and config_lib.train_patch_sizes(c) == (16,)
-  config_lib.set_model(c, "mu/8", depth=1)
+  variants.set_model(c, "mu/8", depth=1)
   assert c.model.image["depth"] == c.model.text["depth"] == 1
   for bad in ("X/16", "B", "B/0", "B/sixteen"):
     with pytest.raises(ValueError, match="SIZE/PATCH"):
-      config_lib.set_model(c, bad)
+      variants.set_model(c, bad)
 
 
 def test_one_image_size_and_the_siglip_text_style_are_enforced():
@@ -167,8 +170,136 @@ def test_one_image_size_and_the_siglip_text_style_are_enforced():
   with pytest.raises(ValueError, match=r"input.image_size=64 and config.model.image_size=32"):
     config_lib.validate(c)
   c = config_lib.base_config()
-  config_lib.set_model(c, "mu/4", family="siglip")
+  variants.set_model(c, "mu/4", family="siglip")
   with pytest.raises(ValueError, match=r"family='siglip' needs config.input.text_style='siglip'"):
     config_lib.validate(c)
   c.input.text_style = "siglip"
   config_lib.validate(c)
+
+
+# ------------------------------------------------ resume rules declared with each key
+
+
+def test_every_base_config_key_declares_its_resume_rule(monkeypatch):
+  assert config_lib.undeclared_keys() == []
+  # A key set without a declaration is caught (the check sees what it looks for).
+  real = config_lib._fields
+
+  def sneaky():
+    f = real()
+    f.config.sneaky = 1
+    return f
+
+  monkeypatch.setattr(config_lib, "_fields", sneaky)
+  assert config_lib.undeclared_keys() == ["sneaky"]
+
+
+def test_resume_refuses_undeclared_keys_and_new_breaking_keys():
+  saved = config_lib.base_config().to_dict()
+  c = config_lib.base_config()
+  with c.unlocked():
+    c.my_knob = 3  # not in base_config: its effect on the run is unknown
+  with pytest.raises(ValueError, match=r"(?s)does not declare.*my_knob: '<absent>' → 3.*"
+                     r"allow_config_change = \('my_knob',\)"):
+    config_lib.check_resume(saved, c)
+  c.allow_config_change = ("my_knob",)
+  config_lib.check_resume(saved, c)
+  for key, value in (("selection.until", 0.5), ("distill.weight", 1.0),
+                     ("distill.kind", "sigmoid")):
+    c = config_lib.base_config()
+    config_lib.override(c, key, value)
+    with pytest.raises(ValueError, match=key):
+      config_lib.check_resume(saved, c)
+  c = config_lib.base_config()
+  config_lib.override(c, "model.remat", True)  # declared ALLOWED: silent
+  config_lib.override(c, "discover_evals.root", "data/demo")
+  config_lib.check_resume(saved, c)
+
+
+def test_adding_a_config_key_is_its_default_and_its_resume_rule(monkeypatch):
+  """WORKSPACE_NOTES "Extending: a config key": one line in config._fields()."""
+  real = config_lib._fields
+
+  def with_key():
+    f = real()
+    f("selection.temperature_floor", 0.0, config_lib.BREAKS)  # the one line
+    return f
+
+  monkeypatch.setattr(config_lib, "_fields", with_key)
+  c = config_lib.base_config()
+  assert c.selection.temperature_floor == 0.0
+  assert config_lib.undeclared_keys() == []
+  config_lib.validate(c)
+  config_lib.override(c, "selection.temperature_floor", "0.5")  # as --config.KEY=VALUE
+  assert c.selection.temperature_floor == 0.5
+  with pytest.raises(ValueError, match="selection.temperature_floor: 0.0 → 0.5"):
+    config_lib.check_resume(config_lib.base_config().to_dict(), c)
+
+
+# ------------------------------------------------ one override path, one loader
+
+
+def test_override_parses_like_the_command_line_and_names_unknown_keys():
+  c = config_lib.base_config()
+  config_lib.override(c, "optax.lr", "3e-4")
+  config_lib.override(c, "flexi.train_patch_sizes", "(4, 8)")
+  config_lib.override(c, "model.remat", "true")
+  config_lib.override(c, "input.data", "virtual:64")
+  config_lib.override(c, "batch_size", 32)  # a Python value (tests, the sweep) as is
+  assert (c.optax.lr, tuple(c.flexi.train_patch_sizes), c.model.remat, c.input.data,
+          c.batch_size) == (3e-4, (4, 8), True, "virtual:64", 32)
+  with pytest.raises(config_lib.UnknownKey) as e:
+    config_lib.override(c, "optax.lrr", "1")
+  assert "config.optax.lrr does not exist; did you mean config.optax.lr?" in str(e.value)
+  assert "did you mean --config.optax.lr?" in e.value.describe("--config.")
+  with pytest.raises(TypeError):
+    config_lib.override(c, "batch_size", "many")
+
+
+def test_one_loader_for_cli_bench_and_sibling_configs(tmp_path):
+  path = os.path.join(config_lib.CONFIGS_DIR, "jest.py")
+  a = config_lib.load(path, "runlocal,f=0.5")
+  b = config_lib.sibling_config(path, "jest.py", "runlocal,f=0.5")
+  from jest_pod.experiments.bench import step as bench_step
+  assert a.to_dict() == b.to_dict() == bench_step._load(f"{path}:runlocal,f=0.5").to_dict()
+
+
+# ------------------------------------------------ validation reads no disk
+
+
+def _no_disk(monkeypatch):
+  import builtins
+  from etils import epath
+
+  def refuse(*a, **k):
+    raise AssertionError(f"filesystem access: {a}")
+
+  for mod, name in ((os, "listdir"), (os, "scandir"), (os, "walk"), (os.path, "exists"),
+                    (os.path, "isdir"), (os.path, "isfile"), (builtins, "open"),
+                    (epath.Path, "exists"), (epath.Path, "iterdir"), (epath.Path, "glob"),
+                    (epath.Path, "is_dir"), (epath.Path, "open")):
+    monkeypatch.setattr(mod, name, refuse)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_building_and_validating_configs_reads_no_disk(path, monkeypatch):
+  import importlib.util
+  name = os.path.basename(path)
+  modules = {}
+  for n in ("siglip.py", name):  # jest.py builds on siglip.py: load both files first
+    spec = importlib.util.spec_from_file_location(f"nodisk_{n[:-3]}", os.path.join(
+        os.path.dirname(path), n))
+    modules[n] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modules[n])
+  monkeypatch.setattr(config_lib, "sibling_config",
+                      lambda this, n, arg, keys=None: modules[n].get_config(",".join(
+                          p for p in (arg or "").split(",")
+                          if keys is None or p.partition("=")[0] in keys)))
+  _no_disk(monkeypatch)
+  for arg in ("runlocal", ""):
+    c = modules[name].get_config(arg)
+    if c.selection.method != "uniform":
+      c.selection.reference = c.selection.reference or "somewhere"
+    c.input.data = "/nowhere/web"  # validation must not look for it (check_input does)
+    config_lib.validate(c)
+    config_lib.resolve(c)

@@ -199,7 +199,7 @@ def test_evaluators_planted_metrics_same_on_1_and_8_devices(tmp_path):
   assert r["z/0shot/fake_top5"] == 1.0
   # Identical pixels group into 3 images with 7 captions; caption 6 ("blue") points at red,
   # but the blue image carries the same caption: a hit once identical captions group
-  # (6/7 without: tests/test_newcomer.py).
+  # (6/7 without: tests/test_eval_cli.py).
   assert r["z/retr/fake_txt2img_recall@1"] == 1.0
   assert r["z/retr/fake_img2txt_recall@1"] == 1.0
   assert set(r) >= {f"z/retr/fake_{d}_recall@{k}" for d in ("img2txt", "txt2img")

@@ -1,6 +1,7 @@
 """Flexi patch defaults follow the model's patch (a ViT-B/16 config that forgets
 `flexi.train_patch_sizes` must not train at patch 4), resolved in one place."""
 
+import inspect
 import os
 
 import jax.numpy as jnp
@@ -26,9 +27,11 @@ def test_defaults_resolve_to_the_model_patch():
   assert config_lib.train_patch_sizes(c) == (16,)
   assert config_lib.score_patch_size(c) == 16
   config_lib.validate(c)
-  # The one resolver: the JEST step and the FLOP model call config's function, and no
-  # module keeps a copy of its own.
-  assert jest_lib.config_lib.score_patch_size is config_lib.score_patch_size
+  # The one resolver: the JEST step takes config's resolved patch (the run spec; jest does
+  # not import config), the FLOP model calls config's function, and no module keeps a
+  # copy of its own.
+  assert config_lib.resolve(c).score_patch == config_lib.score_patch_size(c) == 16
+  assert "score_patch" in inspect.signature(jest_lib.JestStep).parameters
   assert not hasattr(jest_lib, "score_patch_size")
   explicit = _b16_forgetting_flexi()
   explicit.flexi.train_patch_sizes = (16,)

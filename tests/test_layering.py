@@ -1,14 +1,18 @@
-"""How the package's modules import each other: no cycle inside jest_pod/data/, and
-imports at the top of the module in data/ and evaluators/ (a function-level import hides
-a layering problem; one is allowed only for a dependency that may be missing at run time,
-listed in OPTIONAL)."""
+"""How the package's modules import each other: no cycle inside jest_pod/data/, none
+between jest_pod.config and jest_pod.jest (config validates against jest's registries;
+jest never imports config), and imports at the top of the module in data/, evaluators/,
+config/, jest/ and train/ (a function-level import hides a layering problem; one is
+allowed only for a dependency that may be missing at run time, listed in OPTIONAL)."""
 
 import ast
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Modules a function may import because they may be absent (none in these packages today).
-OPTIONAL: set[str] = set()
+# Modules a function may import because they may be absent at run time: TensorFlow and
+# CLU are the optional `tf` extra (train/writers.py falls back to tensorboard's writer).
+OPTIONAL: set[str] = {"tensorflow", "clu"}
+# The packages whose modules import at the top only.
+TOP_LEVEL_ONLY = ("data", "evaluators", "config", "jest", "train")
 
 
 def _modules(*subpackages):
@@ -35,9 +39,9 @@ def _top_level_imports(tree) -> set[str]:
   return deps
 
 
-def test_no_function_level_imports_in_data_and_evaluators():
+def test_no_function_level_imports_in_data_evaluators_config_jest_and_train():
   inner = []
-  for name, tree in _modules("data", "evaluators").items():
+  for name, tree in _modules(*TOP_LEVEL_ONLY).items():
     for fn in ast.walk(tree):
       if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
         for n in ast.walk(fn):
@@ -83,3 +87,28 @@ def test_no_import_cycle_inside_data():
            for m, t in mods.items()}
   cycles = _cycles(graph)
   assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+
+
+def _package_imports(tree) -> set[str]:
+  """Every jest_pod.* module a module imports, at any level of the module."""
+  deps = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    elif isinstance(node, ast.Import):
+      deps |= {a.name for a in node.names}
+  return {d for d in deps if d.startswith("jest_pod.")}
+
+
+def test_no_import_cycle_between_config_and_jest():
+  """config → jest (validation reads SCORES, LOSSES, DISTILL_KINDS) and never back."""
+  into_config = [f"{m} imports {d}" for m, t in _modules("jest").items()
+                 for d in _package_imports(t)
+                 if d == "jest_pod.config" or d.startswith("jest_pod.config.")]
+  assert not into_config, "jest imports config: " + "; ".join(into_config)
+  graph = {"config": set(), "jest": set()}
+  for pkg, other in (("config", "jest"), ("jest", "config")):
+    for t in _modules(pkg).values():
+      if any(d.startswith(f"jest_pod.{other}") for d in _package_imports(t)):
+        graph[pkg].add(other)
+  assert not _cycles(graph), graph

@@ -128,7 +128,7 @@ def test_nan_right_after_resume_names_the_restored_checkpoint(toy, base_run, tmp
                      sharding, keys)
 
   monkeypatch.setattr(feed, "to_global", poisoned)
-  with pytest.raises(train_main.TrainingDiverged, match=r"at step 5;.*checkpoints/4 may be "
+  with pytest.raises(hooks.TrainingDiverged, match=r"at step 5;.*checkpoints/4 may be "
                      r"damaged; move it aside"):
     train_main.train(tiny_config(toy, steps=6, ckpt_every=2), run)
 

@@ -238,3 +238,29 @@ def test_errors():
   with pytest.raises(ValueError, match="not divisible"):
     sel.joint_select(key, _embeddings(0, 20), _embeddings(1, 20), num_select=8, n_chunks=2,
                      mesh=_mesh((8,), ("data",)))
+
+
+def test_a_new_score_is_one_registry_entry(monkeypatch):
+  """WORKSPACE_NOTES "Extending: a score": one entry in selection.SCORES, and validation,
+  the models a step runs, needs_reference, the FLOP model and selection all follow."""
+  from jest_pod import config as config_lib
+  from jest_pod.train import flops as flops_lib
+  c = config_lib.base_config()
+  c.selection.update(method="joint", score="anti_learnability", reference="ref", n_chunks=4)
+  c.batch_size = 64
+  with pytest.raises(ValueError, match="selection.score='anti_learnability' is not valid"):
+    config_lib.validate(c)
+  monkeypatch.setitem(sel.SCORES, "anti_learnability", (-1.0, 1.0))
+  config_lib.validate(c)
+  assert sel.uses_models("anti_learnability") == (True, True)
+  assert config_lib.needs_reference(c)
+  parts = flops_lib.step_flops(c)
+  assert parts["scoring"] > 0 and parts["reference"] > 0
+  learner, reference = _embeddings(0, 64), _embeddings(1, 64)
+  kw = dict(num_select=16, n_chunks=4, loss="sigmoid")
+  anti = np.asarray(joint(jax.random.key(0), learner, reference, score="anti_learnability", **kw))
+  learn = np.asarray(joint(jax.random.key(0), learner, reference, score="learnability", **kw))
+  assert len(set(anti.tolist())) == 16 and set(anti.tolist()) != set(learn.tolist())
+  # The opposite score prefers what learnability avoids: lower mean learnability.
+  diag = np.diag(_np_pair_losses(learner)) - np.diag(_np_pair_losses(reference))
+  assert diag[anti].mean() < diag[learn].mean()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jest_pod import config as config_lib
+from jest_pod.config import variants
 from jest_pod.data.tokenizer import Tokenizer
 from jest_pod.interop import big_vision, hf
 from jest_pod.models import build_model, flops, siglip
@@ -177,7 +178,7 @@ def test_big_vision_checkpoint_gives_big_vision_outputs():
 def test_build_model_family_checks():
   c = config_lib.base_config()
   assert c.model.family == "flexivit"
-  config_lib.set_model(c, "mu/4", family="siglip")
+  variants.set_model(c, "mu/4", family="siglip")
   assert c.model.family == "siglip" and c.model.embed_dim == c.model.image["width"]
   assert isinstance(build_model(c.model), siglip.SiglipTwoTower)
   c.model.embed_dim = 32
@@ -186,7 +187,7 @@ def test_build_model_family_checks():
   c.model.family = "clip"
   with pytest.raises(ValueError, match="model.family='clip': choose one of flexivit, siglip"):
     build_model(c.model)
-  config_lib.set_model(c, "So400m/14")
+  variants.set_model(c, "So400m/14")
   assert c.model.family == "clip"  # family=None leaves it
   assert dict(c.model.image) == dict(patch_size=14, width=1152, depth=27, num_heads=16,
                                     mlp_dim=4304)
@@ -194,7 +195,7 @@ def test_build_model_family_checks():
 
 def test_siglip_init_values_and_bf16_compute():
   c = config_lib.base_config()
-  config_lib.set_model(c, "mu/4", family="siglip", depth=1, width=16, mlp_dim=24)
+  variants.set_model(c, "mu/4", family="siglip", depth=1, width=16, mlp_dim=24)
   c.model.dtype, c.model.image_size, c.model.text = "bfloat16", 8, dict(c.model.text, max_len=4)
   model = build_model(c.model)
   image = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
@@ -211,7 +212,7 @@ def test_siglip_init_values_and_bf16_compute():
 def test_remat_and_scan_train_like_the_loop():
   """remat + scan_layers: the same loss and gradients as the plain loop (params converted)."""
   c = config_lib.base_config()
-  config_lib.set_model(c, "mu/4", family="siglip", width=16, mlp_dim=24, num_heads=2)
+  variants.set_model(c, "mu/4", family="siglip", width=16, mlp_dim=24, num_heads=2)
   c.model.image_size, c.model.text = 8, dict(c.model.text, max_len=4)
   image = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
   text = jnp.array([[5, 6, 1, 1], [7, 1, 1, 1]], jnp.int32)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jest_pod.train import feed
+from jest_pod.train import hooks
 from jest_pod.train import main as train_main
 from train_helpers import ROOT, losses, read_metrics, run_cli, tiny_config
 
@@ -99,7 +100,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatc
     return to_global(host_batch, sharding, keys)
 
   monkeypatch.setattr(feed, "to_global", poisoned)
-  with pytest.raises(train_main.TrainingDiverged,
+  with pytest.raises(hooks.TrainingDiverged,
                      match=f"at step 4; .*last good checkpoint is step {good}"):
     train_main.train(config, str(tmp_path))
   from jest_pod import checkpoint

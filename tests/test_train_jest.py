@@ -4,6 +4,7 @@ devices pick the same examples, a missing reference stops before training."""
 import numpy as np
 import pytest
 
+from jest_pod.train import hooks
 from jest_pod.train import main as train_main
 from train_helpers import read_metrics, run_cli, tiny_config
 
@@ -75,7 +76,7 @@ def test_nonfinite_selection_scores_stop_the_run_naming_the_reference(toy, refer
   # The first test's config: its compiles are in the session's cache.
   config = tiny_config(toy, steps=3, method="joint", reference=reference,
                        **{"selection.filter_ratio": 0.5, "selection.score": score}, **FLEXI)
-  with pytest.raises(train_main.TrainingDiverged,
+  with pytest.raises(hooks.TrainingDiverged,
                      match=r"selection scores are not finite at step 1 \(select/"
                            r"(learnability|score_super_batch)"
                            r".*restore the reference checkpoint config\.selection\.reference="):

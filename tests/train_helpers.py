@@ -28,12 +28,9 @@ def tiny_config(data_dir, *, steps=12, method="uniform", reference="", **overrid
   c.log_every, c.ckpt_every = 1, 100
   c.preemption_check_every = 1  # 8-step runs: hosts must agree at the next step
   c.evals = {}
+  c.discover_evals.root = ""  # no evaluation sets either
   for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+    config_lib.override(c, key, value)
   return c
 
 
@@ -60,8 +57,8 @@ def run_cli(config, workdir, devices, **kw):
     f.write(config.to_json())
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=ROOT)
-  code = ("import json, sys, ml_collections; from jest_pod.train import main as m; "
-          "m.setup_logging(); "
+  code = ("import json, sys, ml_collections; from jest_pod.train import hooks as h, main as m; "
+          "h.setup_logging(); "
           f"c = ml_collections.ConfigDict(json.load(open({cfg_file!r}))); "
           f"m.train(c, {workdir!r})")
   return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, **kw)

@@ -6,25 +6,32 @@ checks that turn a typo into a clear message live here, once.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import importlib.util
 import json
 import logging
 import math
 import os
 
 import ml_collections
+from etils import epath
 
-from jest_pod.jest import losses
-from jest_pod.jest import selection
-from jest_pod.config.variants import set_model  # pylint: disable=unused-import (re-export)
+from jest_pod.config import variants
+from jest_pod.data import sources
 # The config.input defaults, from a leaf module: not data.pipeline (Grain, decoders).
 from jest_pod.data.input_config import default_input_config
+# The registries validation checks against: config sits above them (they never import it).
+from jest_pod.evaluators import base as evaluators_base
+from jest_pod.jest import losses
+from jest_pod.jest import selection
 
 # The repo's configs/ folder (the package is installed editable beside it).
 CONFIGS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 METHODS = ("uniform", "independent", "joint")
-SCORES = tuple(selection.SCORES)
 SHARDING_RULES = ("replicate", "fsdp")
 
 
@@ -49,79 +56,131 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """The full set of fields with small, CPU-friendly defaults; configs override."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.total_steps = 1000
-  c.batch_size = 256                  # B: examples trained on per step (global)
-  c.loss = "sigmoid"                  # sigmoid (SigLIP) | softmax (CLIP)
+# How each key behaves when a run resumes with a changed config (check_resume). Declared
+# beside the key's default in base_config(), so a new key cannot be forgotten:
+BREAKS = "breaks"    # changes what the run means (data, model, objective, selection, seed)
+WARNS = "warns"      # allowed, logged (e.g. optax.lr: a new schedule on purpose)
+ALLOWED = "allowed"  # schedule, logging, evaluation and throughput knobs: silent
 
-  c.input = default_input_config()  # the input pipeline's contract
 
-  c.model = ml_collections.ConfigDict()
-  # flexivit (this project's towers) | siglip (public SigLIP checkpoints' towers: models/siglip.py)
-  c.model.family = "flexivit"
-  c.model.image_size = 32
-  c.model.embed_dim = 64
-  c.model.dtype = "float32"          # compute dtype; "bfloat16": bf16 compute, f32 weights
-  c.model.attention = "auto"         # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
-  c.model.remat = False              # rematerialise each encoder block (memory for compute)
-  c.model.scan_layers = False        # nn.scan over depth (fast compile for deep towers)
+class _Fields:
+  """base_config()'s builder: each key with its default and its resume behaviour. A rule
+  declared for a section (e.g. "model") covers its keys unless a longer key says else."""
+
+  def __init__(self):
+    self.config = ml_collections.ConfigDict()
+    self.resume: dict[str, str] = {}
+
+  def __call__(self, key: str, default, resume: str):
+    *path, last = key.split(".")
+    node = self.config
+    for part in path:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[last] = default
+    self.declare(resume, key)
+
+  def declare(self, resume: str, *keys: str):
+    for key in keys:
+      self.resume[key] = resume
+
+
+def _fields() -> _Fields:
+  """The full set of fields with small, CPU-friendly defaults, and their resume rules."""
+  f = _Fields()
+  f("seed", 0, BREAKS)
+  f("total_steps", 1000, ALLOWED)
+  f("batch_size", 256, BREAKS)         # B: examples trained on per step (global)
+  f("loss", "sigmoid", BREAKS)         # sigmoid (SigLIP) | softmax (CLIP)
+
+  f("input", default_input_config(), WARNS)  # the input pipeline's contract
+  f.declare(BREAKS, "input.data", "input.mixture", "input.image_size", "input.max_text_len",
+            "input.tokenizer")
+  # The order of examples depends on the worker count (data/input_config.py): exact
+  # resume needs the same one, but a host with other cores may resume on purpose.
+  f.declare(ALLOWED, "input.worker_count")
+
+  # Every model key breaks a resume (the parameters would not fit or mean other things)
+  # except the ways to compute the same function.
+  f("model.family", "flexivit", BREAKS)  # flexivit (this project's towers) | siglip
+  f("model.image_size", 32, BREAKS)      # = input.image_size (validate: one size)
+  f("model.embed_dim", 64, BREAKS)
+  f("model.dtype", "float32", BREAKS)    # compute dtype; "bfloat16": bf16 compute, f32 weights
+  # auto (cuDNN flash attention on GPU in bf16, else XLA) | xla | cudnn
+  f("model.attention", "auto", ALLOWED)
+  f("model.remat", False, ALLOWED)       # rematerialise each encoder block (memory for compute)
+  f("model.scan_layers", False, BREAKS)  # nn.scan over depth (fast compile for deep towers)
   # Start from a checkpoint's weights, architecture and preprocessing: a training workdir,
   # a Hugging Face SigLIP folder or a big_vision .npz (interop/formats.py apply_init_from).
-  c.model.init_from = ""
-  c.model.init_tokenizer = ""        # its sentencepiece model, where it has none (big_vision)
-  c.model.text = dict(vocab_size=1000, max_len=16)
-  set_model(c, "mu/4")  # both towers' sizes: config/variants.py
+  f("model.init_from", "", BREAKS)
+  f("model.init_tokenizer", "", BREAKS)  # its sentencepiece model, where it has none
+  f("model.text", dict(vocab_size=1000, max_len=16), BREAKS)
+  variants.set_model(f.config, "mu/4")  # model.image and the towers' sizes: config/variants.py
+  f.declare(BREAKS, "model.image")
 
-  c.optax = ml_collections.ConfigDict(dict(
-      lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=50, grad_clip=1.0,
-      end_lr_fraction=0.0))
+  f("optax", dict(lr=1e-3, weight_decay=1e-4, b1=0.9, b2=0.95, warmup_steps=50,
+                  grad_clip=1.0, end_lr_fraction=0.0), WARNS)
 
   # JEST selection (scores and joint sampling: the jest_pod/jest/selection.py docstring).
   # method=uniform trains on the first B of each batch.
-  c.selection = ml_collections.ConfigDict(dict(
-      method="uniform", score="learnability", filter_ratio=0.8, n_chunks=16,
-      independent_method="topk",
-      # The frozen reference: a training workdir, a Hugging Face SigLIP folder or a
-      # big_vision .npz (jest/reference.py); reference_tokenizer for an npz without one.
-      reference="", reference_tokenizer="",
-      # θ*'s embeddings precomputed by `jest-pod data cache-reference`: a cache folder,
-      # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
-      reference_cache="",
-      # Early-only selection (AJEST): JEST for this fraction of total_steps, then uniform
-      # batches of B (the input switches from super-batches; selection_steps()).
-      until=1.0,
-  ))
+  f("selection.method", "uniform", BREAKS)
+  f("selection.score", "learnability", BREAKS)
+  f("selection.filter_ratio", 0.8, BREAKS)
+  f("selection.n_chunks", 16, BREAKS)
+  f("selection.independent_method", "topk", BREAKS)
+  # The frozen reference: a training workdir, a Hugging Face SigLIP folder or a
+  # big_vision .npz (jest/reference.py); reference_tokenizer for an npz without one.
+  f("selection.reference", "", BREAKS)
+  f("selection.reference_tokenizer", "", BREAKS)
+  # θ*'s embeddings precomputed by `jest-pod data cache-reference`: a cache folder,
+  # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
+  f("selection.reference_cache", "", WARNS)
+  # Early-only selection (AJEST): JEST for this fraction of total_steps, then uniform
+  # batches of B (the input switches from super-batches; selection_steps()).
+  f("selection.until", 1.0, BREAKS)
   # Distillation from the reference (losses.distill_loss): loss += weight · KD between θ*'s
   # and the learner's logits on the trained batch; θ*'s rows come from what JEST already
   # computed (cache or forward pass). weight 0 = off.
-  c.distill = ml_collections.ConfigDict(dict(weight=0.0, temperature=1.0, kind="softmax"))
+  f("distill", dict(weight=0.0, temperature=1.0, kind="softmax"), BREAKS)
   # Flexi-JEST: score at a large patch, train split across patch sizes. The defaults
-  # follow model.image.patch_size (with a fixed (4,), a ViT-B/16 config that forgot this
-  # field trained at patch 4); read them only through score_patch_size/train_patch_sizes.
-  c.flexi = ml_collections.ConfigDict(dict(
-      score_patch_size=0,             # 0 = the model's base patch size
-      train_patch_sizes=(),           # () = (the model's base patch size,)
-      train_fractions=(1.0,)))
+  # follow model.image.patch_size; read them only through score_patch_size /
+  # train_patch_sizes (check_resume compares what they resolve to).
+  f("flexi.score_patch_size", 0, BREAKS)   # 0 = the model's base patch size
+  f("flexi.train_patch_sizes", (), BREAKS)  # () = (the model's base patch size,)
+  f("flexi.train_fractions", (1.0,), BREAKS)
 
   # Device mesh: (name, size) with one size -1 = all remaining devices.
-  c.mesh = (("data", -1), ("fsdp", 1))
-  c.sharding_rules = ((".*", "replicate"),)
+  f("mesh", (("data", -1), ("fsdp", 1)), WARNS)
+  f("sharding_rules", ((".*", "replicate"),), WARNS)
 
-  c.device_prefetch = 2       # super-batches read, decoded and on the devices ahead of the step
-  c.preemption_check_every = 10  # steps between the hosts' SIGTERM agreement (multi-host)
-  c.time_split_every = 100    # every K steps one step runs part by part, timed (0 = never)
-  c.log_every = 10
-  c.log_selected_ids = False  # WORKDIR/selected_ids.jsonl: {"step", "ids"} per JEST step
-  c.ckpt_every = 100
-  c.keep_ckpts = 3
-  c.evals = ml_collections.ConfigDict()
+  # super-batches read, decoded and on the devices ahead of the step
+  f("device_prefetch", 2, ALLOWED)
+  f("preemption_check_every", 10, ALLOWED)  # steps between the hosts' SIGTERM agreement
+  f("time_split_every", 100, ALLOWED)  # every K steps one step runs part by part, timed (0 = never)
+  f("log_every", 10, ALLOWED)
+  f("log_selected_ids", False, WARNS)  # WORKDIR/selected_ids.jsonl: {"step", "ids"} per JEST step
+  f("ckpt_every", 100, ALLOWED)
+  f("keep_ckpts", 3, ALLOWED)
+  f("evals", ml_collections.ConfigDict(), ALLOWED)  # name → {type, data, every_steps, ...}
+  # Evaluation sets found at run start (resolve_evals; not while the config is built: that
+  # would read the disk): every eval_* set under `root` joins config.evals, evaluated every
+  # `every_steps` (0 = total_steps // 6) with `batch_size`. '' = none.
+  f("discover_evals", dict(root="", every_steps=0, batch_size=256), ALLOWED)
   # Dotted keys (or prefixes, e.g. "model") that may differ from the checkpoint's config
   # on resume; see check_resume.
-  c.allow_config_change = ()
-  return c
+  f("allow_config_change", (), ALLOWED)
+  return f
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full set of fields with small, CPU-friendly defaults; configs override."""
+  return _fields().config
+
+
+def resume_rules() -> dict[str, str]:
+  """{dotted key or section: BREAKS | WARNS | ALLOWED}, as base_config() declares them."""
+  return dict(_fields().resume)
 
 
 def score_patch_size(config) -> int:
@@ -152,23 +211,21 @@ def selection_steps(config) -> int:
   return min(config.total_steps, int(round(config.selection.until * config.total_steps)))
 
 
-def distilling(config) -> bool:
-  """Whether the loss has the distillation term (config.distill.weight > 0)."""
-  return config.distill.weight > 0
-
-
 def needs_reference(config) -> bool:
   """Whether a run needs θ* (its forward pass or its cache): a selecting method whose
   score weighs the reference's loss (selection.SCORES), or distillation from it."""
+  return _scores_reference(config) or losses.distilling(config)
+
+
+def _scores_reference(config) -> bool:
   s = config.selection
-  return (s.method != "uniform" and selection.uses_models(s.score)[1]) or distilling(config)
+  return s.method != "uniform" and selection.uses_models(s.score)[1]
 
 
 def missing_reference_message(config) -> str:
   """The one message for a run that needs θ* and has none."""
   why = (f"config.distill.weight={config.distill.weight:g}"
-         if distilling(config) and not (config.selection.method != "uniform" and
-                                        selection.uses_models(config.selection.score)[1])
+         if losses.distilling(config) and not _scores_reference(config)
          else f"config.selection.score={config.selection.score!r}")
   return (f"{why} needs a reference model: set "
           "config.selection.reference to a checkpoint (a workdir of configs/reference.py, a "
@@ -305,7 +362,7 @@ def validate(config) -> None:
   _choice("loss", config.loss, selection.LOSSES)
   s = config.selection
   _choice("selection.method", s.method, METHODS)
-  _choice("selection.score", s.score, SCORES)
+  _choice("selection.score", s.score, tuple(selection.SCORES))  # read live: one registry
   _choice("selection.independent_method", s.independent_method, selection.INDEPENDENT_METHODS)
   if not 0.0 <= s.filter_ratio < 1.0:
     raise ValueError(f"config.selection.filter_ratio={s.filter_ratio} must be in [0, 1) "
@@ -354,16 +411,12 @@ def validate(config) -> None:
   if config.input.max_text_len > config.model.text["max_len"]:
     raise ValueError(f"config.input.max_text_len={config.input.max_text_len} exceeds "
                      f"config.model.text.max_len={config.model.text['max_len']}")
-  if config.evals:
-    from jest_pod.evaluators.base import TYPES  # pylint: disable=g-import-not-at-top
-    for name, ev in config.evals.items():
-      _choice(f"evals.{name}.type", ev.get("type"), tuple(TYPES))
+  for name, ev in (config.evals or {}).items():
+    _choice(f"evals.{name}.type", ev.get("type"), tuple(evaluators_base.TYPES))
 
 
 def check_input(config) -> None:
   """A missing data folder is named with the fix, instead of a traceback from the reader."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import sources  # pylint: disable=g-import-not-at-top
   mixture = list(config.input.get("mixture") or [])
   key = "config.input.mixture" if mixture else "config.input.data"
   dirs = [str(d) for d, _ in mixture] or [str(config.input.data)]
@@ -381,21 +434,6 @@ def check_input(config) -> None:
                        f"or fix {key}")
 
 
-# On resume, keys whose change alters what the run means (its data, model, objective,
-# selection or randomness); any key under these prefixes counts.
-RESUME_BREAKING = ("seed", "batch_size", "loss", "input.data", "input.mixture",
-                   "input.image_size", "input.max_text_len", "input.tokenizer", "model",
-                   "selection.method", "selection.score", "selection.filter_ratio",
-                   "selection.n_chunks", "selection.independent_method",
-                   "selection.reference", "selection.reference_tokenizer",
-                   "selection.until", "distill", "flexi")
-# Always fine to change on resume (schedule, logging, evaluation, throughput knobs).
-RESUME_ALLOWED = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "evals",
-                  "time_split_every", "preemption_check_every", "device_prefetch",
-                  "input.worker_count", "model.remat", "model.attention",
-                  "allow_config_change")
-
-
 def _flatten(tree, prefix=""):
   out = {}
   for k, v in tree.items():
@@ -406,50 +444,161 @@ def _flatten(tree, prefix=""):
   return out
 
 
-def _resolved_patches(flat):
-  """Flexi patch defaults (0, ()) replaced by the base patch they stand for, so a
-  checkpoint that saved the explicit value (older defaults) still matches."""
-  base = flat.get("model.image.patch_size")
-  if base is not None:
-    if not flat.get("flexi.score_patch_size"):
-      flat["flexi.score_patch_size"] = base
-    if not flat.get("flexi.train_patch_sizes"):
-      flat["flexi.train_patch_sizes"] = [base]
-  return flat
-
-
 def _under(key, prefixes) -> bool:
   return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def undeclared_keys(config=None) -> list[str]:
+  """Keys of `config` (default: base_config()) that declare no resume rule: each key must
+  (tests/test_config.py), so resuming never meets a key whose meaning is unknown."""
+  config = base_config() if config is None else config
+  rules = resume_rules()
+  return [k for k in _flatten(json.loads(config.to_json_best_effort()))
+          if resume_rule(k, rules) is None]
+
+
+def resume_rule(key: str, rules: dict[str, str] | None = None) -> str | None:
+  """The declared resume behaviour of a dotted key (its longest declared section), or None
+  for a key base_config() does not declare."""
+  rules = resume_rules() if rules is None else rules
+  found = [p for p in rules if _under(key, (p,))]
+  return rules[max(found, key=len)] if found else None
+
+
+def _meaning(config_dict) -> dict:
+  """The config flattened as the checkpoint stores it (JSON: tuples become lists), with
+  the Flexi patches as what they resolve to: an explicit base patch and the default
+  (0, ()) are the same run."""
+  flat = _flatten(json.loads(ml_collections.ConfigDict(config_dict).to_json_best_effort()))
+  if flat.get("model.image.patch_size") is not None:
+    c = ml_collections.ConfigDict(config_dict)
+    flat["flexi.score_patch_size"] = score_patch_size(c)
+    flat["flexi.train_patch_sizes"] = list(train_patch_sizes(c))
+  return flat
 
 
 def check_resume(saved, config) -> None:
   """Refuse to resume a checkpoint written with a config of another meaning.
 
-  `saved`: the checkpoint's config. Raises ValueError listing `key: old → new` for each
-  breaking difference; config.allow_config_change names keys changed on purpose.
-  Other differences (e.g. optax.lr) are only logged.
+  `saved`: the checkpoint's config. Each changed key is judged by the rule base_config()
+  declares for it (resume_rules): BREAKS and undeclared keys raise ValueError listing
+  `key: old → new` unless config.allow_config_change names them; WARNS keys are logged.
   """
-  # Compare as JSON, the way the checkpoint stored it (tuples become lists).
-  old = _resolved_patches(_flatten(json.loads(
-      ml_collections.ConfigDict(saved).to_json_best_effort())))
-  new = _resolved_patches(_flatten(json.loads(config.to_json_best_effort())))
+  old, new = _meaning(saved), _meaning(config)
+  rules = resume_rules()
   extra = config.get("allow_config_change", ()) or ()
-  allowed = RESUME_ALLOWED + ((extra,) if isinstance(extra, str) else tuple(extra))
+  extra = (extra,) if isinstance(extra, str) else tuple(extra)
   diffs = {k: (old.get(k, "<absent>"), new.get(k, "<absent>"))
            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
-  breaking = {k: d for k, d in diffs.items()
-              if _under(k, RESUME_BREAKING) and not _under(k, allowed)}
-  if breaking:
+  judged = {k: resume_rule(k, rules) for k in diffs}
+  breaking = {k: d for k, d in diffs.items() if judged[k] == BREAKS and not _under(k, extra)}
+  unknown = {k: d for k, d in diffs.items() if judged[k] is None and not _under(k, extra)}
+  if breaking or unknown:
     lines = "\n".join(f"  {k}: {a!r} → {b!r}" for k, (a, b) in breaking.items())
+    text = ("the config differs from the checkpoint's in keys that change the run's "
+            f"meaning:\n{lines}\n" if breaking else "")
+    if unknown:
+      text += ("the config differs from the checkpoint's in keys that "
+               "jest_pod.config.base_config() does not declare, so their effect on the run "
+               "is unknown:\n" + "\n".join(f"  {k}: {a!r} → {b!r}"
+                                           for k, (a, b) in unknown.items()) + "\n")
     raise ValueError(
-        "the config differs from the checkpoint's in keys that change the run's meaning:\n"
-        f"{lines}\nRestore those values, use a new --workdir, or allow the change on "
-        f"purpose: config.allow_config_change = {tuple(breaking)!r}")
-  other = {k: d for k, d in diffs.items() if not _under(k, RESUME_ALLOWED)}
-  if other:
+        f"{text}Restore those values, use a new --workdir, or allow the change on "
+        f"purpose: config.allow_config_change = {tuple(breaking) + tuple(unknown)!r}")
+  logged = {k: d for k, d in diffs.items() if judged[k] != ALLOWED}
+  if logged:
     logging.getLogger("jest_pod").warning(
         "resuming with config changes: %s",
-        ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in other.items()))
+        ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in logged.items()))
+
+
+# ------------------------------------------------------------ loading and overriding
+
+
+class UnknownKey(KeyError):
+  """An override names a key the config does not have. `parent`: the dotted path of the
+  section it was looked up in ('' = the top)."""
+
+  def __init__(self, key: str, parent: str, name: str, keys: list[str]):
+    self.key, self.parent, self.name, self.keys = key, parent, name, keys
+    self.close = difflib.get_close_matches(name, keys, n=3)
+    super().__init__(self.describe())
+
+  def describe(self, prefix: str = "config.") -> str:
+    """'config.a.bb does not exist; did you mean config.a.b? Keys of config.a: ...', with
+    `prefix` (e.g. '--config.') in the suggestions."""
+    section = ".".join(filter(None, ["config", self.parent]))
+    msg = f"config.{self.key} does not exist"
+    if self.close:
+      msg += "; did you mean " + " or ".join(
+          prefix + ".".join(filter(None, [self.parent, c])) for c in self.close) + "?"
+    if self.keys:
+      msg += f" Keys of {section}: {', '.join(sorted(self.keys))}."
+    return msg
+
+  def __str__(self):
+    return self.describe()
+
+
+def _parse_value(text: str, current):
+  """A command-line value for a field that holds `current`: strings stay as written,
+  booleans read true/false/1/0/yes/no, anything else is a Python literal."""
+  if isinstance(current, str):
+    return text
+  if isinstance(current, bool):
+    if text.lower() in ("1", "true", "yes"):
+      return True
+    if text.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"{text!r} is not a boolean (true or false)")
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # the ConfigDict's type check names the mismatch
+
+
+def override(config, key: str, value) -> None:
+  """config.<dotted key> = value: the one way to change a built config by name (the
+  train CLI's --config.KEY=VALUE, `bench step --set`, the sweep's variants and the tests).
+  The key must exist (UnknownKey, with suggestions); a str `value` for a non-str field is
+  parsed (_parse_value); the ConfigDict checks the type."""
+  *path, last = key.split(".")
+  node = config
+  for i, part in enumerate([*path, last]):
+    keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+    if part not in keys:
+      raise UnknownKey(key, ".".join(path[:i]), part, keys)
+    if i < len(path):
+      node = node[part]
+  if isinstance(value, str):
+    value = _parse_value(value, node[last])
+  node[last] = value
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of the config file at `path` (configs are files, not a package): the
+  one loader of the train CLI, `bench step` and sibling_config. Whatever the file raises
+  propagates (train/cli.py turns it into one line naming the file and line)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"jest_pod_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def sibling_config(this_file: str, name: str, arg: str | None, keys=None):
+  """get_config(arg) of another file in configs/ (configs are files, not a package).
+
+  `keys` keeps only those comma-separated arguments that the other config takes.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+  parts = [p for p in (arg or "").split(",") if p]
+  if keys is not None:
+    parts = [p for p in parts if p.partition("=")[0] in keys]
+  return load(path, ",".join(parts))
+
+
+# ------------------------------------------------------------ evaluation sets
 
 
 # The demo pool's evaluation sets: assumed while its data is not built yet.
@@ -461,22 +610,58 @@ def eval_sets(data_root: str) -> dict[str, str]:
   eval_* set under the root (`evaluators.base.discover`: listed by the root's source kind,
   typed by the evaluator registry). A root without any (not built yet) gets the demo
   pool's two sets."""
-  from jest_pod.evaluators import base  # pylint: disable=g-import-not-at-top
-  found = {name: s["type"] for name, s in base.discover(data_root).items()}
+  found = {name: s["type"] for name, s in evaluators_base.discover(data_root).items()}
   return found or dict(DEMO_EVAL_SETS)
 
 
-def sibling_config(this_file: str, name: str, arg: str | None, keys=None):
-  """get_config(arg) of another file in configs/ (configs are files, not a package).
+def resolve_evals(config):
+  """At run start (this reads the disk): each eval_* set under
+  config.discover_evals.root joins config.evals as evals.<set without eval_> (a name
+  already in config.evals is kept as written). Returns the config, changed in place."""
+  d = config.get("discover_evals")
+  if not d or not d.root:
+    return config
+  every = int(d.every_steps) or max(int(config.total_steps) // 6, 1)
+  with config.unlocked():
+    # The sets that exist (no demo fallback: at run start the pool is built).
+    for name, found in evaluators_base.discover(d.root).items():  # eval_x → evals.x
+      key = name.removeprefix("eval_")
+      if key not in config.evals:
+        config.evals[key] = dict(type=found["type"], data=f"{d.root}/{name}",
+                                 every_steps=every, batch_size=int(d.batch_size))
+  return config
 
-  `keys` keeps only those comma-separated arguments that the other config takes.
-  """
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
-  spec = importlib.util.spec_from_file_location(f"jest_pod_config_{name[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  parts = [p for p in (arg or "").split(",") if p]
-  if keys is not None:
-    parts = [p for p in parts if p.partition("=")[0] in keys]
-  return module.get_config(",".join(parts))
+
+# ------------------------------------------------------------ the resolved run
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """The facts derived from a config, computed once at start-up (resolve) and read by
+  the trainer instead of being recomputed from the raw keys."""
+  batch_size: int                   # B, global
+  super_batch: int                  # N (= B for uniform)
+  method: str
+  selecting: bool                   # a JEST method (not uniform)
+  selection_steps: int              # steps that select before uniform batches
+  uses_models: tuple[bool, bool]    # (learner, reference) the score runs
+  needs_reference: bool
+  distill: bool
+  score_patch: int
+  train_patches: tuple[int, ...]
+  train_fractions: tuple[float, ...]
+  image_size: int                   # the one size (validate: input = model)
+  text_len: int
+
+
+def resolve(config) -> RunSpec:
+  """The run's derived facts (no I/O; call validate first)."""
+  s = config.selection
+  return RunSpec(
+      batch_size=int(config.batch_size), super_batch=num_super_batch(config),
+      method=s.method, selecting=s.method != "uniform",
+      selection_steps=selection_steps(config), uses_models=selection.uses_models(s.score),
+      needs_reference=needs_reference(config), distill=losses.distilling(config),
+      score_patch=score_patch_size(config), train_patches=train_patch_sizes(config),
+      train_fractions=tuple(float(f) for f in config.flexi.train_fractions),
+      image_size=int(config.model.image_size), text_len=int(config.input.max_text_len))

@@ -129,6 +129,7 @@ def load_config(name: str, arg: str, plan: Plan):
   from jest_pod import config as config_lib
   c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, name), name, arg)
   every = max(1, c.total_steps // plan.evals)
+  c.discover_evals.every_steps = every  # the sets found at run start (resolve_evals)
   for ev in c.evals.values():
     ev.every_steps = every
   if plan.scale == "smoke":  # tests: the smallest towers that compile fast
@@ -410,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
   devices = args.devices if args.devices >= 0 else (2 if (os.cpu_count() or 1) >= 2 else 1)
   set_cpu_devices(devices)
 
-  from jest_pod.train import main as train_main
-  train_main.setup_logging()
+  from jest_pod.train import hooks as train_hooks
+  train_hooks.setup_logging()
   import logging
   logging.getLogger("jest_pod.data").setLevel(logging.INFO)
 

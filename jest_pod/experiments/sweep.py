@@ -211,11 +211,7 @@ def make_config(plan_name: str, variant: str, seed: int, data: str, workdir: str
   c = demo.load_config(v.config, args, plan.demo_plan(plan_name))
   c.seed = seed
   for key, value in v.overrides:
-    *path, last = key.split(".")
-    node = c
-    for part in path:
-      node = node[part]
-    node[last] = value
+    config_lib.override(c, key, value)
   if config_lib.needs_reference(c):
     c.selection.reference = os.path.join(workdir, v.reference)
     c.selection.reference_cache = os.path.join(workdir, f"{v.reference}_cache")
@@ -239,8 +235,8 @@ def _run_one(config, out_dir: str, devices: int) -> None:
   os.dup2(log_file.fileno(), 1)
   os.dup2(log_file.fileno(), 2)
   demo.set_cpu_devices(devices)
-  from jest_pod.train import main as train_main
-  train_main.setup_logging()
+  from jest_pod.train import hooks as train_hooks
+  train_hooks.setup_logging()
   if not demo.train_stage(config, out_dir):
     sys.exit(3)  # preempted: rerun continues
 
@@ -297,8 +293,8 @@ def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> boo
       print(f"[sweep] start {label} → {out}/train.log", flush=True)
       t = time.time()
       if jobs == 0:
-        from jest_pod.train import main as train_main
-        train_main.setup_logging()
+        from jest_pod.train import hooks as train_hooks
+        train_hooks.setup_logging()
         finished(label, config, out, demo.train_stage(config, out), time.time() - t)
         continue
       proc = ctx.Process(target=_run_one, args=(config, out, devices))
@@ -459,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
       json.dump(want, f, indent=2)
   variants = list(dict.fromkeys(v for e in only for v in EXPERIMENTS[e][1]))
   if not args.report_only:
-    from jest_pod.train import main as train_main
-    train_main.setup_logging()
+    from jest_pod.train import hooks as train_hooks
+    train_hooks.setup_logging()
     from jest_pod.data import builders
     builders.build(plan.builder, data, limit=plan.limit)  # before the configs: they read
     tok_path = os.path.join(data, "web", "tokenizer.model")  # its evaluation sets

@@ -77,6 +77,11 @@ def contrastive_loss(kind, zimg, ztxt, t, b):
 DISTILL_KINDS = ("softmax", "sigmoid")
 
 
+def distilling(config) -> bool:
+  """Whether the run's loss has the distillation term (config.distill.weight > 0)."""
+  return config.distill.weight > 0
+
+
 def softmax_distill_loss(student_logits, teacher_logits, temperature):
   """τ² · ½ (KL image→text + KL text→image): per row (column) of the batch's logits, the
   KL divergence KL(softmax(teacher/τ) ‖ softmax(student/τ)), averaged over rows."""

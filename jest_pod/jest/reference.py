@@ -34,17 +34,21 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jest_pod import config as config_lib
+from jest_pod import checkpoint
 from jest_pod import embed
 from jest_pod import lockfile
+from jest_pod.data import manifest
 from jest_pod.data import pipeline
 from jest_pod.data import reference_cache as store_lib
 from jest_pod.data import sources
+from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.reference_cache import ReferenceCacheError
 from jest_pod.interop import InteropError, formats
 from jest_pod.jest import selection
 from jest_pod.models import flops as flops_lib
+from jest_pod.parallel import distributed
 from jest_pod.parallel import sharding as shd
 
 log = logging.getLogger("jest_pod")
@@ -212,14 +216,14 @@ def _prep_diffs(cached: dict, now: dict) -> list[str]:
           if cached.get(k) != now[k]]
 
 
-def open_reference(config, mesh, learner: formats.Preprocessing) -> Reference | None:
-  """The run's reference (None when its score does not use θ*): the cache when
+def open_reference(config, mesh, learner: formats.Preprocessing, *,
+                   missing: str) -> Reference:
+  """The reference of a run that needs one (`config.needs_reference`): the cache when
   `config.selection.reference_cache` names one or DATA/reference_cache exists (unless
   'off'), else the forward pass of `config.selection.reference` — which must share the
   learner's preprocessing (else the error names the cache command, which runs the
-  reference's own preprocessing once)."""
-  if not config_lib.needs_reference(config):
-    return None
+  reference's own preprocessing once). `missing`: the ValueError's message when there is
+  neither (`config.missing_reference_message`; passed in: jest does not import config)."""
   s = config.selection
   tokenizer = s.get("reference_tokenizer") or None
   if s.reference_cache != "off":
@@ -237,7 +241,7 @@ def open_reference(config, mesh, learner: formats.Preprocessing) -> Reference | 
                  "config.selection.reference_cache=off runs the reference instead)")
         return ref
   if not s.reference:
-    raise ValueError(config_lib.missing_reference_message(config))
+    raise ValueError(missing)
   loaded = load(s.reference, tokenizer=tokenizer)
   diffs = loaded.preprocessing.differences(learner, "reference", "learner")
   if diffs:
@@ -340,7 +344,6 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
 
       stats = np.array([real, mine], np.int64)
       if pc > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         stats = np.asarray(multihost_utils.process_allgather(stats)).reshape(pc, 2)
       embedded_n, expected = int(stats[..., 0].sum()), int(stats[..., 1].sum())
       if embedded_n != n or expected != n:
@@ -388,9 +391,6 @@ def main(argv: list[str]) -> int:
   args = p.parse_args(argv)
   if not log.handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
-  from jest_pod.data import manifest, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from jest_pod.parallel import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize()
   try:
     build_cache(args.data, args.reference, batch_size=args.batch_size, output=args.output,

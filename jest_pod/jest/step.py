@@ -21,8 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jest_pod import config as config_lib
 from jest_pod.data.input_config import DEVICE_KEYS
+from jest_pod.jest import losses
 from jest_pod.jest import selection
 from jest_pod.jest.reference import make_embed_fn
 from jest_pod.parallel import sharding as shd
@@ -38,7 +38,7 @@ def make_select_fn(config, mesh, num_select):
   kw = dict(num_select=num_select, score=s.score, loss=config.loss, mesh=mesh,
             data_axes=shd.data_axes(mesh))
   scores_reference = selection.uses_models(s.score)[1]
-  distill = config_lib.distilling(config)
+  distill = losses.distilling(config)
 
   def rows(v, idx):
     return jax.lax.with_sharding_constraint(jnp.take(v, idx, axis=0), batch_sharding)
@@ -74,16 +74,18 @@ class JestStep:
     config: the run's config (selection, flexi, loss, batch_size).
     model: the learner's model.
     mesh: the device mesh; rows are sharded over its data axes.
+    score_patch: the patch the learner scores at, as config.score_patch_size resolves it
+      (`config.RunSpec.score_patch`; passed in: jest does not import config).
     reference: the run's `jest.reference.Reference` (None when neither the score nor
       distillation uses θ*).
   """
 
-  def __init__(self, config, model, mesh, *, reference=None):
+  def __init__(self, config, model, mesh, *, score_patch: int, reference=None):
     self.config = config
     self.uses_learner, uses_reference = selection.uses_models(config.selection.score)
-    self.reference = (reference if uses_reference or config_lib.distilling(config)
+    self.reference = (reference if uses_reference or losses.distilling(config)
                       else None)
-    self._learner = (jax.jit(make_embed_fn(model, config_lib.score_patch_size(config)))
+    self._learner = (jax.jit(make_embed_fn(model, score_patch))
                      if self.uses_learner else None)
     self._select = jax.jit(make_select_fn(config, mesh, config.batch_size))
 

@@ -9,9 +9,12 @@ exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 import ml_collections
+from absl import flags
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod import config as config_lib
@@ -50,7 +53,6 @@ examples:
 
 
 def _known_configs() -> list[str]:
-  import os  # pylint: disable=g-import-not-at-top
   try:
     names = sorted(f for f in os.listdir(config_lib.CONFIGS_DIR) if f.endswith(".py"))
   except OSError:
@@ -72,7 +74,6 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 
 def _missing_config_file(cfg_arg: str) -> str | None:
   """A one-paragraph error if --config's file does not exist, else None."""
-  import os  # pylint: disable=g-import-not-at-top
   path = cfg_arg.split(":", 1)[0]
   if os.path.isfile(path):
     return None
@@ -86,50 +87,30 @@ def _missing_config_file(cfg_arg: str) -> str | None:
   return msg + " (e.g. --config configs/siglip.py:runlocal)."
 
 
-def _load_config_quietly(cfg_arg: str):
-  """The config of --config (as ml_collections loads it), or None: for error messages only."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  try:
-    path, *arg = cfg_arg.split(":", 1)
-    spec = importlib.util.spec_from_file_location("_jest_pod_train_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*arg)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _bad_override(argv: list[str], config) -> str | None:
-  """'--config.a.bb=1: config.a has no key 'bb'; did you mean ...' for the first override
-  whose key path does not exist in `config`, else None."""
-  import difflib  # pylint: disable=g-import-not-at-top
-  for a in argv:
-    if not a.startswith("--config."):
-      continue
-    parts = a[len("--config."):].split("=", 1)[0].split(".")
-    node = config
-    for i, part in enumerate(parts):
-      keys = list(node.keys()) if hasattr(node, "keys") else []
-      if part in keys:
-        node = node[part]
-        continue
-      parent = ".".join(["config", *parts[:i]])
-      msg = f"{a}: {parent} has no key {part!r}"
-      close = difflib.get_close_matches(part, [str(k) for k in keys], n=3)
-      if close:
-        msg += "; did you mean " + " or ".join(
-            "--config." + ".".join([*parts[:i], c]) for c in close) + "?"
-      if keys:
-        msg += f" Keys of {parent}: {', '.join(sorted(str(k) for k in keys))}."
-      return msg
-  return None
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """argv without its --config.KEY=VALUE (or --config.KEY VALUE) overrides, and those as
+  (flag as written, dotted key, value): they go through config.override, not absl."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    a = argv[i]
+    for prefix in ("--config.", "-config."):
+      if a.startswith(prefix):
+        key, eq, value = a[len(prefix):].partition("=")
+        if not eq and i + 1 < len(argv):
+          i += 1
+          value = argv[i]
+          a = f"{a}={value}"
+        overrides.append((a, key, value))
+        break
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides
 
 
 def _config_file_error(e: BaseException, cfg_arg: str | None) -> str | None:
   """One line for a config file that raised, does not parse, failed an import or has no
   get_config (naming the file and line), else None (a flag error: _flag_error_message)."""
-  import os  # pylint: disable=g-import-not-at-top
-  import traceback  # pylint: disable=g-import-not-at-top
   if not cfg_arg:
     return None
   path = cfg_arg.split(":", 1)[0]
@@ -162,18 +143,11 @@ def _config_file_error(e: BaseException, cfg_arg: str | None) -> str | None:
 
 def _flag_error_message(e: BaseException, argv: list[str], cfg_arg: str | None) -> str:
   """absl / ml_collections flag errors → one paragraph without a traceback."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if isinstance(e, (AttributeError, KeyError)):
-    # ml_collections: an unknown --config.key, as a KeyError whose str() is a repr.
-    config = _load_config_quietly(cfg_arg) if cfg_arg else None
-    msg = _bad_override(argv, config) if config is not None else None
-    if msg:
-      return msg
   root = e
   while root.__cause__ is not None or root.__context__ is not None:
     root = root.__cause__ or root.__context__
-  # KeyError's str() is the repr of its message; ml_collections' ValueErrors carry a
-  # formatted traceback, so the innermost exception holds the readable message.
+  # KeyError's str() is the repr of its message; the innermost exception holds the
+  # readable one.
   text = str(root.args[0]) if isinstance(root, KeyError) and root.args else str(root)
   text = " ".join(text.split())
   outer = str(e)
@@ -186,9 +160,6 @@ def _flag_error_message(e: BaseException, argv: list[str], cfg_arg: str | None) 
 
 
 def main(argv: list[str]) -> int:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
   def usage_error(msg: str) -> int:
     print(f"jest-pod train: error: {msg} (`jest-pod train --help` for usage)", file=sys.stderr)
     return 2
@@ -197,38 +168,48 @@ def main(argv: list[str]) -> int:
   if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort") for a in argv):
     print(_TRAIN_USAGE.format(configs=", ".join(_known_configs()) or "(none found)"))
     return 0
-  # ml_collections defers a missing file's error to the first access, with a traceback.
   cfg_arg = _flag_value(argv, "config")
   if cfg_arg and (missing := _missing_config_file(cfg_arg)):
     return usage_error(missing)
 
+  rest, overrides = _split_overrides(argv)
   fv = flags.FLAGS
   if "config" not in fv:
-    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/siglip.py:runlocal",
-                                    lock_config=True)
+    flags.DEFINE_string("config", None, "config file, e.g. configs/siglip.py:runlocal")
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go (may be gs://)")
   try:
-    fv(["jest-pod train", *argv])
-  except Exception as e:  # pylint: disable=broad-except  (the config file runs in here)
+    fv(["jest-pod train", *rest])
+  except Exception as e:  # pylint: disable=broad-except
     if errors.debug():
       raise
-    return usage_error(_config_file_error(e, cfg_arg) or _flag_error_message(e, argv, cfg_arg))
-  if fv.config is None and cfg_arg:  # ml_collections only warns
-    return usage_error(f"--config {cfg_arg}: get_config() returned None; it must return "
-                       "the config (an ml_collections.ConfigDict): a missing `return`?")
+    return usage_error(_flag_error_message(e, argv, cfg_arg))
   if fv.config is None or fv.workdir is None:
     return usage_error("--config and --workdir are required, e.g. jest-pod train "
                        "--config configs/siglip.py:runlocal --workdir /tmp/siglip")
-  if not isinstance(fv.config, ml_collections.ConfigDict):  # ml_collections' _ErrorConfig
-    try:
-      fv.config.keys()
-    except OSError as e:
-      return usage_error(f"--config {cfg_arg}: " + " ".join(str(e).split()))
+  path, _, arg = fv.config.partition(":")
+  try:
+    config = config_lib.load(path, arg)  # the config file runs in here
+  except Exception as e:  # pylint: disable=broad-except
+    if errors.debug():
+      raise
+    return usage_error(_config_file_error(e, cfg_arg) or _flag_error_message(e, argv, cfg_arg))
+  if config is None:
+    return usage_error(f"--config {cfg_arg}: get_config() returned None; it must return "
+                       "the config (an ml_collections.ConfigDict): a missing `return`?")
+  if not isinstance(config, ml_collections.ConfigDict):
     return usage_error(f"--config {cfg_arg}: get_config() returned a "
-                       f"{type(fv.config).__name__}, not an ml_collections.ConfigDict")
+                       f"{type(config).__name__}, not an ml_collections.ConfigDict")
+  for flag, key, value in overrides:  # the one override path (config.override)
+    try:
+      config_lib.override(config, key, value)
+    except config_lib.UnknownKey as e:
+      return usage_error(f"{flag}: {e.describe('--config.')}")
+    except (TypeError, ValueError) as e:
+      return usage_error(f"{flag}: {' '.join(str(e).split())}")
+  config.lock()  # a typo'd field set by code later fails instead of adding a key
   try:  # train() checks these too; here they are usage errors, before any set-up
-    config_lib.validate(fv.config)
-    config_lib.check_input(fv.config)
+    config_lib.validate(config)
+    config_lib.check_input(config)
   except ValueError as e:
     return usage_error(str(e))
   except (AttributeError, KeyError, TypeError) as e:  # a config not built on base_config()
@@ -239,7 +220,7 @@ def main(argv: list[str]) -> int:
                        "jest_pod.config.base_config() as configs/siglip.py does")
   setup_logging()
   try:
-    result = train(fv.config, fv.workdir)  # also returns after a SIGTERM/Ctrl-C checkpoint
+    result = train(config, fv.workdir)  # also returns after a SIGTERM/Ctrl-C checkpoint
   except (ValueError, ckpt_lib.CheckpointError, TrainingDiverged, lock_lib.WorkdirBusy,
           tokenizer_lib.TokenizerError, errors.StorageError) as e:
     if errors.debug():

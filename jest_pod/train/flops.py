@@ -9,6 +9,7 @@ model with XLA's own count of the compiled step.
 from __future__ import annotations
 
 from jest_pod import config as config_lib
+from jest_pod.jest import losses
 from jest_pod.jest import selection
 from jest_pod.models.flops import example_forward_flops, image_forward_flops, text_forward_flops
 
@@ -35,7 +36,7 @@ def step_flops(config, *, reference_example_flops: float | None = None,
   out["train"] += 3 * (b * text_forward_flops(mc, text_len) + 2 * b * b * d)
   s = config.selection
   selecting = s.method != "uniform" if selecting is None else selecting
-  distill = config_lib.distilling(config)
+  distill = losses.distilling(config)
   learner, reference = selection.uses_models(s.score) if selecting else (False, False)
   if (reference or distill) and reference_example_flops is None:
     reference_example_flops = example_forward_flops(mc, size, mc.image["patch_size"],

@@ -13,9 +13,11 @@ import time
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from etils import epath
 
 from jest_pod import errors
+from jest_pod.data import sources
 from jest_pod.parallel import distributed
 
 log = logging.getLogger("jest_pod")
@@ -23,7 +25,6 @@ log = logging.getLogger("jest_pod")
 
 def setup_logging():
   """Our progress at INFO on the console; Orbax/absl chatter only at WARNING and above."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   errors.quiet_save_thread_noise()  # a failed async save is reported once, by train()
   if not log.handlers:
@@ -200,7 +201,6 @@ def warn_if_smaller_than_a_batch(config, n: int) -> int | None:
   """Warn once, loudly, when the training data holds fewer examples than one super-batch
   (N; B for uniform): every batch then repeats examples, silently. Returns the count
   (None when a source cannot tell it, e.g. `virtual`)."""
-  from jest_pod.data import sources  # pylint: disable=g-import-not-at-top
   total, pool = 0, int(config.input.get("pool_size", 0) or 0)
   for spec, _ in sources.components(config.input):
     count = sources.manifest_of(spec).get("num_examples")

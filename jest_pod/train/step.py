@@ -77,7 +77,7 @@ def jit_train_step(config, model, tx, schedule, mesh, state_sharding):
   (distillation only) is θ*'s embeddings of the batch's rows; its scalars replicated."""
   rows, replicated = shd.batch_sharding(mesh), shd.replicated(mesh)
   teacher = (Embeddings(rows, rows, replicated, replicated)
-             if config_lib.distilling(config) else None)
+             if losses.distilling(config) else None)
   return jax.jit(make_train_step(config, model, tx, schedule),
                  in_shardings=(state_sharding, rows, teacher),
                  out_shardings=(state_sharding, replicated), donate_argnums=0)

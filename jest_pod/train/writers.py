@@ -13,6 +13,8 @@ import logging
 import time
 
 from etils import epath
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 log = logging.getLogger("jest_pod")
 
@@ -47,8 +49,6 @@ class _EventFileWriter:
   """Scalars to TensorBoard event files with the `tensorboard` package alone."""
 
   def __init__(self, logdir):
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
     self._writer = EventFileWriter(str(logdir))
 

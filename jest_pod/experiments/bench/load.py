@@ -52,10 +52,11 @@ def write_random_workdir(variant: str, workdir: str, *, image_size: int, text_le
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jest_pod import checkpoint, config as config_lib  # pylint: disable=import-outside-toplevel
+  from jest_pod.config import variants  # pylint: disable=import-outside-toplevel
   from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
   from jest_pod.train import feed  # pylint: disable=import-outside-toplevel
   c = config_lib.base_config()
-  config_lib.set_model(c, variant, family="siglip")
+  variants.set_model(c, variant, family="siglip")
   c.input.image_size = c.model.image_size = image_size
   c.input.max_text_len = text_len
   c.input.tokenizer, c.input.text_style = tokenizer, "siglip"

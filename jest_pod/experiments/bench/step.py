@@ -69,23 +69,7 @@ def _load(spec):
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--config {spec}: no file {path}")
-  return config_lib.sibling_config(os.path.abspath(path), os.path.basename(path), arg)
-
-
-def _override(config, key: str, value: str) -> None:
-  """config.<dotted key> = value (a Python literal, else the string); the key must exist."""
-  import ast  # pylint: disable=g-import-not-at-top
-  *path, last = key.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  if last not in node:
-    raise KeyError(f"config.{key} does not exist")
-  try:
-    value = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    pass
-  node[last] = value
+  return config_lib.load(path, arg)
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -150,7 +134,7 @@ def main(argv):
       print(f"jest-pod bench step: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
       return 2
     try:
-      _override(config, key, value)
+      config_lib.override(config, key, value)
     except (KeyError, ValueError) as e:
       print(f"jest-pod bench step: --set {item}: {e}", file=sys.stderr)
       return 2
@@ -163,6 +147,7 @@ def main(argv):
   tmp = tempfile.TemporaryDirectory(prefix="jest_pod_bench_step_")
   root = args.workdir or tmp.name
   config.evals = ml_collections.ConfigDict()
+  config.discover_evals.root = ""
   if args.data:
     config.input.data = args.data
     config.input.tokenizer = ""
