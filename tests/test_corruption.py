@@ -189,10 +189,10 @@ def test_skip_count_is_carried_across_a_checkpoint(data, tmp_path):
   ckpt.close()
   assert step == 12 and resumed.skipped == 2
   np.testing.assert_array_equal(next(resumed)["index"], next(it)["index"])
-  # A checkpoint from before the count was saved (a bare Grain state) restores with 0.
+  # A bare Grain state (before the count was saved) is refused, not read as a count of 0.
   old = make()
-  old.set_state(json.dumps(it._iter.get_state()).encode())  # pylint: disable=protected-access
-  assert old.skipped == 0
+  with pytest.raises(ValueError, match="no skip count .* start a new --workdir"):
+    old.set_state(json.dumps(it._iter.get_state()).encode())  # pylint: disable=protected-access
 
 
 def test_the_probe_harness_runs(tmp_path):

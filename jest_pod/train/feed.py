@@ -78,6 +78,10 @@ class SkipCounter:
   def set_state(self, state):
     if isinstance(state, (bytes, str)):  # Grain's checkpoint handler passes our JSON
       state = json.loads(state)
+    if "iterator" not in state or "skipped_records" not in state:
+      # A bare Grain state: only versions before the skip count was saved wrote it.
+      raise ValueError("the checkpoint's data-iterator state has no skip count (written by "
+                       "an older jest_pod); resume with that version or start a new --workdir")
     self._iter.set_state(state["iterator"])
     self.skipped = int(state["skipped_records"])
     self.train_seconds = float(state.get("train_seconds", 0.0))
