@@ -19,13 +19,14 @@ import logging
 import os
 import time
 
+from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from jest_pod.parallel import distributed
 from jest_pod.parallel import sharding as shd
@@ -174,7 +175,6 @@ class Checkpointer:
         log.warning("moved the damaged checkpoint %s aside to %s (kept for inspection)",
                     src, dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("jest_pod_checkpoint_move_aside")
     self.manager.reload()
 

@@ -8,6 +8,8 @@ it does not need.
 import importlib
 import sys
 
+from jest_pod import errors
+
 SUBCOMMANDS = {
     "train": ("jest_pod.train.cli", "train a model from a config (uniform or JEST)"),
     "data": ("jest_pod.data.cli", "ingest, build real offline data sets, tokenizer, reference cache"),
@@ -29,7 +31,6 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from jest_pod import errors  # pylint: disable=g-import-not-at-top  (a leaf: no JAX)
   # `--debug` anywhere: failures keep their traceback (each command reads errors.debug()).
   argv = errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv))
   if len(argv) > 1 and argv[0] == "help" and argv[1] in SUBCOMMANDS:

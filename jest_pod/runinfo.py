@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from etils import epath
+import jax
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
             "libtpu")
@@ -104,8 +105,6 @@ def collect(config: Any = None, mesh: Any = None) -> dict[str, Any]:
   Returns:
     a JSON-serialisable dict (non-JSON leaves of the config are written with str()).
   """
-  import jax  # pylint: disable=g-import-not-at-top  (keep `import runinfo` cheap)
-
   devices = jax.devices()
   info: dict[str, Any] = {
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

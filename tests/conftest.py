@@ -32,6 +32,22 @@ def toy(tmp_path_factory):
   return build_toy(str(tmp_path_factory.mktemp("toy")), 384, noise=0.25, image_size=16)
 
 
+@pytest.fixture(scope="session")
+def toy_reference(tmp_path_factory):
+  """(toy, ref, cache): a 256-example toy set, a reference trained 4 steps on it (a
+  workdir), and its embedding cache at TOY/reference_cache, built with batches of 48 (which
+  do not divide 256). Shared by the reference-cache and distillation tests; read-only."""
+  # pylint: disable=g-import-not-at-top  (after the environment above)
+  from jest_pod.data.toy import build_toy
+  from jest_pod.jest import reference as reference_lib
+  from jest_pod.train import main as train_main
+  from train_helpers import tiny_config
+  toy = build_toy(str(tmp_path_factory.mktemp("toy")), 256, noise=0.25, image_size=16)
+  ref = str(tmp_path_factory.mktemp("ref"))
+  train_main.train(tiny_config(toy, steps=4), ref)
+  return toy, ref, reference_lib.build_cache(toy, ref, batch_size=48)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_jest_pod_logger():
   """Commands run in-process (`setup_logging`, `bench step`) configure the "jest_pod"

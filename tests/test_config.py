@@ -1,14 +1,20 @@
 """Configs: every file loads; bad keys and values are clear errors."""
 
+import builtins
 import glob
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
+from etils import epath
 import pytest
 
 from jest_pod import config as config_lib
 from jest_pod.config import variants
+from jest_pod.data import manifest
+from jest_pod.experiments.bench import step as bench_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_loads_and_validates(path):
   for arg in ("runlocal", ""):
-    c = config_lib.sibling_config(path, os.path.basename(path), arg)
+    c = config_lib.load(path, arg)
     if c.selection.method != "uniform":
       c.selection.reference = c.selection.reference or "somewhere"
     config_lib.validate(c)
@@ -46,15 +52,14 @@ def test_super_batch_size():
   c.batch_size, c.selection.method = 64, "joint"
   for f, n in ((0.5, 128), (0.8, 320), (0.9, 640)):
     c.selection.filter_ratio = f
-    assert config_lib.num_super_batch(c) == n
+    assert config_lib.resolve(c).super_batch == n
 
 
 def test_a_super_batch_beyond_host_memory_is_refused_with_the_f_that_fits():
   """f = 0.99999 at B = 64 is N = 6.4M: 78 GB of images alone (issue 23). Refused with
   the figure and the largest f that fits; that f, and the usual ones, pass."""
-  import re
-  c = config_lib.sibling_config(os.path.join(ROOT, "configs", "jest.py"), "jest.py",
-                                "runlocal,f=0.99999,batch=64")
+  c = config_lib.load(os.path.join(ROOT, "configs", "jest.py"),
+                      "runlocal,f=0.99999,batch=64")
   host = 23 * 2**30
   with pytest.raises(ValueError, match=r"filter_ratio=0\.99999 with config\.batch_size=64 "
                      r"gives a super-batch of N=6,400,000 .* need [0-9.]+ GiB .* 23\.0 GiB") as e:
@@ -131,7 +136,6 @@ def test_resume_check_refuses_meaning_changes_unless_allowed():
 def test_eval_sets_are_found_beside_the_pool(tmp_path):
   # Not built yet: the demo pool's two sets.
   assert config_lib.eval_sets(str(tmp_path / "none")) == config_lib.DEMO_EVAL_SETS
-  from jest_pod.data import manifest
   for name, classes in (("eval_flags", ["France"]), ("eval_retrieval", None),
                         ("web", ["x"])):
     os.makedirs(tmp_path / name)
@@ -141,8 +145,8 @@ def test_eval_sets_are_found_beside_the_pool(tmp_path):
   os.makedirs(tmp_path / "eval_unbuilt")  # no manifest: not a set
   assert config_lib.eval_sets(str(tmp_path)) == {"eval_flags": "zeroshot",
                                                  "eval_retrieval": "retrieval"}
-  c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, "siglip.py"),
-                                "siglip.py", f"runlocal,data={tmp_path},pool=5")
+  c = config_lib.load(os.path.join(config_lib.CONFIGS_DIR, "siglip.py"),
+                      f"runlocal,data={tmp_path},pool=5")
   assert not c.evals  # building the config reads no folder: the sets join at run start
   config_lib.resolve_evals(c)
   assert c.evals.flags.type == "zeroshot" and c.evals.retrieval.type == "retrieval"
@@ -156,7 +160,7 @@ def test_model_variants_by_name_size_both_towers_and_flexi_follows_the_patch():
                                     mlp_dim=1536)
   assert c.model.text["width"] == 384 and c.model.text["vocab_size"] == 1000  # kept
   assert c.model.embed_dim == 384
-  assert config_lib.score_patch_size(c) == 16 and config_lib.train_patch_sizes(c) == (16,)
+  assert config_lib.resolve(c).score_patch == 16 and config_lib.resolve(c).train_patches == (16,)
   variants.set_model(c, "mu/8", depth=1)
   assert c.model.image["depth"] == c.model.text["depth"] == 1
   for bad in ("X/16", "B", "B/0", "B/sixteen"):
@@ -260,7 +264,6 @@ def test_one_loader_for_cli_bench_and_sibling_configs(tmp_path):
   path = os.path.join(config_lib.CONFIGS_DIR, "jest.py")
   a = config_lib.load(path, "runlocal,f=0.5")
   b = config_lib.sibling_config(path, "jest.py", "runlocal,f=0.5")
-  from jest_pod.experiments.bench import step as bench_step
   assert a.to_dict() == b.to_dict() == bench_step._load(f"{path}:runlocal,f=0.5").to_dict()
 
 
@@ -268,9 +271,6 @@ def test_one_loader_for_cli_bench_and_sibling_configs(tmp_path):
 
 
 def _no_disk(monkeypatch):
-  import builtins
-  from etils import epath
-
   def refuse(*a, **k):
     raise AssertionError(f"filesystem access: {a}")
 
@@ -283,7 +283,6 @@ def _no_disk(monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_building_and_validating_configs_reads_no_disk(path, monkeypatch):
-  import importlib.util
   name = os.path.basename(path)
   modules = {}
   for n in ("siglip.py", name):  # jest.py builds on siglip.py: load both files first

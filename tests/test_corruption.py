@@ -12,14 +12,14 @@ from PIL import Image
 
 from jest_pod.data import cli as data_cli
 from jest_pod.data import manifest as manifest_lib
-from jest_pod.data import pipeline, records, sources
+from jest_pod.data import input_config, pipeline, records, sources
 from tests import helpers_data
 
 N = 40  # records, in 2 shards of 20
 
 
 def _config(data, **kw):
-  c = pipeline.default_input_config()
+  c = input_config.default_input_config()
   c.data, c.worker_count, c.image_size, c.max_text_len = data, 0, 8, 8
   for k, v in kw.items():
     c[k] = v

@@ -10,7 +10,6 @@ import pytest
 from jax.sharding import Mesh
 
 from jest_pod import config as config_lib
-from jest_pod.data.toy import build_toy
 from jest_pod.jest import losses
 from jest_pod.jest import reference as reference_lib
 from jest_pod.jest import selection
@@ -101,27 +100,16 @@ def test_joint_selection_gathers_the_teacher_rows_it_selected():
       jax.random.key(0), learner, reference, super_batch)[2] is None
 
 
-N = 256
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  toy = build_toy(str(tmp_path_factory.mktemp("toy")), N, noise=0.25, image_size=16)
-  ref = str(tmp_path_factory.mktemp("ref"))
-  train_main.train(tiny_config(toy, steps=4), ref)
-  reference_lib.build_cache(toy, ref, batch_size=64)
-  return toy, ref
-
 
 def _kd(toy, ref, **kw):
   return tiny_config(toy, steps=3, reference=ref,
                      **{"distill.weight": 0.5, "distill.temperature": 2.0, **kw})
 
 
-def test_uniform_with_distillation_looks_the_cache_up_for_its_batch(setup, tmp_path):
+def test_uniform_with_distillation_looks_the_cache_up_for_its_batch(toy_reference, tmp_path):
   """Uniform + KD reads θ*'s rows of its own batch from the cache: the same distillation
   term as the reference's forward pass over that batch (bf16 storage: ~1e-2)."""
-  toy, ref = setup
+  toy, ref, _ = toy_reference
   runs, flops = {}, {}
   for name, cache in (("forward", "off"), ("cached", "")):
     train_main.train(_kd(toy, ref, **{"selection.reference_cache": cache}), str(tmp_path / name))
@@ -146,8 +134,8 @@ def test_uniform_with_distillation_looks_the_cache_up_for_its_batch(setup, tmp_p
                                                       + parts["distill"])
 
 
-def test_jest_with_distillation_trains_on_the_selection_and_its_teacher(setup, tmp_path):
-  toy, ref = setup
+def test_jest_with_distillation_trains_on_the_selection_and_its_teacher(toy_reference, tmp_path):
+  toy, ref, _ = toy_reference
   config = _kd(toy, ref, method="joint", **{"selection.filter_ratio": 0.5,
                                              "distill.kind": "sigmoid"})
   last = train_main.train(config, str(tmp_path))
@@ -160,8 +148,8 @@ def test_jest_with_distillation_trains_on_the_selection_and_its_teacher(setup, t
   assert flops["parts"]["distill"] == 2 * 32 * 32 * 16
 
 
-def test_distillation_without_a_reference_is_refused(setup):
-  toy, _ = setup
+def test_distillation_without_a_reference_is_refused(toy_reference):
+  toy, _, _ = toy_reference
   config = _kd(toy, "", **{"selection.reference_cache": "off"})
   with pytest.raises(ValueError, match=r"config.distill.weight=0.5 needs a reference model"):
     config_lib.validate(config)

@@ -182,7 +182,7 @@ def test_the_rule_catches_stale_names_and_leaves_prose_alone():
                 "jest_pod.checkpoint.nope(path) -> x"):
     assert check(stale), stale
   for fine in ("jest_pod.data.input_config.DEVICE_KEYS", "sources.source_names",
-               "config_lib.needs_reference(config)", "config.input.max_pixels",
+               "config_lib.resolve(config)", "config.input.max_pixels",
                "config.evals", "config.selection.reference", "Tokenizer.sha256",
                "Tokenizer.pad_id", "Part.family", "train/feed.SkipCounter",
                "train/writers.py", "configs/jest.py:runlocal", "tools/eval",

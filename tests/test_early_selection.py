@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jest_pod import config as config_lib
-from jest_pod.data import pipeline
+from jest_pod.data import input_config, pipeline
 from jest_pod.train import hooks
 from jest_pod.train import main as train_main
 from tests import helpers_data
@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 
 def _switching(data, steps=2, first=8, then=4, pi=0, pc=1):
-  config = pipeline.default_input_config()
+  config = input_config.default_input_config()
   config.data, config.worker_count = data, 0
 
   def make(global_batch, offset):
@@ -72,7 +72,7 @@ def test_until_is_validated():
     config_lib.validate(c)
   c.selection.update(method="joint", until=0.5)
   c.total_steps = 7
-  assert config_lib.selection_steps(c) == 4  # round(3.5) = 4 (banker's: 3.5 → 4)
+  assert config_lib.resolve(c).selection_steps == 4  # round(3.5) = 4 (banker's: 3.5 → 4)
 
 
 def test_trainer_selects_until_the_switch_then_trains_uniform_and_resumes_exactly(

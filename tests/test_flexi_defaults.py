@@ -24,13 +24,13 @@ def _b16_forgetting_flexi():
 def test_defaults_resolve_to_the_model_patch():
   c = _b16_forgetting_flexi()
   assert tuple(c.flexi.train_patch_sizes) == () and c.flexi.score_patch_size == 0
-  assert config_lib.train_patch_sizes(c) == (16,)
-  assert config_lib.score_patch_size(c) == 16
+  assert config_lib.resolve(c).train_patches == (16,)
+  assert config_lib.resolve(c).score_patch == 16
   config_lib.validate(c)
-  # The one resolver: the JEST step takes config's resolved patch (the run spec; jest does
-  # not import config), the FLOP model calls config's function, and no module keeps a
+  # The one resolver: the JEST step takes the run spec's patch (jest does not import
+  # config), the FLOP model and the train step read the run spec, and no module keeps a
   # copy of its own.
-  assert config_lib.resolve(c).score_patch == config_lib.score_patch_size(c) == 16
+  assert config_lib.resolve(c).score_patch == 16
   assert "score_patch" in inspect.signature(jest_lib.JestStep).parameters
   assert not hasattr(jest_lib, "score_patch_size")
   explicit = _b16_forgetting_flexi()
@@ -41,8 +41,8 @@ def test_defaults_resolve_to_the_model_patch():
 def test_explicit_values_win():
   c = _b16_forgetting_flexi()
   c.flexi.update(score_patch_size=32, train_patch_sizes=(16, 32), train_fractions=(0.5, 0.5))
-  assert config_lib.train_patch_sizes(c) == (16, 32)
-  assert config_lib.score_patch_size(c) == 32
+  assert config_lib.resolve(c).train_patches == (16, 32)
+  assert config_lib.resolve(c).score_patch == 32
   c.flexi.train_fractions = (1.0,)  # still checked against the resolved sizes
   with pytest.raises(ValueError, match="train_fractions"):
     config_lib.validate(c)
@@ -83,9 +83,9 @@ def test_train_step_encodes_images_at_the_resolved_patch():
     ("pod_vit_b16.py", "runlocal", 32, (16, 32)),
 ])
 def test_shipped_configs_resolve_as_before(name, arg, score, train):
-  c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, name), name, arg)
-  assert config_lib.score_patch_size(c) == score
-  assert config_lib.train_patch_sizes(c) == train
+  c = config_lib.load(os.path.join(config_lib.CONFIGS_DIR, name), arg)
+  assert config_lib.resolve(c).score_patch == score
+  assert config_lib.resolve(c).train_patches == train
 
 
 def test_resume_from_a_checkpoint_that_saved_the_resolved_values():

@@ -8,7 +8,7 @@ import tarfile
 
 from PIL import Image
 
-from jest_pod.data import cli, ingest, manifest
+from jest_pod.data import cli, ingest, ingest_read, manifest
 
 
 def _png(color=(200, 30, 30)) -> bytes:
@@ -131,7 +131,7 @@ def test_big_tar_members_skipped_unread(tmp_path, monkeypatch):
       tf.addfile(info, _Zeros(big))                           # ~80 KB once gzipped
       _add(tf, "big.txt", "big one")
       _add(tf, "c.png", _png())
-      _add(tf, "c.txt", "x" * (ingest.MAX_CAPTION_BYTES + 1))  # caption over the limit
+      _add(tf, "c.txt", "x" * (ingest_read.MAX_CAPTION_BYTES + 1))  # caption over the limit
   assert os.path.getsize(tmp_path / "shard.tar.gz") < 1024 * 1024
   extracted = []
   real_extract = tarfile.TarFile.extractfile

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from grain._src.python.experimental.index_shuffle.python import index_shuffle_module
-from jest_pod.data import decode, pipeline, prefetch, records, sources, tokenizer, virtual
+from jest_pod.data import decode, input_config, pipeline, prefetch, records, sources, tokenizer, virtual
 from tests import helpers_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def toy_bad(tmp_path_factory):
 
 
 def _config(data, **kw):
-  c = pipeline.default_input_config()
+  c = input_config.default_input_config()
   c.data = data
   c.worker_count = 0  # the default (-1, auto) depends on the host's cores
   for k, v in kw.items():
@@ -170,8 +170,8 @@ def test_missing_tokenizer_names_path_and_command(tmp_path):
 _HOST_SCRIPT = """
 import sys, json, numpy as np
 sys.path.insert(0, {repo!r})
-from jest_pod.data import pipeline
-c = pipeline.default_input_config(); c.data = {data!r}; c.worker_count = 0
+from jest_pod.data import input_config, pipeline
+c = input_config.default_input_config(); c.data = {data!r}; c.worker_count = 0
 it = pipeline.make_train_iterator(c, global_batch_size={gb}, seed=7,
                                   process_index={pi}, process_count={pc})
 print(json.dumps([next(it)["index"].tolist() for _ in range({steps})]))
@@ -229,8 +229,8 @@ _VIRTUAL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
 t = time.perf_counter()
-from jest_pod.data import pipeline
-c = pipeline.default_input_config(); c.data = "virtual"; c.tokenizer = {tok!r}
+from jest_pod.data import input_config, pipeline
+c = input_config.default_input_config(); c.data = "virtual"; c.tokenizer = {tok!r}
 c.worker_count = 0
 it = pipeline.make_train_iterator(c, global_batch_size=64, seed=0, process_index=0,
                                   process_count=1)
@@ -307,7 +307,7 @@ def test_virtual_restore_deep_is_as_fast_and_exact(toy):
 
 
 def test_worker_count_auto_resolves():
-  assert pipeline.default_input_config().worker_count == -1
+  assert input_config.default_input_config().worker_count == -1
   auto = pipeline.resolve_worker_count(-1)
   assert isinstance(auto, int) and 0 <= auto <= pipeline.AUTO_MAX_WORKERS
   assert auto == pipeline.resolve_worker_count(-1, pipeline.usable_cpus())

@@ -16,6 +16,7 @@ from jest_pod.data.toy import build_toy
 from jest_pod.interop import formats
 from jest_pod.jest import reference as reference_lib
 from jest_pod import embed
+from jest_pod import lockfile
 from jest_pod.models import build_model
 from jest_pod.data import pipeline
 from jest_pod.data import tokenizer as tokenizer_lib
@@ -25,22 +26,13 @@ from jest_pod.train import main as train_main
 from tests import helpers_data
 from train_helpers import read_metrics, tiny_config
 
-N = 256
+N = 256  # conftest.toy_reference's examples
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-  toy = build_toy(str(tmp_path_factory.mktemp("toy")), N, noise=0.25, image_size=16)
-  ref = str(tmp_path_factory.mktemp("ref"))
-  train_main.train(tiny_config(toy, steps=4), ref)
-  path = reference_lib.build_cache(toy, ref, batch_size=48)  # 48 does not divide 256
-  return toy, ref, path
-
-
-@pytest.fixture(scope="module")
-def other_ref(setup, tmp_path_factory):
+def other_ref(toy_reference, tmp_path_factory):
   """A second reference: same architecture, one more training step → other params."""
-  toy, _, _ = setup
+  toy, _, _ = toy_reference
   ref2 = str(tmp_path_factory.mktemp("ref2"))
   train_main.train(tiny_config(toy, steps=5), ref2)
   return ref2
@@ -50,8 +42,8 @@ def _open(path, toy, ref, **kw):
   return reference_lib.open_cache(path, data_dir=toy, reference=ref, **kw)
 
 
-def test_lookup_equals_the_reference_forward_pass(setup):
-  toy, ref, path = setup
+def test_lookup_equals_the_reference_forward_pass(toy_reference):
+  toy, ref, path = toy_reference
   assert path == os.path.join(toy, "reference_cache")
   assert not os.path.exists(path + ".tmp")
   cache = _open(path, toy, ref)
@@ -88,8 +80,8 @@ def test_lookup_equals_the_reference_forward_pass(setup):
     cache.store.lookup(np.array([N]))
 
 
-def test_params_digest_sees_any_change(setup):
-  _, ref, _ = setup
+def test_params_digest_sees_any_change(toy_reference):
+  _, ref, _ = toy_reference
   _, params, _ = checkpoint.load_params(ref)
   d = formats.params_digest(params)
   host = jax.tree.map(np.asarray, params)
@@ -100,8 +92,8 @@ def test_params_digest_sees_any_change(setup):
   assert formats.params_digest(jax.tree.unflatten(treedef, leaves)) != d
 
 
-def test_mismatches_are_refused(setup, other_ref, tmp_path, caplog):
-  toy, ref, path = setup
+def test_mismatches_are_refused(toy_reference, other_ref, tmp_path, caplog):
+  toy, ref, path = toy_reference
   with pytest.raises(reference_cache.ReferenceCacheError,
                      match=r"reference: built from .* step 4 .* step 5.*cache-reference"):
     _open(path, toy, other_ref)
@@ -122,10 +114,10 @@ def test_mismatches_are_refused(setup, other_ref, tmp_path, caplog):
   assert cache.store.lookup(np.arange(3))[0].shape == (3, 16)
 
 
-def test_damaged_rows_are_refused_with_the_rebuild_command(setup, tmp_path):
+def test_damaged_rows_are_refused_with_the_rebuild_command(toy_reference, tmp_path):
   """Bytes changed inside a stored shard (the shard index and its crc32c still intact)
   are caught by the per-row checksums on the first look-up that reads them."""
-  toy, ref, path = setup
+  toy, ref, path = toy_reference
   damaged = str(tmp_path / "damaged")
   shutil.copytree(path, damaged)
   shard = os.path.join(damaged, "image", "c", "0", "0")
@@ -139,8 +131,8 @@ def test_damaged_rows_are_refused_with_the_rebuild_command(setup, tmp_path):
     cache.store.lookup(np.arange(20))
 
 
-def test_other_format_or_damaged_meta_is_refused(setup, tmp_path):
-  toy, ref, path = setup
+def test_other_format_or_damaged_meta_is_refused(toy_reference, tmp_path):
+  toy, ref, path = toy_reference
   old = str(tmp_path / "old")
   shutil.copytree(path, old)
   meta_file = os.path.join(old, "meta.json")
@@ -157,8 +149,8 @@ def test_other_format_or_damaged_meta_is_refused(setup, tmp_path):
     _open(old, toy, ref)
 
 
-def test_incomplete_or_missing_cache_is_refused(setup, tmp_path):
-  toy, ref, path = setup
+def test_incomplete_or_missing_cache_is_refused(toy_reference, tmp_path):
+  toy, ref, path = toy_reference
   partial = str(tmp_path / "partial")
   shutil.copytree(path, partial)
   os.remove(os.path.join(partial, "meta.json"))
@@ -169,19 +161,19 @@ def test_incomplete_or_missing_cache_is_refused(setup, tmp_path):
     _open(str(tmp_path / "nothing"), toy, ref)
 
 
-def test_default_cache_path(setup, tmp_path):
-  toy, _, path = setup
+def test_default_cache_path(toy_reference, tmp_path):
+  toy, _, path = toy_reference
   assert reference_cache.default_path(toy) == path
   assert reference_cache.default_path(str(tmp_path)) is None
   os.makedirs(tmp_path / "reference_cache")  # a folder without meta.json is no cache
   assert reference_cache.default_path(str(tmp_path)) is None
 
 
-def test_a_cache_of_any_source_kind(setup, tmp_path, monkeypatch):
+def test_a_cache_of_any_source_kind(toy_reference, tmp_path, monkeypatch):
   """The cache is keyed by the source kind's fingerprint (`sources.fingerprint`): a "mem"
   source (tests/helpers_data.mem_kind) builds, opens and is refused for other records as
   a folder is."""
-  toy, ref, path = setup
+  toy, ref, path = toy_reference
   monkeypatch.setitem(sources.KINDS, "mem", helpers_data.mem_kind(toy))
   out = str(tmp_path / "mem_cache")
   assert reference_lib.build_cache("mem:100", ref, output=out, batch_size=64) == out
@@ -194,10 +186,18 @@ def test_a_cache_of_any_source_kind(setup, tmp_path, monkeypatch):
   with pytest.raises(reference_cache.ReferenceCacheError, match="other data than mem:90"):
     _open(out, "mem:90", ref)
   assert reference_cache.default_path("mem:100") is None  # no folder to hold one
+  # ... so building one without --output is refused, before anything is read or written
+  # (it used to write into a folder named like the spec, under the current directory).
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(reference_cache.ReferenceCacheError,
+                     match=r"--data mem:100: a 'mem' source has no folder.*pass --output DIR"):
+    reference_lib.build_cache("mem:100", ref)
+  assert sorted(os.listdir(tmp_path)) == ["mem_cache"]
+  assert reference_lib.rebuild_command("mem:100", ref, out).endswith(f"--output {out}")
 
 
-def test_rebuild_replaces_the_cache(setup, tmp_path):
-  toy, ref, _ = setup
+def test_rebuild_replaces_the_cache(toy_reference, tmp_path):
+  toy, ref, _ = toy_reference
   out = str(tmp_path / "c")
   reference_lib.build_cache(toy, ref, output=out, batch_size=100)
   first = _open(out, toy, None).store.lookup(np.arange(N))
@@ -207,10 +207,10 @@ def test_rebuild_replaces_the_cache(setup, tmp_path):
   np.testing.assert_allclose(again[0], first[0], atol=1e-2)
 
 
-def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
+def test_jest_with_the_cache_trains_as_with_the_reference(toy_reference, tmp_path):
   """The trainer reads θ* from the cache by default (it sits beside the data), and that
   trains as the forward pass does (reference_cache=off)."""
-  toy, ref, path = setup
+  toy, ref, path = toy_reference
   assert path == reference_cache.default_path(toy)
   runs, flops = {}, {}
   for name, cache in (("forward", "off"), ("cached", "")):
@@ -232,8 +232,8 @@ def test_jest_with_the_cache_trains_as_with_the_reference(setup, tmp_path):
                                  rtol=2e-2, atol=2e-2)
 
 
-def test_a_record_that_failed_to_decode_is_refused(setup, tmp_path, monkeypatch):
-  toy, ref, _ = setup
+def test_a_record_that_failed_to_decode_is_refused(toy_reference, tmp_path, monkeypatch):
+  toy, ref, _ = toy_reference
   real = pipeline.make_eval_iterator
 
   def one_bad(*args, **kwargs):
@@ -249,10 +249,10 @@ def test_a_record_that_failed_to_decode_is_refused(setup, tmp_path, monkeypatch)
   assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
 
 
-def test_forward_reference_with_other_preprocessing_names_the_cache_command(setup, tmp_path):
+def test_forward_reference_with_other_preprocessing_names_the_cache_command(toy_reference, tmp_path):
   """A reference fed at another caption length cannot share the learner's super-batch:
   the forward path refuses and names `jest-pod data cache-reference`."""
-  toy, ref, _ = setup
+  toy, ref, _ = toy_reference
   config = tiny_config(toy, steps=1, method="joint", reference=ref,
                        **{"selection.reference_cache": "off", "input.max_text_len": 8})
   with pytest.raises(ValueError, match=r"max_text_len: 12 \(reference\) vs 8 \(learner\).*"
@@ -260,11 +260,10 @@ def test_forward_reference_with_other_preprocessing_names_the_cache_command(setu
     train_main.train(config, str(tmp_path / "w"))
 
 
-def test_a_second_builder_beside_the_same_data_is_refused(setup, tmp_path):
+def test_a_second_builder_beside_the_same_data_is_refused(toy_reference, tmp_path):
   """Builders (and data-set writers) of one folder take its lock: two would interleave
   OUTPUT.tmp."""
-  from jest_pod import lockfile
-  toy, ref, _ = setup
+  toy, ref, _ = toy_reference
   with lockfile.FolderLock(toy, what="data set writer"):
     with pytest.raises(lockfile.FolderBusy, match=r"is in use by another reference-cache builder or data set writer.*\.lock"):
       reference_lib.build_cache(toy, ref, output=os.path.join(toy, "another_cache"))

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -60,7 +61,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(toy, base_
   os.remove(glob.glob(f"{run}/checkpoints/4/state/d/*")[0])  # the merged OCDBT data
   # A lock left by a killed trainer on this host is taken over.
   with open(f"{run}/.lock", "w") as f:
-    json.dump({"host": lock_lib.socket.gethostname(), "pid": _dead_pid()}, f)
+    json.dump({"host": socket.gethostname(), "pid": _dead_pid()}, f)
   train_main.train(tiny_config(toy, steps=6, ckpt_every=2), run)
   names = os.listdir(f"{run}/checkpoints")
   assert [n for n in names if n.startswith("4.corrupt-")], names  # kept, not deleted

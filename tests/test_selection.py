@@ -253,7 +253,7 @@ def test_a_new_score_is_one_registry_entry(monkeypatch):
   monkeypatch.setitem(sel.SCORES, "anti_learnability", (-1.0, 1.0))
   config_lib.validate(c)
   assert sel.uses_models("anti_learnability") == (True, True)
-  assert config_lib.needs_reference(c)
+  assert config_lib.resolve(c).needs_reference
   parts = flops_lib.step_flops(c)
   assert parts["scoring"] > 0 and parts["reference"] > 0
   learner, reference = _embeddings(0, 64), _embeddings(1, 64)

@@ -177,7 +177,7 @@ def test_issue_24_variants_set_distillation_references_and_schedule(tmp_path):
   assert learner.input.tokenizer == ""
   assert ref.input.tokenizer == os.path.join(learner.input.data, "tokenizer.model")
   early = make("jest_f80_until50")
-  assert early.selection.until == 0.5 and config_lib.selection_steps(early) == 390
+  assert early.selection.until == 0.5 and config_lib.resolve(early).selection_steps == 390
   # Full-resolution scoring is dearer per step than Flexi's at every f.
   for f in (50, 80, 90):
     flexi, full = (flops_lib.step_flops(make(v))["scoring"] for v in (f"jest_f{f}", f"fullres_f{f}"))

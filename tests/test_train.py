@@ -113,8 +113,8 @@ def test_pod_config_shapes_train_with_fsdp_sharding(toy, tmp_path):
   """configs/pod_vit_b16.py:runlocal — the pod's code path (fsdp=2 parameter sharding,
   Flexi patches 16/32) on toy-sized towers."""
   from jest_pod import config as config_lib
-  config = config_lib.sibling_config(os.path.join(ROOT, "configs", "pod_vit_b16.py"),
-                                     "pod_vit_b16.py", "runlocal,method=uniform,steps=2")
+  config = config_lib.load(os.path.join(ROOT, "configs", "pod_vit_b16.py"),
+                           "runlocal,method=uniform,steps=2")
   config.input.data = toy
   config.batch_size, config.input.max_text_len = 16, 12
   config.model.text["vocab_size"], config.model.text["max_len"] = 64, 12

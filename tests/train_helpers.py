@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(data_dir, *, steps=12, method="uniform", reference="", **overrides):
   """A CPU-second-sized SigLIP/JEST config: 16×16 images, depth-1 towers, B=32."""
-  c = config_lib.sibling_config(os.path.join(ROOT, "configs", "jest.py"), "jest.py",
-                                f"runlocal,steps={steps},method={method},flexi=0")
+  c = config_lib.load(os.path.join(ROOT, "configs", "jest.py"),
+                      f"runlocal,steps={steps},method={method},flexi=0")
   c.input.data = data_dir
   c.input.image_size = c.model.image_size = 16
   c.input.max_text_len = 12

@@ -137,7 +137,7 @@ def _fields() -> _Fields:
   # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
   f("selection.reference_cache", "", WARNS)
   # Early-only selection (AJEST): JEST for this fraction of total_steps, then uniform
-  # batches of B (the input switches from super-batches; selection_steps()).
+  # batches of B (the input switches from super-batches; RunSpec.selection_steps).
   f("selection.until", 1.0, BREAKS)
   # Distillation from the reference (losses.distill_loss): loss += weight · KD between θ*'s
   # and the learner's logits on the trained batch; θ*'s rows come from what JEST already
@@ -183,18 +183,18 @@ def resume_rules() -> dict[str, str]:
   return dict(_fields().resume)
 
 
-def score_patch_size(config) -> int:
+def _score_patch_size(config) -> int:
   """The patch the learner scores at (config.flexi.score_patch_size; 0 = base patch)."""
   return int(config.flexi.score_patch_size or config.model.image["patch_size"])
 
 
-def train_patch_sizes(config) -> tuple[int, ...]:
+def _train_patch_sizes(config) -> tuple[int, ...]:
   """The Flexi training patch sizes (config.flexi.train_patch_sizes; () = the base patch)."""
   return tuple(int(p) for p in config.flexi.train_patch_sizes) or (
       int(config.model.image["patch_size"]),)
 
 
-def num_super_batch(config) -> int:
+def _num_super_batch(config) -> int:
   """N = B / (1 − f) for JEST methods, B for uniform (rounded to a multiple of 8)."""
   b = config.batch_size
   if config.selection.method == "uniform":
@@ -203,7 +203,7 @@ def num_super_batch(config) -> int:
   return int(round(n / 8.0)) * 8
 
 
-def selection_steps(config) -> int:
+def _selection_steps(config) -> int:
   """Steps that select (JEST) before the run trains on uniform batches: round(until ·
   total_steps) for a selecting method, 0 for uniform."""
   if config.selection.method == "uniform":
@@ -211,7 +211,7 @@ def selection_steps(config) -> int:
   return min(config.total_steps, int(round(config.selection.until * config.total_steps)))
 
 
-def needs_reference(config) -> bool:
+def _needs_reference(config) -> bool:
   """Whether a run needs θ* (its forward pass or its cache): a selecting method whose
   score weighs the reference's loss (selection.SCORES), or distillation from it."""
   return _scores_reference(config) or losses.distilling(config)
@@ -287,7 +287,7 @@ def super_batch_host_bytes(config, *, process_count: int = 1, cpu_devices: bool 
     per += image + text + 8 + 2 * 4
   held = int(config.device_prefetch) + 2
   held += max(worker_count, 0) * int(config.input.get("worker_buffer_size", 2))
-  rows = num_super_batch(config) // max(process_count, 1)
+  rows = _num_super_batch(config) // max(process_count, 1)
   return rows * per * held, per, held
 
 
@@ -302,7 +302,7 @@ def check_host_memory(config, *, process_count: int = 1, cpu_devices: bool = Fal
   need, per, held = super_batch_host_bytes(config, process_count=process_count,
                                            cpu_devices=cpu_devices, worker_count=worker_count)
   budget = HOST_MEMORY_SHARE * available
-  s, b, n = config.selection, config.batch_size, num_super_batch(config)
+  s, b, n = config.selection, config.batch_size, _num_super_batch(config)
   what = (f"config.batch_size={b}" if s.method == "uniform" else
           f"config.selection.filter_ratio={float(s.filter_ratio)!r} with "
           f"config.batch_size={b}")
@@ -383,10 +383,10 @@ def validate(config) -> None:
                      f"config.selection.n_chunks={s.n_chunks}")
   # Whether DATA/reference_cache exists is known at start-up (jest.reference.open_reference);
   # here only what no file can fix.
-  if (needs_reference(config) and not s.reference and s.reference_cache in ("", "off")
+  if (_needs_reference(config) and not s.reference and s.reference_cache in ("", "off")
       and (s.reference_cache == "off" or not config.input.data or config.input.get("mixture"))):
     raise ValueError(missing_reference_message(config))
-  f, train_patches = config.flexi, train_patch_sizes(config)
+  f, train_patches = config.flexi, _train_patch_sizes(config)
   if len(train_patches) != len(f.train_fractions) or abs(sum(f.train_fractions) - 1) > 1e-6:
     raise ValueError("config.flexi.train_patch_sizes and train_fractions must have the same "
                      f"length and the fractions must sum to 1; got {train_patches}, "
@@ -397,7 +397,7 @@ def validate(config) -> None:
     # count, the reference check and the cache fingerprint read model.image_size.
     raise ValueError(f"config.input.image_size={config.input.image_size} and "
                      f"config.model.image_size={size} differ: set both to the size to train at")
-  for p in (*train_patches, score_patch_size(config)):
+  for p in (*train_patches, _score_patch_size(config)):
     if size % p:
       raise ValueError(f"patch size {p} (config.flexi) does not divide "
                        f"config.model.image_size={size}")
@@ -472,8 +472,8 @@ def _meaning(config_dict) -> dict:
   flat = _flatten(json.loads(ml_collections.ConfigDict(config_dict).to_json_best_effort()))
   if flat.get("model.image.patch_size") is not None:
     c = ml_collections.ConfigDict(config_dict)
-    flat["flexi.score_patch_size"] = score_patch_size(c)
-    flat["flexi.train_patch_sizes"] = list(train_patch_sizes(c))
+    flat["flexi.score_patch_size"] = _score_patch_size(c)
+    flat["flexi.train_patch_sizes"] = list(_train_patch_sizes(c))
   return flat
 
 
@@ -637,8 +637,9 @@ def resolve_evals(config):
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """The facts derived from a config, computed once at start-up (resolve) and read by
-  the trainer instead of being recomputed from the raw keys."""
+  """The facts derived from a config, computed once (resolve) and read by everyone (the
+  trainer, the train step, the FLOP model, bench, demo, sweep) instead of being
+  recomputed from the raw keys: their one public home."""
   batch_size: int                   # B, global
   super_batch: int                  # N (= B for uniform)
   method: str
@@ -658,10 +659,10 @@ def resolve(config) -> RunSpec:
   """The run's derived facts (no I/O; call validate first)."""
   s = config.selection
   return RunSpec(
-      batch_size=int(config.batch_size), super_batch=num_super_batch(config),
+      batch_size=int(config.batch_size), super_batch=_num_super_batch(config),
       method=s.method, selecting=s.method != "uniform",
-      selection_steps=selection_steps(config), uses_models=selection.uses_models(s.score),
-      needs_reference=needs_reference(config), distill=losses.distilling(config),
-      score_patch=score_patch_size(config), train_patches=train_patch_sizes(config),
+      selection_steps=_selection_steps(config), uses_models=selection.uses_models(s.score),
+      needs_reference=_needs_reference(config), distill=losses.distilling(config),
+      score_patch=_score_patch_size(config), train_patches=_train_patch_sizes(config),
       train_fractions=tuple(float(f) for f in config.flexi.train_fractions),
       image_size=int(config.model.image_size), text_len=int(config.input.max_text_len))

@@ -63,10 +63,7 @@ from jest_pod import lockfile
 from jest_pod.data import ingest_read
 from jest_pod.data import manifest as manifest_lib
 from jest_pod.data import records
-# The input side lives in ingest_read; these names stay importable from here.
-from jest_pod.data.ingest_read import (HEADER_NAMES, IMAGE_EXTS, MAX_CAPTION_BYTES,  # noqa: F401
-                                       MAX_IMAGE_BYTES, TAR_IMAGE_EXTS, Inputs, Item, scan,
-                                       scan_folder, scan_list, scan_tars)
+from jest_pod.data.ingest_read import MAX_CAPTION_BYTES, MAX_IMAGE_BYTES, scan
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A leaf module (ml_collections only): `jest_pod.config` builds every config from it
 without importing the data stack (Grain, decoders, tokenizer) that `pipeline.py` pulls
-in. `pipeline.default_input_config` and `pipeline.MAX_PIXELS` are these, re-exported.
+in.
 """
 
 from __future__ import annotations

@@ -55,9 +55,9 @@ from absl import flags
 
 from jest_pod.data import decode, prefetch, records, sources
 from jest_pod.data import tokenizer as tokenizer_lib
-# MAX_PIXELS (the decompression-bomb limit) and default_input_config() live in the leaf
-# module input_config.py (config.py builds configs without the data stack); re-exported.
-from jest_pod.data.input_config import MAX_PIXELS, default_input_config  # pylint: disable=unused-import
+# MAX_PIXELS (the decompression-bomb limit) lives in the leaf module input_config.py
+# (config builds configs without the data stack).
+from jest_pod.data.input_config import MAX_PIXELS
 
 # Decode threads per process (PIL and sentencepiece release the GIL in their C parts).
 # On a 2-core host 2, 3 and 4 threads were within the noise of each other at 32² and 224²

@@ -78,6 +78,19 @@ def read_meta(path: str) -> dict | None:
                               "rebuild it with `jest-pod data cache-reference`") from e
 
 
+def build_path(data_dir: str, output: str | None) -> str:
+  """Where a cache of `data_dir` is written: `output`, else DATA/reference_cache, which
+  only a folder data set has (another source kind names no folder to write into)."""
+  if output:
+    return output
+  if not sources.is_folder(data_dir):
+    raise ReferenceCacheError(
+        f"--data {data_dir}: a {sources.scheme(data_dir)!r} source has no folder to hold "
+        f"DATA/{CACHE_DIR}; pass --output DIR, and point config.selection.reference_cache "
+        "at DIR")
+  return join(data_dir, CACHE_DIR)
+
+
 def default_path(data_dir: str) -> str | None:
   """DATA/reference_cache when it holds a complete cache (meta.json), else None (also for
   a source kind other than a folder: it has no folder to hold one)."""

@@ -39,10 +39,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import time
+
+import jax
+
+from jest_pod import config as config_lib
+from jest_pod import runinfo
+from jest_pod.data import builders, reference_cache
+from jest_pod.data import tokenizer as tok_lib
+from jest_pod.evaluators import base as evaluators_base
+from jest_pod.experiments import plot
+from jest_pod.experiments.sweep_report import at_crossing, crossing
+from jest_pod.interop import export, formats
+from jest_pod.jest import reference as reference_lib
+from jest_pod.train import hooks as train_hooks
+from jest_pod.train import main as train_main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +133,6 @@ def set_cpu_devices(n: int) -> None:
   """Ask for n XLA CPU devices; only possible before JAX's backend starts."""
   if n <= 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
-  import jax
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:
@@ -126,8 +140,7 @@ def set_cpu_devices(n: int) -> None:
 
 
 def load_config(name: str, arg: str, plan: Plan):
-  from jest_pod import config as config_lib
-  c = config_lib.sibling_config(os.path.join(config_lib.CONFIGS_DIR, name), name, arg)
+  c = config_lib.load(os.path.join(config_lib.CONFIGS_DIR, name), arg)
   every = max(1, c.total_steps // plan.evals)
   c.discover_evals.every_steps = every  # the sets found at run start (resolve_evals)
   for ev in c.evals.values():
@@ -172,9 +185,6 @@ def run_configs(plan: Plan, data: str, workdir: str, public_reference: bool = Fa
 def public_reference_stage(workdir: str, data: str) -> str:
   """Export the SigLIP-family reference to a Hugging Face folder and cache its embeddings
   of the web pool (each step skipped when done); returns the cache folder."""
-  from jest_pod.data import reference_cache
-  from jest_pod.interop import export, formats
-  from jest_pod.jest import reference as reference_lib
   hf_dir, cache = os.path.join(workdir, HF_REFERENCE), os.path.join(workdir, HF_CACHE)
   if not os.path.exists(os.path.join(hf_dir, "model.safetensors")):
     tmp = hf_dir + ".tmp"
@@ -191,7 +201,6 @@ def done_marker(run_dir: str) -> str:
 
 def train_stage(config, run_dir: str) -> bool:
   """Trains (or resumes) one run; returns False when it stopped early (preempted)."""
-  from jest_pod.train import main as train_main
   last = train_main.train(config, run_dir)
   if last.get("preempted"):
     return False
@@ -208,9 +217,6 @@ def _final(events, key):
 
 
 def _summarise(name: str, run_dir: str, config) -> dict:
-  from jest_pod import config as config_lib
-  from jest_pod.experiments import plot
-  from jest_pod.evaluators import base as evaluators_base
   events = plot.read_metrics(run_dir)
   logged = {k for e in events for k in e}
   # The registry names each type's metrics; the first set's key (None if none logged).
@@ -221,7 +227,7 @@ def _summarise(name: str, run_dir: str, config) -> dict:
   last = events[-1] if events else {}
   out = {"run_dir": run_dir, "method": config.selection.method,
          "steps": last.get("step", 0), "batch": config.batch_size,
-         "super_batch": config_lib.num_super_batch(config),
+         "super_batch": config_lib.resolve(config).super_batch,
          "examples": last.get("examples", 0), "flops": last.get("flops", 0.0),
          "seconds": last.get("time/train_elapsed_s", float("nan")), "metric_keys": keys}
   out["examples_scored"] = out["steps"] * out["super_batch"] if name.startswith("jest") else 0
@@ -233,8 +239,6 @@ def _summarise(name: str, run_dir: str, config) -> dict:
 def _reach(run_dir: str, key: str, target: float) -> dict | None:
   """{examples, flops, seconds} where `key` first reaches target, by the sweep's one
   definition (sweep_report.crossing: interpolated between evaluations), else None."""
-  from jest_pod.experiments import plot
-  from jest_pod.experiments.sweep_report import at_crossing, crossing
   events = [e for e in plot.read_metrics(run_dir) if key in e]
   hit = crossing([e[key] for e in events], target)
   if hit is None:
@@ -245,7 +249,6 @@ def _reach(run_dir: str, key: str, target: float) -> dict | None:
 
 
 def _machine() -> str:
-  from jest_pod import runinfo
   cpu = runinfo.cpu_info()
   load = cpu["load_average"]
   return (f"{cpu['model']}, {cpu['usable']} of {cpu['count']} cores"
@@ -253,7 +256,6 @@ def _machine() -> str:
 
 
 def _plot(workdir: str, runs: dict, path: str) -> str:
-  from jest_pod.experiments import plot
   plt = plot.pyplot()
   panels = [("zero_shot_top1", "examples", "zero-shot top-1 (eval_fashion)"),
             ("img2txt_recall@1", "examples", "retrieval recall@1 image→text"),
@@ -411,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
   devices = args.devices if args.devices >= 0 else (2 if (os.cpu_count() or 1) >= 2 else 1)
   set_cpu_devices(devices)
 
-  from jest_pod.train import hooks as train_hooks
   train_hooks.setup_logging()
-  import logging
   logging.getLogger("jest_pod.data").setLevel(logging.INFO)
 
   data_built = os.path.exists(os.path.join(data, "web", "manifest.json"))
@@ -445,7 +445,6 @@ def main(argv: list[str] | None = None) -> int:
     with open(timings_path, "w") as f:
       json.dump(timings, f, indent=2)
 
-  import jax
   print(f"[demo] plan {scale}: B={plan.batch}, reference {plan.reference_steps} steps, "
         f"uniform and JEST {plan.steps} steps each ({plan.steps * plan.batch} examples); "
         f"data {data}; workdir {workdir}; {jax.device_count()} {jax.devices()[0].platform} "
@@ -454,7 +453,6 @@ def main(argv: list[str] | None = None) -> int:
   # 1. data
   progress.start(0, data)
   t = time.time()
-  from jest_pod.data import builders
   builders.build("demo", data, limit=plan.limit)
   if not data_built:
     record("data", time.time() - t)
@@ -466,7 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     progress.finish(skipped=True)
   else:
     t = time.time()
-    from jest_pod.data import tokenizer as tok_lib
     tok_lib.main(["--data", os.path.join(data, "web"), "--vocab-size", str(plan.vocab)])
     record("tokenizer", time.time() - t)
     progress.finish()

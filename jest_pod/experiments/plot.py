@@ -16,6 +16,9 @@ import json
 import os
 import sys
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 X_KEYS = {"examples": "examples", "flops": "flops", "steps": "step",
           "seconds": "time/train_elapsed_s"}
 X_LABELS = {"examples": "training examples seen", "flops": "FLOPs (training + scoring + reference)",
@@ -91,9 +94,7 @@ def curve(events: list[dict], metric: str, x: str, run_dir: str = "") -> tuple[l
 
 def pyplot():
   """matplotlib.pyplot on the file-only Agg backend (no display on servers and CI)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   return plt
 
 

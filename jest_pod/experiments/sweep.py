@@ -49,13 +49,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
 
 from jest_pod import config as config_lib
-from jest_pod.experiments import demo
-from jest_pod.experiments import sweep_report
+from jest_pod.data import builders, reference_cache
+from jest_pod.data import tokenizer as tok_lib
+from jest_pod.experiments import demo, plot, sweep_report
+from jest_pod.jest import reference as reference_lib
+from jest_pod.train import hooks as train_hooks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +216,7 @@ def make_config(plan_name: str, variant: str, seed: int, data: str, workdir: str
   c.seed = seed
   for key, value in v.overrides:
     config_lib.override(c, key, value)
-  if config_lib.needs_reference(c):
+  if config_lib.resolve(c).needs_reference:
     c.selection.reference = os.path.join(workdir, v.reference)
     c.selection.reference_cache = os.path.join(workdir, f"{v.reference}_cache")
   return c
@@ -235,7 +239,6 @@ def _run_one(config, out_dir: str, devices: int) -> None:
   os.dup2(log_file.fileno(), 1)
   os.dup2(log_file.fileno(), 2)
   demo.set_cpu_devices(devices)
-  from jest_pod.train import hooks as train_hooks
   train_hooks.setup_logging()
   if not demo.train_stage(config, out_dir):
     sys.exit(3)  # preempted: rerun continues
@@ -243,13 +246,11 @@ def _run_one(config, out_dir: str, devices: int) -> None:
 
 def _cost(config) -> float:
   """Relative cost of a run for ordering and the ETA: steps × (B + super-batch decode)."""
-  from jest_pod import config as config_lib
-  return config.total_steps * (config.batch_size + config_lib.num_super_batch(config))
+  return config.total_steps * (config.batch_size + config_lib.resolve(config).super_batch)
 
 
 def _fraction_done(config, out_dir: str) -> float:
   """How far a running run is: its last logged step / total steps (0 before the first log)."""
-  from jest_pod.experiments import plot
   try:
     steps = [e["step"] for e in plot.read_metrics(out_dir) if "step" in e]
   except plot.PlotError:  # no metrics.jsonl yet
@@ -261,7 +262,6 @@ def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> boo
   """Trains every (label, config, run dir), `jobs` processes at a time (0: one after
   another in this process). Prints progress with an ETA learnt from the work done so far
   (finished runs plus the logged progress of running ones). True if all finished."""
-  import multiprocessing as mp
   # Seed by seed (an early stop leaves whole seeds to report), longest first within one.
   todo = sorted(todo, key=lambda t: (t[1].seed, -_cost(t[1])))
   total_cost = sum(_cost(c) for _, c, _ in todo) or 1.0
@@ -293,7 +293,6 @@ def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> boo
       print(f"[sweep] start {label} → {out}/train.log", flush=True)
       t = time.time()
       if jobs == 0:
-        from jest_pod.train import hooks as train_hooks
         train_hooks.setup_logging()
         finished(label, config, out, demo.train_stage(config, out), time.time() - t)
         continue
@@ -315,8 +314,6 @@ def run_all(todo: list[tuple[str, object, str]], jobs: int, devices: int) -> boo
 def report(workdir: str, plan_name: str, configs: dict, only: list[str], command: str) -> dict:
   """Reads the finished runs, writes WORKDIR/sweep_report.md, sweep_results.json and one
   figure per experiment; returns the results."""
-  from jest_pod.experiments import plot
-  from jest_pod.data import reference_cache
   refs = {}  # each reference's training FLOPs and cache metadata
   for name in REFERENCES:
     ref_dir = os.path.join(workdir, name)
@@ -455,20 +452,15 @@ def main(argv: list[str] | None = None) -> int:
       json.dump(want, f, indent=2)
   variants = list(dict.fromkeys(v for e in only for v in EXPERIMENTS[e][1]))
   if not args.report_only:
-    from jest_pod.train import hooks as train_hooks
     train_hooks.setup_logging()
-    from jest_pod.data import builders
     builders.build(plan.builder, data, limit=plan.limit)  # before the configs: they read
     tok_path = os.path.join(data, "web", "tokenizer.model")  # its evaluation sets
     if not os.path.exists(tok_path):
-      from jest_pod.data import tokenizer as tok_lib
       tok_lib.main(["--data", os.path.join(data, "web"), "--vocab-size", str(plan.vocab)])
   configs = {(v, s): make_config(plan_name, v, s, data, workdir)
              for v in variants for s in seeds}
 
   if not args.report_only:
-    from jest_pod.data import reference_cache
-    from jest_pod.jest import reference
     for name in dict.fromkeys(VARIANTS[v].reference for v in variants):
       ref_dir = os.path.join(workdir, name)
       if not os.path.exists(demo.done_marker(ref_dir)):
@@ -479,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
       cache = os.path.join(workdir, f"{name}_cache")
       if reference_cache.read_meta(cache) is None:
         print(f"[sweep] caching {name}'s embeddings of {data}/web → {cache}", flush=True)
-        reference.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
+        reference_lib.build_cache(os.path.join(data, "web"), ref_dir, output=cache)
     todo = [(f"{v} seed {s}", c, run_dir(workdir, v, s)) for (v, s), c in configs.items()
             if not os.path.exists(demo.done_marker(run_dir(workdir, v, s)))]
     print(f"[sweep] {len(configs)} runs ({len(variants)} variants × {len(seeds)} seeds), "

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from jest_pod import config as config_lib
 from jest_pod.evaluators import base as evaluators_base
 from jest_pod.experiments import plot
 
@@ -108,7 +109,6 @@ def _damage_shares(events: list[dict]) -> dict[str, tuple[float, float]]:
 def summarise_run(config, out_dir: str, ref_train_flops: float = 0.0) -> dict:
   """One finished run: its curves on every axis, totals, the host's load while it ran.
   `ref_train_flops`: the training FLOPs of the reference it used (0 for none)."""
-  from jest_pod import config as config_lib
   events = plot.read_metrics(out_dir)
   curves = {m: _series(events, keys) for m, keys in metric_keys(events).items()}
   learn = [(e.get("select/learnability_selected"), e.get("select/learnability_super_batch"))
@@ -117,11 +117,12 @@ def summarise_run(config, out_dir: str, ref_train_flops: float = 0.0) -> dict:
   last = logged[-1] if logged else {}
   steps = int(last.get("step", 0))
   load = [e["host/load1"] for e in logged if math.isfinite(e.get("host/load1", math.nan))]
+  uses_reference = config_lib.resolve(config).needs_reference
   return {
       "run_dir": out_dir, "seed": config.seed, "batch": config.batch_size,
       # The reference's training is charged in "+ref" when the run needed one.
-      "uses_reference": config_lib.needs_reference(config),
-      "reference_training_flops": ref_train_flops if config_lib.needs_reference(config) else 0.0,
+      "uses_reference": uses_reference,
+      "reference_training_flops": ref_train_flops if uses_reference else 0.0,
       "steps": steps,
       "total": {axis: float(last.get(key, math.nan)) for axis, key in AXES.items()},
       "flops_per_step": last.get("flops", math.nan) / max(steps, 1),  # charged, mean

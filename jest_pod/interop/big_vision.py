@@ -15,11 +15,14 @@ import os
 import re
 import zipfile
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import ml_dtypes
 import numpy as np
 
 from jest_pod.interop import InteropError
-from jest_pod.models import siglip
+from jest_pod.models import build_model, siglip
 
 __all__ = ["InteropError", "infer_config", "read_npz", "write_npz"]
 
@@ -123,11 +126,6 @@ def infer_config(params: dict, path: str = "checkpoint") -> dict:
 
 def _check_shapes(params: dict, model_config: dict, path: str) -> None:
   """Every array where SiglipTwoTower (built from the inferred config) has one, same shape."""
-  import jax  # pylint: disable=import-outside-toplevel  (shapes only; nothing is computed)
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
-
   mc = ml_collections.ConfigDict({**model_config, "scan_layers": False})
   s = mc.image_size
   want = jax.eval_shape(build_model(mc).init, jax.random.key(0), jnp.zeros((1, s, s, 3)),
@@ -194,8 +192,6 @@ def write_npz(path: str, params, *, scan: bool = False) -> None:
   """SiglipTwoTower params (either layout, host or device arrays) → `path` with big_vision's
   `params/...` keys, loop layout (or scan), float32 as stored. Written to a temporary name
   and renamed, so a crash leaves no half file."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   tree = jax.tree.map(np.asarray, params)
   tree = siglip.to_scan(tree) if scan else siglip.to_loop(tree)
   arrays = {f"params/{k}": np.asarray(v) for k, v in flatten(tree).items()}

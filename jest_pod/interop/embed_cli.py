@@ -16,7 +16,15 @@ import os
 import sys
 import time
 
+from array_record.python import array_record_module
 import numpy as np
+
+from jest_pod import checkpoint, embed
+from jest_pod.data import manifest, pipeline, records
+from jest_pod.data.tokenizer import TokenizerError
+from jest_pod.evaluators.metrics import EvalDataError
+from jest_pod.interop import InteropError, formats
+from jest_pod.parallel import sharding as shd
 
 log = logging.getLogger("jest_pod")
 LOG_EVERY_S = 10.0
@@ -39,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def record_ids(data_dir: str) -> list[str]:
   """The `id` of every record of a data set, in record (index) order; '' when unreadable."""
-  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-  from jest_pod.data import manifest, records  # pylint: disable=import-outside-toplevel
   out = []
   for path in manifest.shard_paths(data_dir):
     reader = array_record_module.ArrayRecordReader(path)
@@ -59,9 +65,6 @@ def embed_data(loaded, data_dir: str, *, batch_size: int = 256,
                patch_size: int | None = None) -> dict[str, np.ndarray]:
   """{image, text, index} of every decodable record of `data_dir`, in record order, with
   progress and ETA in the log."""
-  from jest_pod import embed  # pylint: disable=import-outside-toplevel
-  from jest_pod.data import manifest, pipeline  # pylint: disable=import-outside-toplevel
-  from jest_pod.parallel import sharding as shd  # pylint: disable=import-outside-toplevel
   prep = loaded.preprocessing
   n = int(manifest.read(data_dir)["num_examples"])
   batches = pipeline.make_eval_iterator(data_dir, batch_size=batch_size,
@@ -90,11 +93,6 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if not log.handlers:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
-  from jest_pod.data import manifest  # pylint: disable=import-outside-toplevel
-  from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
-  from jest_pod.evaluators.metrics import EvalDataError  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import InteropError, formats  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   try:
     manifest.read(args.data)

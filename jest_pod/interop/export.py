@@ -22,6 +22,13 @@ import shutil
 import sys
 import time
 
+import jax
+import numpy as np
+
+from jest_pod import checkpoint
+from jest_pod.data.tokenizer import TokenizerError
+from jest_pod.interop import InteropError, big_vision, formats, hf
+
 FORMATS = ("hf", "big_vision")
 
 
@@ -46,9 +53,6 @@ def check_exportable(loaded) -> None:
 
 def export(loaded, fmt: str, output: str, *, scan: bool = False) -> str:
   """Writes `loaded` (a formats.Loaded of the siglip family) as `fmt`; returns `output`."""
-  from jest_pod.interop import big_vision, formats, hf  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   check_exportable(loaded)
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -81,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--scan", action="store_true", help="big_vision: scan layout")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
   args = p.parse_args(argv)
-  from jest_pod import checkpoint  # pylint: disable=import-outside-toplevel
-  from jest_pod.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import InteropError, formats  # pylint: disable=import-outside-toplevel
   if os.path.exists(args.output) and not args.overwrite:
     print(f"jest-pod export: error: {args.output} exists; pass --overwrite to replace it",
           file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import zipfile
@@ -35,7 +34,8 @@ import numpy as np
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod.data import tokenizer as tokenizer_lib
-from jest_pod.interop import InteropError
+from jest_pod.interop import InteropError, big_vision, hf
+from jest_pod.models import build_model, two_tower
 from jest_pod.parallel import sharding as shd
 
 log = logging.getLogger("jest_pod")
@@ -78,7 +78,6 @@ class Loaded:
   preprocessing: Preprocessing
 
   def model(self):
-    from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
     return build_model(self.config.model)
 
   def identity(self) -> dict:
@@ -164,7 +163,6 @@ def _loaded_public(kind: str, path: str, model_config: dict, params: Any, image_
 
 
 def _load_hf(path: str, tokenizer: Any, step: int | None) -> Loaded:
-  from jest_pod.interop import hf  # pylint: disable=import-outside-toplevel
   del step
   model_config, params, pre = hf.read_folder(path)
   tok = (tokenizer if isinstance(tokenizer, tokenizer_lib.Tokenizer) else
@@ -174,7 +172,6 @@ def _load_hf(path: str, tokenizer: Any, step: int | None) -> Loaded:
 
 
 def _load_big_vision(path: str, tokenizer: Any, step: int | None) -> Loaded:
-  from jest_pod.interop import big_vision  # pylint: disable=import-outside-toplevel
   del step
   model_config, params = big_vision.read_npz(path)
   # big_vision's SigLIP captions: canonicalised, sticky EOS (its zero-shot prompts and
@@ -255,12 +252,10 @@ def load_config(path: str, *, tokenizer: Any = None) -> ml_collections.ConfigDic
     prep = Preprocessing(int(saved.input.image_size), int(saved.input.max_text_len), tok)
     model = saved.model.to_dict()
   elif kind == "hf":
-    from jest_pod.interop import hf  # pylint: disable=import-outside-toplevel
     model, pre = hf.read_config(path)
     tok = tokenizer_lib.Tokenizer(tokenizer or pre["spiece_path"], text_style=pre["text_style"])
     prep = Preprocessing(pre["image_size"], pre["max_text_len"], tok)
   else:
-    from jest_pod.interop import big_vision  # pylint: disable=import-outside-toplevel
     model, _ = big_vision.read_npz(path)
     tok = _tokenizer_beside(path, tokenizer, "siglip", "a big_vision npz")
     prep = Preprocessing(model["image_size"], model["text"]["max_len"], tok)
@@ -309,5 +304,4 @@ def params_for(loaded: Loaded, model_config) -> Any:
   want = bool(model_config.get("scan_layers", False))
   if have == want:
     return loaded.params
-  from jest_pod.models import two_tower  # pylint: disable=import-outside-toplevel
   return two_tower.convert_layout(loaded.params, loaded.config.model, scan=want)

@@ -45,7 +45,11 @@ import json
 import os
 from collections.abc import Callable
 
+import jax
+import ml_dtypes
 import numpy as np
+import safetensors.numpy
+import sentencepiece as spm
 
 from jest_pod.interop import InteropError
 from jest_pod.models import siglip
@@ -318,8 +322,6 @@ def name_map(model_config) -> list[_Entry]:
 
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  import safetensors.numpy  # pylint: disable=import-outside-toplevel
-
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except  (SafetensorError, TypeError, OSError)
@@ -388,8 +390,6 @@ def read_folder(path: str, *, scan: bool = False) -> tuple[dict, dict, dict]:
 
 
 def _special_ids(tokenizer_proto: bytes) -> dict[str, int]:
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-
   sp = spm.SentencePieceProcessor(model_proto=tokenizer_proto)
   ids = {}
   for piece in ("</s>", "<unk>"):
@@ -423,10 +423,6 @@ def write_folder(path: str, model_config, params, *, tokenizer_proto: bytes, ima
   position embeddings by default); `max_text_len` the caption length (model_max_length);
   `do_lower_case` False for text style "siglip_cased".
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
-  import safetensors.numpy  # pylint: disable=import-outside-toplevel
-
   mc = model_config
   if mc.get("family", "flexivit") != "siglip":
     raise InteropError(f"{path}: only model.family='siglip' maps to a SiglipModel (this model "

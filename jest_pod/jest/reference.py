@@ -159,8 +159,8 @@ class CachedReference(Reference):
 def rebuild_command(data_dir: str, reference: str | None, output: str | None) -> str:
   cmd = (f"jest-pod data cache-reference --data {data_dir} --reference "
          f"{reference or 'REF'}")
-  if output and os.path.normpath(output) != os.path.normpath(
-      store_lib.join(data_dir, store_lib.CACHE_DIR)):
+  if output and (not sources.is_folder(data_dir) or os.path.normpath(output) !=
+                 os.path.normpath(store_lib.join(data_dir, store_lib.CACHE_DIR))):
     cmd += f" --output {output}"
   return cmd
 
@@ -285,7 +285,7 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
   """
   t_start = time.perf_counter()
   pi, pc = jax.process_index(), jax.process_count()
-  output = output or store_lib.join(data_dir, store_lib.CACHE_DIR)
+  output = store_lib.build_path(data_dir, output)
   loaded = reference if isinstance(reference, formats.Loaded) else formats.load(
       reference, tokenizer=tokenizer)
   prep = loaded.preprocessing
@@ -384,7 +384,8 @@ def main(argv: list[str]) -> int:
                       "big_vision .npz")
   p.add_argument("--batch-size", type=int, default=256, help="per host")
   p.add_argument("--output", default=None,
-                 help=f"default: DATA/{store_lib.CACHE_DIR} (local or gs://...)")
+                 help=f"default: DATA/{store_lib.CACHE_DIR} (local or gs://...); required "
+                      "when --data is not a folder (e.g. virtual)")
   p.add_argument("--tokenizer", default=None,
                  help="the reference's sentencepiece model (default: its own — the run's for "
                       "a workdir, spiece.model for Hugging Face and beside a big_vision npz)")

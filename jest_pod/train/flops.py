@@ -9,8 +9,6 @@ model with XLA's own count of the compiled step.
 from __future__ import annotations
 
 from jest_pod import config as config_lib
-from jest_pod.jest import losses
-from jest_pod.jest import selection
 from jest_pod.models.flops import example_forward_flops, image_forward_flops, text_forward_flops
 
 
@@ -28,16 +26,17 @@ def step_flops(config, *, reference_example_flops: float | None = None,
   counts the learner's own towers (where no reference is at hand). `selecting`: whether
   this step selects (default: config.selection.method is not uniform; False for the
   uniform steps after config.selection.until)."""
-  mc, size, text_len = config.model, config.model.image_size, config.input.max_text_len
-  b, d = config.batch_size, mc.embed_dim
+  spec = config_lib.resolve(config)
+  mc, size, text_len = config.model, spec.image_size, spec.text_len
+  b, d = spec.batch_size, mc.embed_dim
   out = {"train": 0.0, "scoring": 0.0, "reference": 0.0, "selection": 0.0, "distill": 0.0}
-  for p, frac in zip(config_lib.train_patch_sizes(config), config.flexi.train_fractions):
+  for p, frac in zip(spec.train_patches, spec.train_fractions):
     out["train"] += 3 * frac * b * image_forward_flops(mc, size, p)
   out["train"] += 3 * (b * text_forward_flops(mc, text_len) + 2 * b * b * d)
   s = config.selection
-  selecting = s.method != "uniform" if selecting is None else selecting
-  distill = losses.distilling(config)
-  learner, reference = selection.uses_models(s.score) if selecting else (False, False)
+  selecting = spec.selecting if selecting is None else selecting
+  distill = spec.distill
+  learner, reference = spec.uses_models if selecting else (False, False)
   if (reference or distill) and reference_example_flops is None:
     reference_example_flops = example_forward_flops(mc, size, mc.image["patch_size"],
                                                     text_len)
@@ -45,10 +44,9 @@ def step_flops(config, *, reference_example_flops: float | None = None,
     out["distill"] = 2 * b * b * (reference_dim or d)
     out["reference"] = b * reference_example_flops  # over N below when selecting
   if selecting:
-    n = config_lib.num_super_batch(config)
+    n = spec.super_batch
     if learner:
-      out["scoring"] = n * example_forward_flops(mc, size, config_lib.score_patch_size(config),
-                                                 text_len)
+      out["scoring"] = n * example_forward_flops(mc, size, spec.score_patch, text_len)
     if reference or distill:
       out["reference"] = n * reference_example_flops
     # Each model scores pairs in its own embedding space (widths may differ).
@@ -79,8 +77,9 @@ def run_flops(config, reference=None) -> dict:
 
   out = views(step_flops(config, **kw))
   out["reference_cache_one_time"] = reference.one_time_flops if cached else 0.0
-  out["selecting_steps"] = config_lib.selection_steps(config)
-  if config.selection.method != "uniform" and out["selecting_steps"] < config.total_steps:
+  spec = config_lib.resolve(config)
+  out["selecting_steps"] = spec.selection_steps
+  if spec.selecting and spec.selection_steps < config.total_steps:
     out["after_selection"] = views(step_flops(config, selecting=False, **kw))
   return out
 

@@ -8,8 +8,6 @@ the multi-host part: process 0 locks, and every process stops if it could not.
 
 from __future__ import annotations
 
-import socket  # noqa: F401  (tests write a dead holder's lock with socket.gethostname())
-
 import jax
 
 from jest_pod import lockfile

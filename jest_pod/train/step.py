@@ -31,8 +31,8 @@ def make_train_step(config, model, tx, schedule):
   Flexi training patch sizes; one contrastive loss is taken over the whole batch, plus
   config.distill.weight × the distillation term when `teacher` (θ*'s
   `selection.Embeddings` of the same B rows) is given."""
-  patch_sizes = config_lib.train_patch_sizes(config)  # () in the config = the base patch
-  fractions = tuple(config.flexi.train_fractions)
+  spec = config_lib.resolve(config)
+  patch_sizes, fractions = spec.train_patches, spec.train_fractions
   d = config.distill
 
   def loss_fn(params, batch, teacher):

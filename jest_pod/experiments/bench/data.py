@@ -20,12 +20,14 @@ import sys
 import tempfile
 import time
 
+from jest_pod.data import input_config, pipeline, tokenizer, virtual
+
 _STARTUP_SCRIPT = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from jest_pod.data import pipeline
+from jest_pod.data import input_config, pipeline
 t1 = time.perf_counter()
-c = pipeline.default_input_config()
+c = input_config.default_input_config()
 c.data, c.tokenizer, c.image_size = "virtual", sys.argv[1], int(sys.argv[3])
 c.worker_count = 0
 it = pipeline.make_train_iterator(c, global_batch_size=int(sys.argv[2]), seed=0,
@@ -39,7 +41,6 @@ print(json.dumps({"import_s": t1 - t0, "first_batch_s": t2 - t1,
 
 def _virtual_tokenizer(workdir: str) -> str:
   """A small sentencepiece model for the virtual source's captions."""
-  from jest_pod.data import tokenizer, virtual  # pylint: disable=g-import-not-at-top
   texts = [virtual.record(i).text for i in range(0, 64_000, 16)]
   return tokenizer.train_tokenizer(texts, os.path.join(workdir, "virtual_tok"), 128)
 
@@ -64,7 +65,6 @@ def _cpu_seconds() -> float:
 
 
 def _throughput(config, batch: int, steps: int, repeats: int, warmup: int) -> dict:
-  from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
   t = time.perf_counter()
   it = pipeline.make_train_iterator(config, global_batch_size=batch, seed=0,
                                     process_index=0, process_count=1)
@@ -92,7 +92,6 @@ def _parse_workers(spec: str) -> list[int]:
 
 
 def _restore_time(config, batch: int, position: int, repeats: int = 5) -> float:
-  from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
   times = []
   for _ in range(repeats):
     it = pipeline.make_train_iterator(config, global_batch_size=batch, seed=0,
@@ -120,10 +119,9 @@ def main(argv: list[str]) -> int:
                  help="skip the 2^33-record start-up / restore figures")
   args = p.parse_args(argv)
 
-  from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
   workdir = tempfile.mkdtemp(prefix="jest_pod_bench_data_")
   vtok = _virtual_tokenizer(workdir)
-  config = pipeline.default_input_config()
+  config = input_config.default_input_config()
   config.data = args.data or "virtual"
   config.tokenizer = args.tokenizer or ("" if args.data else vtok)
   config.image_size = args.image_size
@@ -154,12 +152,12 @@ def main(argv: list[str]) -> int:
                         str(args.image_size)], capture_output=True, text=True, env=env,
                        check=True)
   s = json.loads(out.stdout.strip().splitlines()[-1])
-  vconfig = pipeline.default_input_config()
+  vconfig = input_config.default_input_config()
   vconfig.data, vconfig.tokenizer, vconfig.image_size = "virtual", vtok, args.image_size
   vconfig.worker_count = 0  # the state below is worker_count 0's: {"next_index": ...}
   r0 = _restore_time(vconfig, args.batch, 0)
   r9 = _restore_time(vconfig, args.batch, 10**9)
-  print(f"\n2^33-record virtual pipeline (fresh process, worker_count 0):")
+  print("\n2^33-record virtual pipeline (fresh process, worker_count 0):")
   print(f"  {'imports':<36} {s['import_s']:8.2f} s")
   print(f"  {'build + first batch':<36} {s['first_batch_s']:8.2f} s")
   print(f"  {'peak RSS':<36} {s['peak_rss'] / 2**20:8.0f} MiB")

@@ -19,6 +19,19 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+
+from jest_pod import checkpoint
+from jest_pod import config as config_lib
+from jest_pod.config import variants
+from jest_pod.data import tokenizer as tokenizer_lib
+from jest_pod.data import toy
+from jest_pod.interop import export, formats
+from jest_pod.jest import reference as reference_lib
+from jest_pod.models import build_model
+from jest_pod.train import feed
+
 # Peak RSS from /proc's VmHWM: getrusage's ru_maxrss survives execve, so a child would
 # report its parent's peak.
 _MEASURE = r"""
@@ -49,12 +62,6 @@ def _size(path: str) -> int:
 def write_random_workdir(variant: str, workdir: str, *, image_size: int, text_len: int,
                          vocab: int, tokenizer: str) -> None:
   """A step-0 training checkpoint of random SigLIP-family weights (no optimizer state)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jest_pod import checkpoint, config as config_lib  # pylint: disable=import-outside-toplevel
-  from jest_pod.config import variants  # pylint: disable=import-outside-toplevel
-  from jest_pod.models import build_model  # pylint: disable=import-outside-toplevel
-  from jest_pod.train import feed  # pylint: disable=import-outside-toplevel
   c = config_lib.base_config()
   variants.set_model(c, variant, family="siglip")
   c.input.image_size = c.model.image_size = image_size
@@ -82,8 +89,6 @@ def main(argv):
   p.add_argument("--cache-examples", type=int, default=0,
                  help="also time cache-reference with the HF export on N toy examples")
   args = p.parse_args(argv)
-  from jest_pod.data import toy, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from jest_pod.interop import export, formats  # pylint: disable=import-outside-toplevel
   tmp = tempfile.TemporaryDirectory(prefix="jest_pod_bench_load_")
   root = args.workdir or tmp.name
   os.makedirs(root, exist_ok=True)
@@ -119,7 +124,6 @@ def main(argv):
             f"{r['seconds']:6.1f}s  peak RSS {r['peak_gb']:5.2f} GiB "
             f"(+{r['over_baseline_gb']:.2f} over imports)", flush=True)
     if args.cache_examples:
-      from jest_pod.jest import reference as reference_lib  # pylint: disable=import-outside-toplevel
       data = os.path.join(root, f"toy{args.image_size}_{args.cache_examples}")
       if not os.path.exists(os.path.join(data, "manifest.json")):
         toy.build_toy(data, args.cache_examples, image_size=args.image_size)

@@ -36,6 +36,20 @@ import os
 import sys
 import tempfile
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jest_pod import config as config_lib
+from jest_pod.data import pipeline, reference_cache, sources, toy
+from jest_pod.jest import reference as reference_lib
+from jest_pod.models import build_model
+from jest_pod.parallel import sharding as shd
+from jest_pod.train import hooks
+from jest_pod.train import main as train_main
+from jest_pod.train import state as state_lib
+from jest_pod.train import step as step_lib
+
 # bf16 dense peak FLOP/s per chip by device_kind (substring match, lower case).
 PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12,
               "tpu v6": 918e12, "tpu v5p": 459e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
@@ -43,7 +57,6 @@ PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12,
 
 
 def _parse(argv):
-  from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="jest-pod bench step", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   default = os.path.join(config_lib.CONFIGS_DIR, "jest.py") + ":runlocal"
@@ -65,7 +78,6 @@ def _parse(argv):
 
 
 def _load(spec):
-  from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--config {spec}: no file {path}")
@@ -81,7 +93,6 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def _uniform_twin(config):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   u = ml_collections.ConfigDict(config.to_dict())
   u.selection.method = "uniform"
   u.selection.until = 1.0
@@ -94,12 +105,6 @@ def _uniform_twin(config):
 
 def _xla_train_flops(config) -> float:
   """XLA's FLOP count of the compiled train step (per-device program × devices)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jest_pod.parallel import sharding as shd  # pylint: disable=g-import-not-at-top
-  from jest_pod.models import build_model  # pylint: disable=g-import-not-at-top
-  from jest_pod.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from jest_pod.train import step as step_lib  # pylint: disable=g-import-not-at-top
   mesh = shd.make_mesh(config.mesh)
   model = build_model(config.model)
   tx, schedule = state_lib.make_optimizer(config.optax, config.total_steps)
@@ -115,17 +120,7 @@ def _xla_train_flops(config) -> float:
 
 def main(argv):
   args = _parse(argv)
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from jest_pod import config as config_lib  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import pipeline  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import reference_cache  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import sources  # pylint: disable=g-import-not-at-top
-  from jest_pod.jest import reference as reference_lib  # pylint: disable=g-import-not-at-top
-  from jest_pod.data import toy  # pylint: disable=g-import-not-at-top
-  from jest_pod.train import hooks  # pylint: disable=g-import-not-at-top
-  from jest_pod.train import main as train_main  # pylint: disable=g-import-not-at-top
 
   config = _load(args.config)
   for item in args.set:
@@ -161,10 +156,10 @@ def main(argv):
   config.log_every = config.ckpt_every = args.steps
   config.time_split_every = max(2, args.steps // 2)
   config_lib.validate(config)
-  uniform = _uniform_twin(config)
+  uniform, spec = _uniform_twin(config), config_lib.resolve(config)
 
   ref_note = "no reference (the score does not use it)"
-  if config_lib.needs_reference(config):
+  if spec.needs_reference:
     ref = config.selection.reference
     if not (ref and os.path.exists(ref)):
       ref = os.path.join(root, "reference")
@@ -186,10 +181,10 @@ def main(argv):
 
   dev = jax.devices()[0]
   print(f"devices: {jax.device_count()} x {dev.platform} ({dev.device_kind}); B="
-        f"{config.batch_size} N={config_lib.num_super_batch(config)} "
-        f"(f={config.selection.filter_ratio}); method={config.selection.method} score="
-        f"{config.selection.score}; score patch {config_lib.score_patch_size(config)}, train "
-        f"patches {config_lib.train_patch_sizes(config)}; data {config.input.data}; "
+        f"{spec.batch_size} N={spec.super_batch} "
+        f"(f={config.selection.filter_ratio}); method={spec.method} score="
+        f"{config.selection.score}; score patch {spec.score_patch}, train "
+        f"patches {spec.train_patches}; data {config.input.data}; "
         f"input workers {pipeline.resolve_worker_count(config.input.worker_count)}; {ref_note}; {args.steps} steps per run",
         flush=True)
 
