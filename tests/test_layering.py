@@ -8,6 +8,8 @@ hiding imports inside functions."""
 
 import ast
 import os
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules a function may import because they may be absent at run time: TensorFlow and
@@ -119,3 +121,20 @@ def test_no_import_cycle_between_config_and_jest():
       if any(d.startswith(f"jest_pod.{other}") for d in _package_imports(t)):
         graph[pkg].add(other)
   assert not _cycles(graph), graph
+
+
+def test_importing_any_command_starts_no_jax_backend():
+  """The demo and the sweep's worker processes choose the CPU device count after their
+  imports (`demo.set_cpu_devices`): only possible while no import has started JAX."""
+  script = (
+      "import importlib, jax\n"
+      "from jest_pod import cli\n"
+      "from jest_pod.experiments import bench\n"
+      "for m in [m for m, _ in cli.SUBCOMMANDS.values()] + list(bench.WHAT.values()):\n"
+      "  importlib.import_module(m)\n"
+      "jax.config.update('jax_num_cpu_devices', 3)  # raises once a backend exists\n"
+      "assert jax.device_count() == 3, jax.devices()\n")
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  r = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
