@@ -100,7 +100,6 @@ def test_joint_selection_gathers_the_teacher_rows_it_selected():
       jax.random.key(0), learner, reference, super_batch)[2] is None
 
 
-
 def _kd(toy, ref, **kw):
   return tiny_config(toy, steps=3, reference=ref,
                      **{"distill.weight": 0.5, "distill.temperature": 2.0, **kw})

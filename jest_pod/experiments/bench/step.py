@@ -121,7 +121,6 @@ def _xla_train_flops(config) -> float:
 def main(argv):
   args = _parse(argv)
 
-
   config = _load(args.config)
   for item in args.set:
     key, sep, value = item.partition("=")
