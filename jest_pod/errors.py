@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 DEBUG_ENV = "JEST_POD_DEBUG"
 
@@ -165,14 +166,20 @@ def run_command(name: str, fn) -> int:
   """fn() → its exit code, with every failure as one line on stderr (`--debug` re-raises)
   and Ctrl-C as exit 130: the guard around every `jest-pod` command."""
   try:
-    return int(fn() or 0)
+    code = int(fn() or 0)
   except KeyboardInterrupt:
     if debug():
       raise
     print(f"{name}: stopped by Ctrl-C; rerun the same command to start again", file=sys.stderr)
-    return 130
+    code = 130
   except Exception as e:  # pylint: disable=broad-except  (one line; --debug: the traceback)
     if debug():
       raise
     print(f"{name}: error: {failure_line(e)}", file=sys.stderr)
-    return 1
+    code = 1
+  if code and not debug():
+    # The one line stays the last: a save that failed mid-way leaves Orbax coroutines that
+    # were never awaited, and Python would warn about them at exit, after it.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
+  return code

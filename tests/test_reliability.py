@@ -384,3 +384,23 @@ def test_every_checkpoint_reader_verifies_the_digest(toy, base_run, tmp_path, ca
     train_main.train(config, str(tmp_path / "jest"))
   # The previous step still reads (eval --step 2).
   assert eval_cli.main([run, "--step", "2", "--data", toy]) == 0
+
+
+def test_a_failed_command_ends_with_its_one_line(tmp_path):
+  """A save that failed mid-way leaves coroutines never awaited (Orbax's async save);
+  Python's warning about them at exit must not follow the command's one error line."""
+  script = (
+      "import sys\n"
+      "from jest_pod import errors\n"
+      "async def async_save():\n"
+      "  pass\n"
+      "def fail():\n"
+      "  global pending\n"
+      "  pending = async_save()  # never awaited: collected at exit\n"
+      "  raise OSError(28, 'No space left on device')\n"
+      "sys.exit(errors.run_command('jest-pod train', fail))\n")
+  r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                     timeout=120, cwd=tmp_path)
+  assert r.returncode == 1
+  assert _last_line(r.stderr).startswith("jest-pod train: error:"), r.stderr
+  assert "never awaited" not in r.stderr
