@@ -32,6 +32,18 @@ def test_bench_step_runs_the_real_loop_and_prints_the_comparison(tmp_path, capsy
   assert float(amortised.group(2)) < float(charged.group(2))
   assert float(amortised.group(1)) == float(charged.group(1))
 
+  # A run's workdir as --config benches that run's saved config and reuses its cache; a
+  # uniform run's is refused like a uniform config file.
+  assert bench.main(["step", "--config", str(tmp_path / "uniform")]) == 2
+  assert "--config must select" in capsys.readouterr().err
+  again = tmp_path / "again"
+  assert bench.main(["step", "--config", str(tmp_path / "jest"), "--steps", "4",
+                     "--workdir", str(again)]) == 0
+  out = capsys.readouterr().out
+  assert f"embeddings from the config's cache {tmp_path / 'reference_cache'}" in out
+  assert "B=16 N=80" in out and re.search(r"^JEST / uniform step time: [\d.]+", out, re.M)
+  assert not (again / "reference_cache").exists() and (again / "jest").is_dir()
+
 
 def test_bench_selection_table_and_all_rejects_options(capsys):
   assert bench.main(["selection", "--n", "256,1004", "--repeats", "1"]) == 0

@@ -1,9 +1,11 @@
 """`jest-pod bench step`: the real training loop, uniform vs JEST at the same B.
 
-  jest-pod bench step [--config configs/jest.py:runlocal] [--data DIR] [--steps 20]
-                      [--reference-cache on|off] [--xla-check] [--set KEY=VALUE ...]
+  jest-pod bench step [--config configs/jest.py:runlocal | RUN_WORKDIR] [--data DIR]
+                      [--steps 20] [--reference-cache on|off] [--xla-check]
+                      [--set KEY=VALUE ...]
 
-Runs `jest_pod.train.main.train` — the loop a run uses, with its input thread, device
+--config takes a config file or a JEST run's workdir (its saved config: bench that run's
+exact towers, B, f and data; `selection.until` is set to 1, so every step selects). Runs `jest_pod.train.main.train` — the loop a run uses, with its input thread, device
 prefetch and JEST step — for --steps steps of a uniform config and of the JEST config
 (same B, same towers), and reports from each run's own log:
   step (s)           wall time per step over all steps after the first (compilation),
@@ -20,7 +22,8 @@ prefetch and JEST step — for --steps steps of a uniform config and of the JEST
 The reference is config.selection.reference when it exists, else a 1-step run of the
 learner's towers (same cost; timings do not depend on its weights). With
 --reference-cache on (the default) its embeddings are cached first, as a real JEST run
-would. --data: a data set (a folder or another source kind's spec, e.g. virtual; default:
+would; a cache the config names is used as it is (a run's cache of its own data) unless
+--data replaces the data. --data: a data set (a folder or another source kind's spec, e.g. virtual; default:
 the config's when it exists, else a 2,048-example toy set).
 --xla-check (CPU only: on GPU XLA's cost_analysis skips library calls such as cuBLAS,
 measured at 0.01-0.34 of the real count) compares XLA's FLOP count of the train step
@@ -40,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jest_pod import checkpoint
 from jest_pod import config as config_lib
 from jest_pod.data import pipeline, reference_cache, sources, toy
 from jest_pod.jest import reference as reference_lib
@@ -61,8 +65,9 @@ def _parse(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   default = os.path.join(config_lib.CONFIGS_DIR, "jest.py") + ":runlocal"
   p.add_argument("--config", default=default,
-                 help="a JEST config FILE[:ARG] (default: the repo's configs/jest.py:runlocal); "
-                 "the uniform run uses the same B and towers")
+                 help="a JEST config FILE[:ARG] (default: the repo's configs/jest.py:runlocal), "
+                 "or a JEST run's workdir (its saved config); the uniform run uses the same "
+                 "B and towers")
   p.add_argument("--data", default=None, help="data set folder (default: the config's, else toy data)")
   p.add_argument("--steps", type=int, default=20, help="steps per run (the first is compilation)")
   p.add_argument("--reference-cache", choices=("on", "off"), default="on")
@@ -78,9 +83,13 @@ def _parse(argv):
 
 
 def _load(spec):
+  """A config FILE[:ARG], or a run's workdir: its saved config, to bench exactly that run."""
+  if os.path.isdir(spec):
+    return checkpoint.load_config(spec)
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config {spec}: no file {path}")
+    raise FileNotFoundError(f"--config {spec}: no file {path} (give a config FILE[:ARG] or "
+                            "a run's workdir)")
   return config_lib.load(path, arg)
 
 
@@ -151,6 +160,7 @@ def main(argv):
       toy.build_toy(data, 2048, noise=0.2, image_size=config.model.image_size)
     config.input.data, config.input.tokenizer = data, ""
   config.input.mixture = ()
+  config.selection.until = 1.0  # every step selects: the JEST step is what is timed
   config.total_steps = args.steps
   config.log_every = config.ckpt_every = args.steps
   config.time_split_every = max(2, args.steps // 2)
@@ -170,11 +180,15 @@ def main(argv):
       ref_note = f"reference checkpoint {ref}"
     config.selection.reference = ref
     if args.reference_cache == "on":
-      cache = os.path.join(root, "reference_cache")
-      if reference_cache.read_meta(cache) is None:
-        reference_lib.build_cache(config.input.data, ref, output=cache)
+      cache = config.selection.reference_cache
+      if (args.data or cache in ("", "off") or reference_cache.read_meta(cache) is None):
+        cache = os.path.join(root, "reference_cache")
+        if reference_cache.read_meta(cache) is None:
+          reference_lib.build_cache(config.input.data, ref, output=cache)
+        ref_note += ", embeddings cached"
+      else:  # the config's own cache of its own data (e.g. a run's): not recomputed
+        ref_note += f", embeddings from the config's cache {cache}"
       config.selection.reference_cache = cache
-      ref_note += ", embeddings cached"
     else:
       config.selection.reference_cache = "off"
 
