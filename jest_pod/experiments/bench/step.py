@@ -150,7 +150,8 @@ def main(argv):
   tmp = tempfile.TemporaryDirectory(prefix="jest_pod_bench_step_")
   root = args.workdir or tmp.name
   config.evals = ml_collections.ConfigDict()
-  config.discover_evals.root = ""
+  if "discover_evals" in config:  # absent from the saved configs of older runs
+    config.discover_evals.root = ""
   if args.data:
     config.input.data = args.data
     config.input.tokenizer = ""
