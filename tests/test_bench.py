@@ -1,5 +1,6 @@
 """`jest-pod bench`: the step split and the selection scaling table run and print sane rows."""
 
+import json
 import os
 import re
 
@@ -36,6 +37,11 @@ def test_bench_step_runs_the_real_loop_and_prints_the_comparison(tmp_path, capsy
   # uniform run's is refused like a uniform config file.
   assert bench.main(["step", "--config", str(tmp_path / "uniform")]) == 2
   assert "--config must select" in capsys.readouterr().err
+  # Runs saved before config.discover_evals existed lack the key: such a workdir loads too.
+  metadata, = (tmp_path / "jest" / "checkpoints").glob("*/config/metadata")
+  saved = json.loads(metadata.read_text())
+  del saved["discover_evals"]
+  metadata.write_text(json.dumps(saved))
   again = tmp_path / "again"
   assert bench.main(["step", "--config", str(tmp_path / "jest"), "--steps", "4",
                      "--workdir", str(again)]) == 0
