@@ -5,7 +5,9 @@
                       [--set KEY=VALUE ...]
 
 --config takes a config file or a JEST run's workdir (its saved config: bench that run's
-exact towers, B, f and data; `selection.until` is set to 1, so every step selects). Runs `jest_pod.train.main.train` — the loop a run uses, with its input thread, device
+exact towers, B, f and data; `selection.until` is set to 1, so every step selects).
+
+Runs `jest_pod.train.main.train` — the loop a run uses, with its input thread, device
 prefetch and JEST step — for --steps steps of a uniform config and of the JEST config
 (same B, same towers), and reports from each run's own log:
   step (s)           wall time per step over all steps after the first (compilation),
@@ -23,8 +25,8 @@ The reference is config.selection.reference when it exists, else a 1-step run of
 learner's towers (same cost; timings do not depend on its weights). With
 --reference-cache on (the default) its embeddings are cached first, as a real JEST run
 would; a cache the config names is used as it is (a run's cache of its own data) unless
---data replaces the data. --data: a data set (a folder or another source kind's spec, e.g. virtual; default:
-the config's when it exists, else a 2,048-example toy set).
+--data replaces the data. --data: a data set (a folder or another source kind's spec,
+e.g. virtual; default: the config's when it exists, else a 2,048-example toy set).
 --xla-check (CPU only: on GPU XLA's cost_analysis skips library calls such as cuBLAS,
 measured at 0.01-0.34 of the real count) compares XLA's FLOP count of the train step
 with the model's.
@@ -182,7 +184,7 @@ def main(argv):
     config.selection.reference = ref
     if args.reference_cache == "on":
       cache = config.selection.reference_cache
-      if (args.data or cache in ("", "off") or reference_cache.read_meta(cache) is None):
+      if args.data or cache in ("", "off") or reference_cache.read_meta(cache) is None:
         cache = os.path.join(root, "reference_cache")
         if reference_cache.read_meta(cache) is None:
           reference_lib.build_cache(config.input.data, ref, output=cache)
