@@ -7,9 +7,11 @@ resumes from the last complete one.
 
 A complete directory can still be damaged later (a deleted or truncated file, flipped
 bytes on disk). `Checkpointer.restore_latest` therefore checks each step's files, restores
-it, and compares the state with the fingerprint saved beside it (`digest`); a step that
-fails is moved aside as `<step>.corrupt-<time>` (never deleted) and the next older one is
-tried.
+it, and compares the state with the content hash saved beside it (`digest`: per numeric
+leaf, two 32-bit sums of every element's bits mixed with its position, so it sees a changed
+bit and a changed order alike); a step that fails is moved aside as `<step>.corrupt-<time>`
+(never deleted) and the next older one is tried. `load_params`, which every other reader
+uses, checks the same digest.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import traceback
 
 from etils import epath
 import grain
@@ -28,6 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jest_pod import errors
 from jest_pod.parallel import distributed
 from jest_pod.parallel import sharding as shd
 
@@ -41,6 +46,42 @@ log = logging.getLogger("jest_pod")
 
 class CheckpointError(RuntimeError):
   """A checkpoint that is missing, partial or does not fit the model."""
+
+
+_TS_SPEC = re.compile(r"\s*\[tensorstore_spec[^=]*=.*$", re.S)
+
+
+def read_error(e: BaseException, limit: int = 300) -> str:
+  """A read failure in one line: TensorStore's messages carry the whole JSON spec of the
+  array (~1 kB) and a chain of "Error opening/reading ..." contexts; keep the status, and
+  the end of the chain, which names the file and what is wrong with it."""
+  text = " ".join(_TS_SPEC.sub("", str(e)).split())
+  status, sep, rest = text.partition(": ")
+  if not (sep and status.isupper()):
+    status, rest = "", text
+  if len(rest) > limit:
+    rest = "…" + rest[-limit:]
+  return f"{type(e).__name__}: {status + ': ' if status else ''}{rest}"
+
+
+class _ReadNoise(logging.Filter):
+  """When one array of a checkpoint fails to read, asyncio later logs "Task exception was
+  never retrieved" with a traceback for every other array read in flight (60-120 lines
+  after the command's one error line). The failure is reported once, by the reader: drop
+  those (--debug keeps them)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if errors.debug() or not record.exc_info or record.exc_info[1] is None:
+      return True
+    _, exc, tb = record.exc_info
+    return not ("tensorstore_spec" in str(exc)
+                or any("orbax" in f.filename for f in traceback.extract_tb(tb)))
+
+
+def _quiet_read_noise() -> None:
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _ReadNoise) for f in logger.filters):
+    logger.addFilter(_ReadNoise())
 
 
 def _absolute(path) -> epath.Path:
@@ -129,7 +170,8 @@ class Checkpointer:
         state = self.restore(step, abstract_state, data_iter)
         problem = self._check_digest(step, state)
       except Exception as e:  # pylint: disable=broad-except  (any read error = damage)
-        problem = f"{type(e).__name__}: {str(e)[:500]}"
+        _quiet_read_noise()
+        problem = read_error(e)
       if distributed.process_any(problem is not None):
         problems[step] = problem or "unreadable on another process"
         log.warning("checkpoint %s cannot be restored: %s", self.step_dir(step),
@@ -186,33 +228,102 @@ class Checkpointer:
     self.manager.close()
 
 
-FINGERPRINT_KIND = "float32 [sum x, sum |x|, sum x^2] per numeric leaf of the state"
+FINGERPRINT_KIND = ("uint32 x2 per numeric leaf of the state: sum mod 2^32 of a mix of each "
+                    "element's bits with its position (two seeds)")
+# Checkpoints written before the content hash: per leaf float32 sums, which miss a
+# reordering (swapped blocks, a swapped max and min). Still verified, as well as they can be.
+LEGACY_KIND = "float32 [sum x, sum |x|, sum x^2] per numeric leaf of the state"
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+
+
+def _numeric_leaves(tree) -> list[tuple[str, jax.Array]]:
+  return [(jax.tree_util.keystr(k), x) for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if jnp.issubdtype(x.dtype, jnp.number)]
+
+
+def _fmix32(k):
+  """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
+  k = k ^ (k >> 16)
+  k = k * jnp.uint32(0x85EBCA6B)
+  k = k ^ (k >> 13)
+  k = k * jnp.uint32(0xC2B2AE35)
+  return k ^ (k >> 16)
+
+
+def _bits(x) -> jax.Array:
+  """The leaf's elements as uint32 words of their exact bits (16- and 8-bit types widened)."""
+  width = jnp.dtype(x.dtype).itemsize * 8
+  if width == 32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{width}")).astype(jnp.uint32)
 
 
 @jax.jit
-def _fingerprint(tree):
-  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.number)]
+def _content_hash(tree):
+  """[leaves, 2] uint32: per leaf, sum over elements of fmix(bits ^ fmix(position + seed)),
+  wrapping mod 2^32. The position makes it see order (swapped blocks or values change
+  it), the mix makes any changed bit count; integer addition is exact in any order, so
+  it is equal on every mesh and computed where the shards are (no gather, no copy)."""
+  out = []
+  for _, x in _numeric_leaves(tree):
+    bits = _bits(x)
+    # Row-major position from per-axis iotas: no reshape, so a sharded leaf stays in place.
+    pos, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):
+      iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+      pos = pos + iota * jnp.uint32(stride % 2**32)
+      stride *= x.shape[axis]
+    out.append(jnp.stack([
+        jnp.sum(_fmix32(bits ^ _fmix32(pos + jnp.uint32(seed))), dtype=jnp.uint32)
+        for seed in _SEEDS]))
+  return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+@jax.jit
+def _legacy_sums(tree):
+  leaves = [x.astype(jnp.float32) for _, x in _numeric_leaves(tree)]
   return jnp.stack([jnp.stack([x.sum(), jnp.abs(x).sum(), (x * x).sum()]) for x in leaves])
 
 
 def fingerprint(state) -> np.ndarray:
-  """[leaves, 3] float64 numbers of the state, computed on the devices (cheap; works when
-  the arrays span processes: every process must call it)."""
-  return distributed.host_array(_fingerprint(state)).astype(np.float64)
+  """[leaves, 2] uint32 content hash of the state (`_content_hash`), computed on the
+  devices (cheap; works when the arrays span processes: every process must call it)."""
+  return distributed.host_array(_content_hash(state)).astype(np.uint32)
 
 
 def digest_problem(step_dir, state) -> str | None:
-  """None if a restored state matches the fingerprint saved with it, else what differs.
-  Every process must call it (the fingerprint is a collective)."""
+  """None if a restored state matches the digest saved with it, else what differs, in one
+  line. Every process must call it (the hash is a collective)."""
   f = epath.Path(step_dir) / "digest" / "metadata"
   got = fingerprint(state)
+  legacy = distributed.host_array(_legacy_sums(state)).astype(np.float64)
   if not f.exists():
     return f"{f} is missing: the checkpoint cannot be verified (a partial copy?)"
   try:
-    saved = np.asarray(json.loads(f.read_text())["fingerprint"], np.float64)
-  except (ValueError, KeyError) as e:
-    return f"{f} is damaged ({e})"
+    digest = json.loads(f.read_text())
+    kind = digest.get("kind", LEGACY_KIND)
+    saved = np.asarray(digest["fingerprint"], np.float64)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    return f"{f} is damaged ({type(e).__name__}: {e})"
+  if kind == LEGACY_KIND:
+    return _legacy_problem(saved, legacy)
+  if kind != FINGERPRINT_KIND:
+    return f"{f} holds a digest of an unknown kind ({str(kind)[:80]!r}): a newer jest_pod?"
+  if saved.shape != got.shape:
+    return f"digest has {saved.shape[0]} leaves, the restored state {got.shape[0]}"
+  bad = np.flatnonzero((saved != got).any(axis=1))
+  if bad.size:
+    names = [name for name, _ in _numeric_leaves(state)]
+    leaf = int(bad[0])
+    count = f"{bad.size} leaves, first" if bad.size > 1 else "leaf"
+    return (f"contents differ from the digest saved with it ({count} "
+            f"{names[leaf]}: hash {got[leaf].astype(np.int64).tolist()} vs saved "
+            f"{saved[leaf].astype(np.int64).tolist()}): bytes changed on disk")
+  return None
+
+
+def _legacy_problem(saved: np.ndarray, got: np.ndarray) -> str | None:
+  """The old sums check (order-blind), for checkpoints written before the content hash."""
   if saved.shape != got.shape:
     return f"digest has {saved.shape[0]} leaves, the restored state {got.shape[0]}"
   scale = np.stack([saved[:, 1], saved[:, 1], saved[:, 2]], axis=1)  # |x| sums bound x sums
@@ -308,7 +419,11 @@ def load_params(path, step=None, sharding=None):
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
     state = ckptr.restore(step_dir / "state", args=ocp.args.StandardRestore(target))
   except Exception as e:
-    raise CheckpointError(f"could not read the state of checkpoint {step_dir}: {e}") from e
+    _quiet_read_noise()
+    raise CheckpointError(
+        f"could not read the state of checkpoint {step_dir} ({read_error(e)}): it is "
+        f"damaged. Use another step (--step, or move this one aside: rename it to "
+        f"{step}.bad) or restore it from a copy") from e
   finally:
     ckptr.close()
   problem = digest_problem(step_dir, state)

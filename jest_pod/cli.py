@@ -5,6 +5,7 @@ they are imported lazily so that `jest-pod data ...` does not pay for JAX start-
 it does not need.
 """
 
+import faulthandler
 import importlib
 import sys
 
@@ -31,6 +32,10 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # A crash in native code (a segfault reported once during an async checkpoint save,
+  # issue 32, not reproduced) then prints every thread's Python stack to stderr.
+  if not faulthandler.is_enabled():
+    faulthandler.enable()
   # `--debug` anywhere: failures keep their traceback (each command reads errors.debug()).
   argv = errors.take_debug_flag(list(sys.argv[1:] if argv is None else argv))
   if len(argv) > 1 and argv[0] == "help" and argv[1] in SUBCOMMANDS:

@@ -302,3 +302,79 @@ def test_building_and_validating_configs_reads_no_disk(path, monkeypatch):
     c.input.data = "/nowhere/web"  # validation must not look for it (check_input does)
     config_lib.validate(c)
     config_lib.resolve(c)
+
+
+@pytest.mark.parametrize("key,value", [("distill.temperature", 1e400),
+                                       ("optax.lr", float("nan")),
+                                       ("selection.filter_ratio", float("-inf")),
+                                       ("flexi.train_fractions", (float("inf"),))])
+def test_every_float_setting_must_be_finite(key, value):
+  """1e400 parses as inf and NaN passes every comparison: both used to run until NaN at
+  step 1 (issue 32). Refused in one line naming the key."""
+  c = config_lib.base_config()
+  config_lib.override(c, key, value)
+  with pytest.raises(ValueError, match=rf"^config\.{re.escape(key)}(\[0\])?=(inf|nan|-inf) is "
+                     r"not a finite number.*set a finite value$"):
+    config_lib.validate(c)
+
+
+def test_moving_the_early_selection_switch_past_the_checkpoint_is_refused():
+  """until = 0.5 of 40 steps switches at step 20. A longer (or shorter) run resumed at
+  step 30 would move it to 40 (or 10): "JEST" steps on B-sized batches, a FLOP jump.
+  Before the switch the move is defined (the super-batches go on); after it, refused."""
+  saved = config_lib.base_config()
+  saved.selection.update(method="joint", reference="r", until=0.5)
+  saved.total_steps = 40
+  c = config_lib.base_config()
+  c.selection.update(method="joint", reference="r", until=0.5)
+  for total, step in ((80, 10), (30, 10), (40, 30)):  # before both switches, or unchanged
+    c.total_steps = total
+    config_lib.check_resume(saved.to_dict(), c, step=step)
+  for total, step in ((80, 30), (20, 30), (20, 12)):
+    c.total_steps = total
+    with pytest.raises(ValueError, match=rf"config.total_steps: 40 → {total} moves the switch "
+                       rf"from JEST super-batches to uniform batches from step 20 to step "
+                       rf"{total // 2}, but the checkpoint at step {step} is already past.*"
+                       r"keep config.total_steps=40 and config.selection.until=0.5"):
+      config_lib.check_resume(saved.to_dict(), c, step=step)
+  # until itself (allowed on purpose) moves it too; a resume without a step is unchecked.
+  c.total_steps, c.selection.until, c.allow_config_change = 40, 0.25, ("selection.until",)
+  with pytest.raises(ValueError, match=r"config.selection.until: 0.5 → 0.25 moves the switch"):
+    config_lib.check_resume(saved.to_dict(), c, step=30)
+  config_lib.check_resume(saved.to_dict(), c)
+  c.selection.until = 1.0  # from switching to never switching: the input state differs
+  with pytest.raises(ValueError, match=r"from step 20 to never, but the checkpoint's input "
+                     r"state \(step 5\) is that of a run that switches"):
+    config_lib.check_resume(saved.to_dict(), c, step=5)
+
+
+# Peak RSS (bytes) of 2-step `configs/jest.py:runlocal,batch=B,score=hard_learner,f=F` runs
+# on CPU (JAX's one default device), one process each, 32² toy pool (issue 32), measured
+# with `tools/measure_super_batch_memory.py --batch B --f 0,...` (f = 0: a uniform run at B,
+# the baseline). (B, f, peak RSS)
+MEASURED_PEAKS = (
+    (512, 0.0, 1_947_049_984), (512, 0.5, 2_069_303_296), (512, 0.8, 2_208_120_832),
+    (512, 0.9, 2_500_816_896), (512, 0.95, 3_454_631_936),
+    (64, 0.0, 1_519_898_624), (64, 0.99, 2_477_432_832), (64, 0.995, 3_921_793_024),
+    (64, 0.998, 7_271_997_440),
+)
+
+
+def test_the_super_batch_estimate_matches_the_measured_peak():
+  """The guard's estimate of a super-batch's host memory is within 1.5× of what the
+  measured peak grows by over the uniform run at the same B (the count alone was 1.8×
+  low at N = 12,800 and 32,000: the guard passed f = 0.999 at 6 GiB and the run took
+  14 GB)."""
+  def estimate(batch, f):
+    c = config_lib.load(os.path.join(ROOT, "configs", "jest.py"),
+                        f"runlocal,batch={batch},score=hard_learner,f={f or 0.5}"
+                        + (",method=uniform" if f == 0 else ""))
+    return config_lib.super_batch_host_bytes(c, cpu_devices=True)[0]
+
+  base = {b: (peak, estimate(b, 0)) for b, f, peak in MEASURED_PEAKS if f == 0}
+  for b, f, peak in MEASURED_PEAKS:
+    grown = peak - base[b][0]
+    if f == 0 or grown < 0.25e9:  # below, the baseline's noise dominates
+      continue
+    ratio = (estimate(b, f) - base[b][1]) / grown
+    assert 1 / 1.5 <= ratio <= 1.5, (b, f, ratio)

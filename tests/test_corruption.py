@@ -136,6 +136,82 @@ def test_verify_reports_a_manifest_whose_record_count_is_off(data, capsys, delta
   assert m["shards"][1]["file"] in out and m["shards"][0]["file"] not in out
 
 
+def _rename_shard(data, k, name):
+  path = os.path.join(data, manifest_lib.MANIFEST)
+  m = json.load(open(path))
+  m["shards"][k]["file"] = name
+  json.dump(m, open(path, "w"))
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink", "symlinked_folder"])
+def test_shard_paths_stay_inside_the_data_folder(data, tmp_path, capsys, escape):
+  """issue 32: a manifest naming ../../../../etc/passwd (or a shard that is a symlink out)
+  made verify and train open and hash that file; now the one manifest reader refuses it,
+  in one line naming the manifest and the shard."""
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  (outside / "secret").write_bytes(b"x" * 100)
+  name = {"dotdot": "../../../../etc/passwd", "absolute": str(outside / "secret"),
+          "symlink": "link.array_record", "symlinked_folder": "sub/secret"}[escape]
+  if escape == "symlink":
+    os.symlink(outside / "secret", os.path.join(data, name))
+  if escape == "symlinked_folder":
+    os.symlink(outside, os.path.join(data, "sub"))
+  _rename_shard(data, 1, name)
+  for check_files in (True, False):
+    with pytest.raises(manifest_lib.ManifestError, match=r"manifest.json.*shard .* is outside "
+                       r"the data folder .*rebuild the data set") as e:
+      manifest_lib.read(data, check_files=check_files)
+    assert name in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(manifest_lib.ManifestError, match="outside the data folder"):
+    sources.open_source(data)
+  assert data_cli.main(["verify", data]) == 1
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "outside the data folder" in err and name in err, err
+  # A symlink that stays inside the folder is fine.
+  if escape == "symlink":
+    os.remove(os.path.join(data, name))
+    os.symlink(os.path.join(data, "toy-00000-of-00002.array_record"), os.path.join(data, name))
+    manifest_lib.read(data, check_files=False)
+
+
+def test_verify_footer_says_training_refuses_a_missing_shard(data, capsys):
+  """issue 32: verify's footer said training skips a missing shard; training refuses it."""
+  first = _shard(data, 0)
+  os.remove(_shard(data, 1))
+  assert data_cli.main(["verify", data]) == 1
+  out = capsys.readouterr().out
+  assert "file is missing" in out and "refuses to start while a shard is missing" in out, out
+  assert "skips" not in out
+  with pytest.raises(manifest_lib.ManifestError, match="missing"):  # what training does
+    sources.open_source(data)
+  _flip(first, os.path.getsize(first) // 2)  # one missing, one damaged
+  assert data_cli.main(["verify", data]) == 1
+  out = capsys.readouterr().out
+  assert "refuses to start" in out and "skips (and counts) the records it cannot read from " \
+      "the damaged shards" in out, out
+
+
+@pytest.mark.parametrize("torn", ['{"format": "jest_pod ref', "", "[1, 2]", "\xff\xfe"])
+def test_a_torn_reference_cache_meta_is_one_line_not_silence(data, caplog, torn):
+  """issue 32: a torn DATA/reference_cache/meta.json was ignored without a word (the run
+  silently ran the reference instead); now it is a warning, and an error where it is read."""
+  import logging
+  from jest_pod.data import reference_cache
+  cache = os.path.join(data, reference_cache.CACHE_DIR)
+  os.makedirs(cache)
+  with open(os.path.join(cache, reference_cache.META), "w", encoding="latin-1") as f:
+    f.write(torn)
+  with caplog.at_level(logging.WARNING, logger="jest_pod"):
+    assert reference_cache.default_path(data) is None
+  warned = [r.getMessage() for r in caplog.records if "meta.json is damaged" in r.getMessage()]
+  assert len(warned) == 1 and cache in warned[0] and "cache-reference" in warned[0], caplog.text
+  assert "\n" not in warned[0]
+  with pytest.raises(reference_cache.ReferenceCacheError, match=r"meta.json is damaged .*not "
+                     r"used; delete .*cache-reference"):
+    reference_cache.read_meta(cache)
+
+
 def _bomb_png(side: int) -> bytes:
   buf = io.BytesIO()
   Image.new("L", (side, side)).save(buf, "PNG")  # uniform: a few KB for 64 Mpx

@@ -108,3 +108,12 @@ def test_trainer_selects_until_the_switch_then_trains_uniform_and_resumes_exactl
   for s in range(1, 7):
     np.testing.assert_allclose(again[s]["train/loss"], m[s]["train/loss"], rtol=1e-5, atol=1e-5)
   assert again[4]["time/train_elapsed_s"] > seconds  # the timer carries on from the checkpoint
+  # Resumed past the switch with more steps, the switch would move to step 6: steps 6-11
+  # would "select" a batch of B from a batch of B. Refused, naming both keys' way back.
+  longer = tiny_config(toy, steps=12, method="joint", reference=ref,
+                       **{"selection.filter_ratio": 0.5, "selection.until": 0.5,
+                          "selection.reference_cache": "off"})
+  with pytest.raises(ValueError, match=r"config.total_steps: 6 → 12 moves the switch .* from "
+                     r"step 3 to step 6, but the checkpoint at step 6 is already past"):
+    train_main.train(longer, whole)
+  assert max(read_metrics(whole)) == 6  # nothing ran

@@ -42,7 +42,7 @@ def test_retrieval_recall_hand_computed_several_captions_per_image():
   img = np.eye(3)
   txt = np.array([[.2, 1, 0],   # caption of image 0; image 1 scores higher → rank 1
                   [1, 0, 0],    # image 0, rank 0
-                  [0, 0, 1],    # image 1: scores 0 with it, image 2 higher → rank 1
+                  [0, .1, 1],   # image 1: scores .1 with it, image 2 higher → rank 1
                   [0, .5, 1]])  # image 2, rank 0
   c2i = np.array([0, 0, 1, 2])
   got = metrics.retrieval_recall(img, txt, c2i, ks=(1, 2, 5), block=2)
@@ -53,6 +53,43 @@ def test_retrieval_recall_hand_computed_several_captions_per_image():
   assert got["img2txt_recall@5"] == 1.0
   assert got["txt2img_recall@1"] == 0.5
   assert got["txt2img_recall@2"] == 1.0
+
+
+def test_ties_rank_the_correct_item_below_the_others():
+  """Pessimistic ranks: a tie never counts as a hit, so equal embeddings (all-zero weights)
+  score 0, not 100% (issue 32)."""
+  zero = np.zeros((6, 4))
+  acc = metrics.zeroshot_accuracy(zero, np.zeros((10, 4)), np.arange(6), ks=(1, 5, 11))
+  assert acc == {"top1": 0.0, "top5": 0.0, "top11": 1.0}  # k > C: still every image
+  same = np.ones((6, 4))
+  assert metrics.zeroshot_accuracy(same, np.ones((10, 4)), np.arange(6), ks=(1,)) == {"top1": 0}
+  rec = metrics.retrieval_recall(same, same, ks=(1, 5, 6))
+  assert rec == {"img2txt_recall@1": 0.0, "txt2img_recall@1": 0.0, "img2txt_recall@5": 0.0,
+                 "txt2img_recall@5": 0.0, "img2txt_recall@6": 1.0, "txt2img_recall@6": 1.0}
+  # A caption tying between its image and another (cosine 0 with both) ranks below both.
+  img = np.eye(3)
+  got = metrics.retrieval_recall(img, np.array([[0., 0, 1], [1, 0, 0], [0, .5, 1]]),
+                                 np.array([1, 0, 2]), ks=(1, 2, 3), block=2)
+  assert (got["txt2img_recall@1"], got["txt2img_recall@2"], got["txt2img_recall@3"]) == (
+      pytest.approx(2 / 3), pytest.approx(2 / 3), 1.0)
+  # Copies of the correct item do not count against it: identical captions of one image.
+  dup = metrics.retrieval_recall(img, np.array([[1., 0, 0], [1, 0, 0]]), np.array([0, 0]),
+                                 ks=(1,))
+  assert dup == {"img2txt_recall@1": 1.0, "txt2img_recall@1": 1.0}
+
+
+def test_non_finite_embeddings_are_an_error_not_a_score():
+  x = np.eye(3)
+  for bad in (np.nan, np.inf):
+    y = x.copy()
+    y[1, 2] = bad
+    with pytest.raises(metrics.NonFiniteEmbeddings, match="zero-shot: 1 of 3 image embeddings"):
+      metrics.zeroshot_accuracy(y, x, np.arange(3))
+    with pytest.raises(metrics.NonFiniteEmbeddings, match="class_text embeddings"):
+      metrics.zeroshot_accuracy(x, y, np.arange(3))
+    with pytest.raises(metrics.NonFiniteEmbeddings, match="retrieval: 1 of 3 text"):
+      metrics.retrieval_recall(x, y)
+  assert issubclass(metrics.NonFiniteEmbeddings, evaluators.EvalDataError)  # eval CLI: 1 line
 
 
 def test_retrieval_identity_and_uncaptioned_images():
@@ -204,6 +241,24 @@ def test_evaluators_planted_metrics_same_on_1_and_8_devices(tmp_path):
   assert r["z/retr/fake_img2txt_recall@1"] == 1.0
   assert set(r) >= {f"z/retr/fake_{d}_recall@{k}" for d in ("img2txt", "txt2img")
                     for k in (1, 5, 10)}
+
+
+def test_evaluators_refuse_nan_params_and_give_zero_params_no_credit(tmp_path):
+  """issue 32: NaN image weights and all-zero weights scored 100% zero-shot and recall."""
+  colours, labels = [0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2, 0]
+  captions = [[c + 1, 7] for c in colours]
+  data_dir, arrays = _fake_set(tmp_path, colours, captions, labels)
+  evs, params = _build(_config(data_dir), arrays, _mesh(1), tokenize_fn=_fake_tokenize)
+  good = {k: v for e in evs for k, v in e.run(params).items()}
+  assert good["z/0shot/fake_top1"] == 1.0 and good["z/retr/fake_txt2img_recall@1"] == 1.0
+  # scale 0: every image embeds to the same vector, equally close to every class and caption.
+  zero = {k: v for e in evs for k, v in e.run({"scale": jnp.zeros(())}).items()}
+  assert zero["z/0shot/fake_top1"] == 0.0 and zero["z/0shot/fake_top5"] == 1.0  # k > C
+  assert zero["z/retr/fake_txt2img_recall@1"] == 0.0
+  for ev in evs:
+    with pytest.raises(evaluators.NonFiniteEmbeddings, match=r"on 'fake' \(.*fakeset\): 7 of 7 "
+                       r"image embeddings are NaN or infinite"):
+      ev.run({"scale": jnp.full((), jnp.nan)})
 
 
 def test_zeroshot_without_class_names_is_a_clear_error(tmp_path):

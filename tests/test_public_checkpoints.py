@@ -125,10 +125,12 @@ def test_eval_embed_and_export_take_any_checkpoint_kind(toy, hf_cache, tmp_path,
   image, text = cache.store.lookup(np.arange(N))
   np.testing.assert_allclose(got["image"], image, atol=1e-2)
   np.testing.assert_allclose(got["text"], text, atol=1e-2)
-  # export: HF → big_vision npz → HF, parameters bit-exact.
-  npz, back = str(tmp_path / "m.npz"), str(tmp_path / "hf_again")
+  # export: HF → big_vision → HF, parameters bit-exact. (Issue 32: a big_vision export is
+  # a folder holding model.npz and its tokenizer, no longer spiece.model beside an npz.)
+  npz, back = str(tmp_path / "m"), str(tmp_path / "hf_again")
   assert export.main([HF, "--format", "big_vision", "--output", npz]) == 0
-  assert os.path.exists(str(tmp_path / "spiece.model"))  # its tokenizer beside it
+  assert os.path.exists(os.path.join(npz, "spiece.model"))  # its tokenizer inside it
+  assert not os.path.exists(str(tmp_path / "spiece.model"))  # nothing beside it
   assert export.main([npz, "--format", "hf", "--output", back]) == 0
   a, b = formats.load(HF), formats.load(back)
   assert formats.params_digest(a.params) == formats.params_digest(b.params)
@@ -145,7 +147,7 @@ def test_bad_public_checkpoints_are_one_line_errors(tmp_path, capsys, toy):
   for main in (lambda: eval_cli.main([bad, "--data", toy]),
                lambda: embed_cli.main([bad, "--data", toy, "--output", str(tmp_path / "e")]),
                lambda: export.main([bad, "--format", "big_vision",
-                                    "--output", str(tmp_path / "x.npz")])):
+                                    "--output", str(tmp_path / "x")])):
     assert main() == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.safetensors" in err, err

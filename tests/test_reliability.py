@@ -119,6 +119,107 @@ def test_restore_detects_damage_and_falls_back(base_run, abstract, tmp_path, cap
   assert f"checkpoints/4 cannot be restored: " in caplog.text and message in caplog.text
 
 
+def _rewrite_state(step_dir, change, *, new_digest=False):
+  """Write `change(state)` (numpy leaves) as the step's state: readable, as Orbax writes
+  it; the digest is the one saved with the old state unless `new_digest`."""
+  import orbax.checkpoint as ocp
+  handler = ocp.StandardCheckpointHandler()
+  with ocp.Checkpointer(handler) as ckptr:
+    state = jax.tree.map(np.asarray, ckptr.restore(f"{step_dir}/state"))
+  state = change(state)
+  shutil.rmtree(f"{step_dir}/state")
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    ckptr.save(f"{step_dir}/state", args=ocp.args.StandardSave(state))
+  if new_digest:
+    with open(f"{step_dir}/digest/metadata", "w") as f:
+      json.dump({"fingerprint": ckpt_lib.fingerprint(state).tolist(),
+                 "kind": ckpt_lib.FINGERPRINT_KIND}, f)
+  return state
+
+
+def _swap_blocks(state):  # two 1,024-value blocks of one leaf trade places
+  w = state["params"]["txt"]["embedding"]["embedding"]
+  flat = w.reshape(-1).copy()
+  flat[:1024], flat[1024:2048] = flat[1024:2048].copy(), flat[:1024].copy()
+  state["params"]["txt"]["embedding"]["embedding"] = flat.reshape(w.shape)
+  return state
+
+
+def _swap_max_min(state):
+  w = state["params"]["img"]["head"]["kernel"]
+  flat = w.reshape(-1).copy()
+  i, j = flat.argmax(), flat.argmin()
+  flat[i], flat[j] = flat[j], flat[i]
+  state["params"]["img"]["head"]["kernel"] = flat.reshape(w.shape)
+  return state
+
+
+@pytest.mark.parametrize("change", [_swap_blocks, _swap_max_min])
+def test_the_digest_sees_a_reordered_leaf(base_run, abstract, tmp_path, caplog, change):
+  """issue 32: swapping two 1,024-value blocks inside one leaf, or a leaf's max and min,
+  passed the per-leaf sums; the content hash refuses both, in every reader, and the
+  trainer falls back to the last good step."""
+  config, target = abstract
+  run = _copy(base_run, tmp_path)
+  _rewrite_state(f"{run}/checkpoints/4", change)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/4 is damaged: contents "
+                     r"differ from the digest .*(embedding|head)") as e:
+    ckpt_lib.load_params(run)
+  assert "\n" not in str(e.value)
+  data_iter = feed.SkipCounter(
+      pipeline.make_train_iterator(config.input, global_batch_size=32, seed=0))
+  checkpointer = ckpt_lib.Checkpointer(run, every_steps=2, keep=3)
+  try:
+    step, _ = checkpointer.restore_latest(target, data_iter)
+  finally:
+    checkpointer.close()
+  assert step == 2 and "differ from the digest" in caplog.text
+
+
+def test_the_digest_is_exact_on_any_mesh_and_legacy_digests_still_verify(base_run, tmp_path):
+  """The hash sums integers, so it is equal on 1 and 8 devices (float sums were not); a
+  checkpoint written before it (float sums, LEGACY_KIND) still loads and is still checked."""
+  state = {"w": np.arange(4096, dtype=np.float32).reshape(64, 64) / 7, "s": np.int32(3),
+           "h": np.ones(8, jax.numpy.bfloat16)}
+  one = ckpt_lib.fingerprint(state)
+  mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+  spread = jax.device_put(state["w"], jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data")))
+  assert (ckpt_lib.fingerprint({**state, "w": spread}) == one).all()
+  assert one.dtype == np.uint32 and one.shape == (3, 2)
+  run = _copy(base_run, tmp_path)
+  step_dir = f"{run}/checkpoints/4"
+  saved = _rewrite_state(step_dir, lambda s: s)  # the same state, rewritten
+  sums = np.asarray(ckpt_lib._legacy_sums(saved))  # pylint: disable=protected-access
+  with open(f"{step_dir}/digest/metadata", "w") as f:
+    json.dump({"fingerprint": sums.tolist(), "kind": ckpt_lib.LEGACY_KIND}, f)
+  assert ckpt_lib.load_params(run)[2] == 4
+  _rewrite_state(step_dir, lambda s: jax.tree.map(lambda x: x * 2 if x.ndim else x, s))
+  with pytest.raises(ckpt_lib.CheckpointError, match="differ from the digest"):
+    ckpt_lib.load_params(run)
+
+
+def test_a_damaged_checkpoint_read_is_one_line_without_a_tensorstore_dump(toy, base_run,
+                                                                          tmp_path):
+  """issue 32: flipped, truncated or deleted state files ended in a 61-123-line TensorStore
+  dump (its JSON spec, and asyncio's 'Task exception was never retrieved' per array)."""
+  run = _copy(base_run, tmp_path)
+  for step in (2, 4):
+    _flip(glob.glob(f"{run}/checkpoints/{step}/state/d/*")[0])
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"could not read the state of "
+                     r"checkpoint .*checkpoints/4 \(ValueError: .*\): it is damaged") as e:
+    ckpt_lib.load_params(run)
+  assert "tensorstore_spec" not in str(e.value) and len(str(e.value)) < 700
+  proc = _jest_pod_train(tiny_config(toy, steps=6, ckpt_every=2), run, tmp_path,
+                         stderr=subprocess.PIPE)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 1
+  last = _last_line(err)
+  assert last.startswith("jest-pod train: error: no checkpoint under") and "step 2:" in last
+  assert "tensorstore_spec" not in err and "never retrieved" not in err, err[-3000:]
+  assert len(err.splitlines()) < 12, err[-3000:]
+
+
 def test_nan_right_after_resume_names_the_restored_checkpoint(toy, base_run, tmp_path,
                                                                monkeypatch):
   run = _copy(base_run, tmp_path)
@@ -132,6 +233,37 @@ def test_nan_right_after_resume_names_the_restored_checkpoint(toy, base_run, tmp
   with pytest.raises(hooks.TrainingDiverged, match=r"at step 5;.*checkpoints/4 may be "
                      r"damaged; move it aside"):
     train_main.train(tiny_config(toy, steps=6, ckpt_every=2), run)
+
+
+class _NoCheckpoints:  # what NanGuard asks of the Checkpointer, before the first save
+  def wait(self):
+    pass
+
+  def latest_step(self):
+    return None
+
+
+def test_nan_guard_runs_before_an_evaluation_and_never_says_step_none():
+  """issue 32: a run whose parameters went NaN logged evaluations of 1.0 before the guard
+  (at log and save steps only) stopped it; and the message said 'step None'."""
+  import types
+  from jest_pod.train import loop
+  guard = loop.NanGuard(types.SimpleNamespace(log_every=100), _NoCheckpoints(), "/w/checkpoints",
+                        start=0)
+  guard.add(3, {"train/loss": np.float32(np.nan), "train/param_norm": np.float32(np.nan)}, {})
+  ran = []
+  ev = types.SimpleNamespace(every_steps=3, name="e",
+                             run=lambda params, should_stop: ran.append(1) or {"z/x": 1.0})
+  with pytest.raises(hooks.TrainingDiverged, match=r"at step 3; .*No checkpoint was saved "
+                     r"yet in /w/checkpoints") as e:
+    loop.maybe_eval([ev], 3, 10, {}, preemption=None, reporter=None, clock=None,
+                    preempted=False, guard=guard)
+  assert not ran and "step None" not in str(e.value)
+  bad = (3, 1.0, 2.0, {"select/score": float("nan")})
+  message = hooks.bad_selection_message(tiny_config("/d"), bad, None, "/w/checkpoints")
+  assert "step None" not in message and "no checkpoint was saved yet" in message
+  assert "last good checkpoint is step 2 in /w" in hooks.bad_selection_message(
+      tiny_config("/d"), bad, 2, "/w")
 
 
 def test_resume_with_a_changed_meaning_is_refused_naming_the_difference(toy, base_run,

@@ -4,6 +4,7 @@ InteropError naming the file for each damaged or foreign input."""
 import json
 import os
 import shutil
+import zipfile
 
 import jax
 import ml_dtypes
@@ -12,7 +13,7 @@ import pytest
 import safetensors.numpy
 
 from jest_pod.data.tokenizer import Tokenizer
-from jest_pod.interop import InteropError, big_vision, hf
+from jest_pod.interop import InteropError, big_vision, formats, guard, hf
 from jest_pod.models import siglip
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -235,3 +236,115 @@ def test_device_arrays_write(tmp_path):
                   tokenizer_proto=Tokenizer(pre["spiece_path"]).model_proto,
                   image_size=pre["image_size"], max_text_len=pre["max_text_len"])
   _assert_trees_equal(hf.read_folder(str(tmp_path / "hf"))[1], params)
+
+
+# ------------------------------------------------- sizes checked before allocation (issue 32)
+
+
+@pytest.mark.parametrize("tower,key,value", [
+    ("text_config", "num_hidden_layers", 10**9), ("vision_config", "num_hidden_layers", 10**9),
+    ("vision_config", "hidden_size", 10**9), ("text_config", "hidden_size", 10**9),
+    ("vision_config", "intermediate_size", 10**9), ("text_config", "intermediate_size", 10**9),
+    ("text_config", "vocab_size", 10**9), ("text_config", "max_position_embeddings", 10**9),
+    ("vision_config", "image_size", 8 * 10**6), ("vision_config", "patch_size", 10**6),
+    ("vision_config", "num_attention_heads", 10**9), ("text_config", "hidden_size", -5),
+    ("text_config", "num_hidden_layers", "12"),
+])
+def test_absurd_config_sizes_are_refused_before_allocation(folder, tower, key, value):
+  """Before: num_hidden_layers 10**9 grew to 8 GB and hung (one name-map entry per
+  claimed layer); hidden_size 10**9 passed read_config, so init_from aborted inside XLA.
+  Now every size is checked against the safetensors header's shapes first."""
+  _edit_config(folder, lambda c: c[tower].update({key: value}))
+  cfg = os.path.join(folder, hf.CONFIG)
+  for read in (hf.read_config, hf.read_folder, formats.load_config, formats.load):
+    with pytest.raises(InteropError) as e:
+      read(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and cfg in msg and f"{tower}.{key}" in msg, msg
+
+
+def test_init_from_an_absurd_hidden_size_is_one_line(folder):
+  from train_helpers import tiny_config
+  _edit_config(folder, lambda c: c["vision_config"].update(hidden_size=10**9))
+  config = tiny_config("unused", **{"model.init_from": folder})
+  with pytest.raises(InteropError, match=r"config.json: vision_config.hidden_size 1000000000, "
+                                         r"but .*model.safetensors's tensor"):
+    formats.apply_init_from(config)
+
+
+def test_a_parameter_count_no_host_holds_is_refused(folder, tmp_path, monkeypatch):
+  npz = str(tmp_path / "bv.npz")
+  big_vision.write_npz(npz, hf.read_folder(os.path.join(FIXTURES, "siglip_tiny"))[1])
+  monkeypatch.setattr(guard, "MAX_PARAMS", 1000)
+  with pytest.raises(InteropError, match=r"model.safetensors: its tensors add up to .* "
+                                         "parameters"):
+    hf.read_config(folder)
+  with pytest.raises(InteropError, match=r"bv.npz: its arrays add up to .* parameters"):
+    big_vision.read_npz(npz)
+
+
+def _npz_with(path, name, shape, data_bytes, compression):
+  """The fixture's params as an npz, with member `name` replaced by a streamed one: an
+  .npy header claiming `shape` float32, then `data_bytes` zeros (never in memory)."""
+  flat = big_vision.flatten(hf.read_folder(os.path.join(FIXTURES, "siglip_tiny"))[1])
+  flat.pop(name)
+  np.savez(path, **{f"params/{k}": v for k, v in flat.items()})
+  with zipfile.ZipFile(path, "a", compression) as z:
+    with z.open(f"params/{name}.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                               "shape": shape})
+      chunk = bytes(2**20)
+      for start in range(0, data_bytes, len(chunk)):
+        f.write(chunk[:min(len(chunk), data_bytes - start)])
+  return path
+
+
+def test_an_npz_member_that_inflates_like_a_zip_bomb_is_refused(tmp_path):
+  """Before: the member was inflated and read (an 11 MB file grew to 8 GB). 200 MB of
+  zeros deflate to ~200 kB; a consistent header (vocab 1.6M) does not make it weights."""
+  n = 200 * 2**20
+  path = _npz_with(str(tmp_path / "bomb.npz"), "txt/Embed_0/embedding", (n // 128, 32), n,
+                   zipfile.ZIP_DEFLATED)
+  assert os.path.getsize(path) < 2**20
+  for read in (big_vision.read_npz, formats.load):
+    with pytest.raises(InteropError, match=r"bomb.npz: member params/txt/Embed_0/embedding "
+                                           r"inflates \d+ stored bytes to 2097153\d\d"):
+      read(path)
+
+
+def test_an_npy_header_claiming_4_tib_is_refused(tmp_path):
+  """Before: a MemoryError that named no file."""
+  path = _npz_with(str(tmp_path / "huge.npz"), "img/embedding/kernel", (2**40,), 64,
+                   zipfile.ZIP_STORED)
+  with pytest.raises(InteropError, match=r"huge.npz: member params/img/embedding/kernel: its "
+                                         r"\.npy header claims shape \[1099511627776\] "
+                                         r"float32 \(4398046511104 bytes\), the member holds 64"):
+    big_vision.read_npz(path)
+
+
+def test_a_safetensors_header_claiming_more_than_the_file_is_refused(folder):
+  path = os.path.join(folder, hf.WEIGHTS)
+  header = json.dumps({"logit_scale": {"dtype": "F32", "shape": [2**40],
+                                       "data_offsets": [0, 2**42]}}).encode()
+  with open(path, "wb") as f:
+    f.write(len(header).to_bytes(8, "little") + header + bytes(16))
+  msg = _refused(folder, path, "'logit_scale'", "re-download")
+  assert "16 data bytes" in msg
+
+
+def test_an_index_cannot_point_outside_the_folder(folder):
+  os.remove(os.path.join(folder, hf.WEIGHTS))
+  with open(os.path.join(folder, hf.WEIGHTS_INDEX), "w") as f:
+    json.dump({"weight_map": {"logit_scale": "../../etc/passwd"}}, f)
+  _refused(folder, hf.WEIGHTS_INDEX, "'../../etc/passwd'", "not a file of this folder")
+
+
+def test_a_garbage_caption_length_is_one_line(folder):
+  """Before: int("many") raised a bare ValueError."""
+  path = os.path.join(folder, hf.TOKENIZER_CONFIG)
+  with open(path) as f:
+    tok = json.load(f)
+  tok["model_max_length"] = "many"
+  with open(path, "w") as f:
+    json.dump(tok, f)
+  _refused(folder, path, "model_max_length", "'many'")

@@ -125,15 +125,52 @@ def read(data_dir: str, *, check_files: bool = True) -> dict:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ManifestError(f"cannot read {path}: {e}; rebuild the data set with --overwrite") from e
-  validate(manifest, data_dir if check_files else None)
+  # Fields, counts and shard names, then confinement, before any shard file is touched.
+  validate(manifest, data_dir, check_files=False)
+  check_confined(manifest, data_dir)
+  if check_files:
+    validate(manifest, data_dir)
   return manifest
 
 
-def validate(manifest: dict, data_dir: str | None = None, *, check_sha256: bool = False) -> None:
-  """Raises ManifestError if fields are missing or counts disagree.
+def _escape(name) -> str | None:
+  """Why a shard name leaves its folder on its own (None when it does not)."""
+  if not isinstance(name, str) or not name or "\0" in name:
+    return "not a file name"
+  if os.path.isabs(name) or name.startswith(("/", "\\")):
+    return "an absolute path"
+  if ".." in name.replace("\\", "/").split("/"):
+    return "'..' in the path"
+  return None
 
-  With `data_dir`, also checks each shard file exists with the recorded size; with
-  `check_sha256`, re-hashes every shard (slow on big sets: reads all bytes).
+
+def check_confined(manifest: dict, data_dir: str) -> None:
+  """ManifestError unless every shard is a file inside `data_dir`: no absolute path, no
+  '..', no symlink (of the shard or a folder on its way) that leads out. Readers open and
+  hash what a manifest names, so a copied or hostile manifest must not point them at
+  /etc/passwd or another data set."""
+  root = os.path.realpath(data_dir)
+  for s in manifest["shards"]:
+    why = _escape(s["file"])
+    if why is None:
+      real = os.path.realpath(os.path.join(root, s["file"]))
+      if os.path.commonpath([root, real]) != root:
+        why = f"a symlink leading to {real}"
+    if why:
+      raise ManifestError(
+          f"{os.path.join(data_dir, MANIFEST)}: shard {str(s['file'])[:200]!r} is outside the "
+          f"data folder ({why}); shards must be files inside {data_dir}: rebuild the data set "
+          "with --overwrite")
+
+
+def validate(manifest: dict, data_dir: str | None = None, *, check_sha256: bool = False,
+             check_files: bool = True) -> None:
+  """Raises ManifestError if fields are missing, counts disagree or a shard name leaves
+  the folder ('..', an absolute path; `check_confined` also follows symlinks).
+
+  With `data_dir` (named in the errors) and `check_files`, also checks each shard file
+  exists with the recorded size; with `check_sha256`, re-hashes every shard (slow on big
+  sets: reads all bytes).
   """
   where = f" ({os.path.join(data_dir, MANIFEST)})" if data_dir else ""
   if not isinstance(manifest, dict):
@@ -147,6 +184,9 @@ def validate(manifest: dict, data_dir: str | None = None, *, check_sha256: bool 
   for s in shards:
     if not {"file", "num_records", "sha256"} <= set(s):
       raise ManifestError(f"manifest{where}: shard entry {s} lacks file/num_records/sha256")
+    if _escape(s["file"]):  # before any path is joined (check_confined: symlinks too)
+      raise ManifestError(f"manifest{where}: shard {str(s['file'])[:200]!r} is outside the data "
+                          f"folder ({_escape(s['file'])}); rebuild the data set with --overwrite")
   n = sum(s["num_records"] for s in shards)
   if n != manifest["num_examples"]:
     raise ManifestError(f"manifest{where}: shards hold {n} records but num_examples is "
@@ -157,7 +197,7 @@ def validate(manifest: dict, data_dir: str | None = None, *, check_sha256: bool 
   if sorted(manifest["source_counts"]) != list(manifest["sources"]):
     raise ManifestError(f"manifest{where}: sources {manifest['sources']} do not match "
                         f"source_counts keys (must be their sorted list)")
-  if data_dir is None:
+  if data_dir is None or not check_files:
     return
   for s in shards:
     path = os.path.join(data_dir, s["file"])

@@ -10,8 +10,9 @@ when every byte is intact). Shards are hashed in parallel threads (hashlib
 releases the GIL), with a progress line (shards done / total, MB/s, ETA) on stderr.
 Exit 0 if every shard is intact, 1 listing each bad shard and what to do.
 
-Training never needs this to run: damaged records are skipped and counted
-(`sources._SafeSource`); this tells you which shards to restore.
+Training never needs this to run: records it cannot read from a damaged shard are
+skipped and counted (`sources._SafeSource`), while a missing shard stops it before step 1;
+this tells you which shards to restore.
 """
 
 from __future__ import annotations
@@ -151,11 +152,26 @@ def main(argv: list[str] | None = None) -> int:
   if any("count is wrong" in p for problems in bad.values() for p in problems):
     print("A count that is wrong while the bytes match is a damaged manifest.json: rebuild "
           "or re-ingest the data set with --overwrite to rewrite it.")
-  print("Training skips (and counts) the records it cannot read from these shards. Restore "
-        "each from its source (a backup or the original copy: same file name), or re-ingest "
-        f"the data set (`jest-pod data ingest ... --output {args.dir} --overwrite`); then "
-        "run this check again.")
+  print(_footer(bad, args.dir))
   return 1
+
+
+def _footer(bad: dict[str, list[str]], data_dir: str) -> str:
+  """What training does with these shards, and the fix. A missing shard stops training
+  before step 1 (`sources._open_folder`); only a present but damaged one is read around."""
+  missing = sum(problems == ["file is missing"] for problems in bad.values())
+  damaged = len(bad) - missing
+  said = []
+  if missing:
+    said.append(f"Training refuses to start while {'a shard is' if missing == 1 else 'shards are'}"
+                " missing.")
+  if damaged:
+    said.append("Training skips (and counts) the records it cannot read from "
+                f"{'the damaged' if missing else 'these'} shards.")
+  return " ".join(said) + (
+      " Restore each from its source (a backup or the original copy: same file name), or "
+      f"re-ingest the data set (`jest-pod data ingest ... --output {data_dir} --overwrite`); "
+      "then run this check again.")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from __future__ import annotations
 from jest_pod.embed import EvalInterrupted
 from jest_pod.evaluators.base import (TYPES, Evaluator, build_evaluator, build_evaluators,
                                       evaluator_class, input_sizes)
-from jest_pod.evaluators.metrics import EvalDataError
+from jest_pod.evaluators.metrics import EvalDataError, NonFiniteEmbeddings
 from jest_pod.evaluators.retrieval import RetrievalEvaluator
 from jest_pod.evaluators.zeroshot import DEFAULT_TEMPLATES, ZeroShotEvaluator
 
 __all__ = ["DEFAULT_TEMPLATES", "TYPES", "EvalDataError", "EvalInterrupted", "Evaluator",
-           "RetrievalEvaluator", "ZeroShotEvaluator", "build_evaluator", "build_evaluators",
-           "evaluator_class", "input_sizes"]
+           "NonFiniteEmbeddings", "RetrievalEvaluator", "ZeroShotEvaluator", "build_evaluator",
+           "build_evaluators", "evaluator_class", "input_sizes"]

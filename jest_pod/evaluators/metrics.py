@@ -15,10 +15,29 @@ import numpy as np
 
 RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
+# Cosines closer than this tie: identical embeddings can differ by float32 rounding once
+# multiplied (BLAS sums columns in different orders), and must still tie.
+TIE_TOL = 1e-6
 
 
 class EvalDataError(ValueError):
   """An eval data set lacks what an evaluator needs (labels, class names, captions)."""
+
+
+class NonFiniteEmbeddings(EvalDataError):
+  """A model gave NaN or infinite embeddings: its parameters are broken, and no score is
+  given (a NaN compares as neither higher nor lower, so it would rank as a tie)."""
+
+
+def check_finite(where: str, **arrays: np.ndarray) -> None:
+  """NonFiniteEmbeddings naming `where` and the first array holding NaN or inf."""
+  for name, x in arrays.items():
+    bad = ~np.isfinite(np.asarray(x, np.float32)).all(axis=-1)
+    if bad.any():
+      raise NonFiniteEmbeddings(
+          f"{where}: {int(bad.sum())} of {len(bad)} {name} embeddings are NaN or infinite, so "
+          "the model's parameters are broken (a diverged or damaged checkpoint); no score is "
+          "given. Evaluate an earlier step (--step) or a checkpoint that trained cleanly")
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -37,12 +56,18 @@ def class_embeddings(prompt_embeddings: np.ndarray) -> np.ndarray:
   return l2_normalize(e.mean(axis=1))
 
 
-def _ranks_of(sims: np.ndarray, target_scores: np.ndarray) -> np.ndarray:
-  """How many candidates score strictly higher than the target: sims [n, m], target [n] → [n].
+def _ranks_of(sims: np.ndarray, own: np.ndarray) -> np.ndarray:
+  """Pessimistic rank of each row's best own candidate: sims [n, m], own bool [n, m] → [n].
 
-  Ties count in the target's favour, so planted ties do not depend on argsort order.
+  The rank counts the other candidates scoring at least as high as the best own one, so a
+  tie ranks the correct item BELOW the others it ties with: a model whose embeddings are
+  all equal (zero weights) ranks every target last and scores 0, never 100%. Candidates
+  that are themselves correct (another caption of the image, an identical text) do not
+  count; scores within TIE_TOL tie. Inputs must be finite (`check_finite`): NaN would tie
+  with nothing.
   """
-  return np.sum(sims > target_scores[:, None], axis=1)
+  best = np.where(own, sims, -np.inf).max(axis=1)
+  return np.sum((sims >= best[:, None] - TIE_TOL) & ~own, axis=1)
 
 
 def zeroshot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
@@ -55,13 +80,20 @@ def zeroshot_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.n
     labels: [n] int class index of each image, in [0, C).
     ks: which top-k to report (k > C counts every image correct).
   Returns:
-    {"top1": acc, "top5": acc, ...}, fractions in [0, 1].
+    {"top1": acc, "top5": acc, ...}, fractions in [0, 1]. Ties are pessimistic: an image
+    is a top-k hit only when fewer than k other classes score at least as high as its own
+    (`_ranks_of`), so equal scores never count as hits.
+  Raises:
+    NonFiniteEmbeddings when an embedding holds NaN or inf.
   """
   labels = np.asarray(labels, np.int64)
   if len(labels) == 0:
     raise EvalDataError("zero-shot: no labelled images to score")
+  check_finite("zero-shot", image=image_emb, class_text=class_emb)
   sims = l2_normalize(image_emb) @ l2_normalize(class_emb).T                    # [n, C]
-  ranks = _ranks_of(sims, sims[np.arange(len(labels)), labels])
+  own = np.zeros(sims.shape, bool)
+  own[np.arange(len(labels)), labels] = True
+  ranks = _ranks_of(sims, own)
   return {f"top{k}": float(np.mean(ranks < k)) for k in ks}
 
 
@@ -84,8 +116,12 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,
     {"img2txt_recall@k": r, "txt2img_recall@k": r, ...}. img2txt: an image is a hit when
     any of its captions, or a caption identical to one, is in its top k; images without
     captions are left out. txt2img: a caption is a hit when its image, or an image with an
-    identical caption, is in its top k.
+    identical caption, is in its top k. Ties are pessimistic (`_ranks_of`): a wrong item
+    scoring exactly as high as the best correct one ranks above it.
+  Raises:
+    NonFiniteEmbeddings when an embedding holds NaN or inf.
   """
+  check_finite("retrieval", image=image_emb, text=text_emb)
   img = l2_normalize(image_emb)
   txt = l2_normalize(text_emb)
   n_img, n_txt = len(img), len(txt)
@@ -114,8 +150,7 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,
     sel = np.isin(pair_group, uniq)
     holds = np.zeros((len(uniq), n_img), bool)
     holds[np.searchsorted(uniq, pair_group[sel]), pair_image[sel]] = True
-    own = np.where(holds[inv.reshape(-1)], sims, -np.inf).max(axis=1)
-    t2i_rank[s:s + block] = _ranks_of(sims, own)
+    t2i_rank[s:s + block] = _ranks_of(sims, holds[inv.reshape(-1)])
 
   # img2txt: rank of each image's best-scoring own caption (or an identical text) among all.
   has_caption = np.zeros(n_img, bool)
@@ -126,8 +161,7 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray,
     sel = (pair_image >= s) & (pair_image < s + len(sims))
     holds = np.zeros((len(sims), n_groups), bool)
     holds[pair_image[sel] - s, pair_group[sel]] = True
-    own = np.where(holds[:, groups], sims, -np.inf)
-    i2t_rank[s:s + block] = _ranks_of(sims, own.max(axis=1))
+    i2t_rank[s:s + block] = _ranks_of(sims, holds[:, groups])
   i2t_rank = i2t_rank[has_caption]
 
   out = {}

@@ -8,6 +8,8 @@ records are grouped by a digest of their decoded pixels, so an image is a hit wh
 its captions is retrieved, and duplicate images do not compete with each other. Likewise
 records with identical captions (identical tokens) form one caption text: a text→image
 query is a hit on any image carrying that text, and an image→text query on any copy of it.
+Ties rank the correct item below the wrong ones it ties with (`metrics._ranks_of`), and
+NaN or infinite embeddings are an error (`metrics.NonFiniteEmbeddings`), never a score.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class RetrievalEvaluator(base.Evaluator):
         ("image_digest",) if self.group_identical_images else ())
     got = self.embed(self._encode, params, self._with_digests(self.batches()),
                      device_keys=("image", "text"), host_keys=keys, should_stop=should_stop)
+    # A broken model gets an error, not a score (NaN ties with everything).
+    metrics.check_finite(f"retrieval on {self.set_name!r} ({self.data_dir})",
+                         image=got["image"], text=got["text"])
     # An empty caption (all padding) has nothing to retrieve: leave it out, loudly if all are.
     has_text = got["has_text"].astype(bool)
     if self.group_identical_images:

@@ -1,6 +1,8 @@
 """Zero-shot classification: class names × prompt templates → text classifier → top-k accuracy.
 
-Metrics: `z/0shot/<set>_top1`, `z/0shot/<set>_top5`.
+Metrics: `z/0shot/<set>_top1`, `z/0shot/<set>_top5`. Ties rank the true class below
+the classes it ties with (`metrics._ranks_of`), so a model whose embeddings are all equal
+scores 0, not 100%; NaN or infinite embeddings are an error (`metrics.NonFiniteEmbeddings`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ class ZeroShotEvaluator(base.Evaluator):
     class_emb = self.classifier(params, should_stop)
     got = self.embed(self._encode_image, params, self.batches(), device_keys=("image",),
                      host_keys=("label",), should_stop=should_stop)
+    # A broken model gets an error, not a score (NaN ties with everything).
+    metrics.check_finite(f"zero-shot on {self.set_name!r} ({self.data_dir})",
+                         image=got["image"], class_text=class_emb)
     labels = got["label"].astype(np.int64)
     known = labels >= 0
     if not known.any():

@@ -7,6 +7,13 @@ architecture is read off the shapes (`infer_config`). Loop (`encoderblock_{i}`) 
 (one stacked `encoderblock`, e.g. the So400m files) layouts are both read; the caller picks
 the layout it gets. bfloat16 arrays, which big_vision stores as 2-byte void ('V2'), are
 recovered; parameters come back float32.
+
+Before any array is read, every member that will be is checked (`_check_members`): its
+zip entry's uncompressed size against its stored size (a member inflating more than
+_BOMB_RATIO× past _BOMB_MIN is refused), its .npy header's shape × itemsize against the
+bytes the member holds, and the total parameter count (guard.check_param_count). A
+folder holding one .npz (what `jest-pod export --format big_vision` writes: model.npz +
+spiece.model + its marker) is read as that .npz.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from jest_pod.interop import InteropError
+from jest_pod.interop import InteropError, guard
 from jest_pod.models import build_model, siglip
 
-__all__ = ["InteropError", "infer_config", "read_npz", "write_npz"]
+__all__ = ["InteropError", "infer_config", "read_npz", "resolve", "write_npz"]
+
+NPZ = "model.npz"  # the npz's name inside an export folder
+# Float weights barely deflate (~1.1×); a large member that inflates 50× is not weights.
+_BOMB_MIN, _BOMB_RATIO = 64 * 2**20, 50
 
 _PREFIXES = ("params/", "opt/target/", "")  # big_vision training checkpoints, then shared ones
 
@@ -145,28 +156,92 @@ def _check_shapes(params: dict, model_config: dict, path: str) -> None:
                          f"the other arrays needs {list(shape)}: a damaged or mixed checkpoint")
 
 
+def resolve(path: str) -> str:
+  """The .npz `path` names: the file itself, or the one .npz of a folder (an export's).
+  Either is refused when it belongs to an export that did not finish."""
+  path = str(path)
+  if not os.path.isdir(path):
+    guard.check_containing_export(path)
+    return path
+  guard.check_export_complete(path)
+  npzs = sorted(f for f in os.listdir(path)
+                if f.endswith(".npz") and os.path.isfile(os.path.join(path, f)))
+  if len(npzs) != 1:
+    raise InteropError(f"{path}: a folder with {len(npzs)} .npz files; a big_vision export "
+                       f"holds one ({NPZ}, beside spiece.model): name the .npz itself")
+  return os.path.join(path, npzs[0])
+
+
+def _npy_header(f, version):
+  if version == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  if version == (2, 0):
+    return np.lib.format.read_array_header_2_0(f)
+  raise ValueError(f".npy format version {version} (1.0 and 2.0 hold weights)")
+
+
+def _check_members(path: str, z: zipfile.ZipFile, members: dict) -> None:
+  """Every member about to be read, from its zip entry and .npy header only: what it
+  inflates to, what its header claims, and the parameter count they add up to."""
+  size = os.path.getsize(path)
+  count = 0
+  for key, info in members.items():
+    where = f"{path}: member {key}"
+    if info.compress_size > size:
+      raise InteropError(f"{where} claims {info.compress_size} stored bytes in a file of "
+                         f"{size}: truncated or damaged; re-download or re-export it")
+    if info.file_size > _BOMB_MIN and info.file_size > _BOMB_RATIO * max(info.compress_size, 1):
+      raise InteropError(f"{where} inflates {info.compress_size} stored bytes to "
+                         f"{info.file_size} ({info.file_size // max(info.compress_size, 1)}×): "
+                         "not float weights (a zip bomb or a damaged file); re-download or "
+                         "re-export it")
+    try:
+      with z.open(info) as f:
+        shape, _, dtype = _npy_header(f, np.lib.format.read_magic(f))
+        header = f.tell()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      raise InteropError(f"{where}: not a readable .npy header ({type(e).__name__}: "
+                         f"{str(e)[:120]}); re-download or re-export it") from e
+    if dtype.hasobject:
+      raise InteropError(f"{where}: dtype {dtype} holds Python objects, not weights")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need != info.file_size - header:
+      raise InteropError(f"{where}: its .npy header claims shape {list(shape)} {dtype} "
+                         f"({need} bytes), the member holds {info.file_size - header}: "
+                         "damaged; re-download or re-export it")
+    count += int(np.prod(shape, dtype=object))
+  guard.check_param_count(count, path, "its arrays")
+
+
 def read_npz(path: str, *, scan: bool = False) -> tuple[dict, dict]:
-  """A big_vision SigLIP .npz → (config.model dict, params) in SiglipTwoTower's tree, loop
-  layout (or scan with `scan=True`; config["scan_layers"] says which).
+  """A big_vision SigLIP .npz (or a folder holding one) → (config.model dict, params) in
+  SiglipTwoTower's tree, loop layout (or scan with `scan=True`; config["scan_layers"]
+  says which).
 
   A text tower without `head` (so400m-256-i18n) gets an identity head (kernel I, bias 0),
   as transformers' converter does; t/b of shape [] become [1]. A text `pos_embedding`
   left inside Encoder_0 by old checkpoints is added to the outer one (big_vision's fix).
+  Sizes are checked before anything is read (`_check_members`).
   """
   path = str(path)
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise InteropError(f"{path}: no such file")
+  path = resolve(path)
   try:
+    with zipfile.ZipFile(path) as z:
+      members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i
+                 for i in z.infolist()}
+      prefix = next((p for p in _PREFIXES if any(n.startswith(p + "img/") for n in members)),
+                    None)
+      if prefix is None:
+        raise InteropError(f"{path}: no img/... arrays (nor params/img/...): not a big_vision "
+                           "SigLIP checkpoint")
+      _check_members(path, z, {k: i for k, i in members.items() if k.startswith(prefix)})
     npz = np.load(path, allow_pickle=False)
     if not isinstance(npz, np.lib.npyio.NpzFile):
       raise InteropError(f"{path}: a single array, not an .npz of named parameters")
     with npz:
-      names = list(npz.keys())
-      prefix = next((p for p in _PREFIXES if any(n.startswith(p + "img/") for n in names)), None)
-      if prefix is None:
-        raise InteropError(f"{path}: no img/... arrays (nor params/img/...): not a big_vision "
-                           "SigLIP checkpoint")
-      items = [(n[len(prefix):], _as_float32(npz[n])) for n in names if n.startswith(prefix)]
+      items = [(n[len(prefix):], _as_float32(npz[n])) for n in npz.keys() if n.startswith(prefix)]
   except InteropError:
     raise
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:

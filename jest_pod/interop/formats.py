@@ -13,9 +13,13 @@ looks at the content and a `load(path, tokenizer, step)` that returns a `Loaded`
   hf          a folder with config.json (model_type "siglip") + model.safetensors +
               spiece.model, as `SiglipModel.save_pretrained` and `SiglipProcessor` write it
   big_vision  an .npz with big_vision's `params/img/...`, `params/txt/...` keys (loop or
-              scan layout); its sentencepiece model comes from `tokenizer=` (`--tokenizer`,
-              config.selection.reference_tokenizer / config.model.init_tokenizer) or
-              `spiece.model` beside it
+              scan layout), or a folder holding one (`jest-pod export --format big_vision`
+              writes model.npz + spiece.model); its sentencepiece model comes from
+              `tokenizer=` (`--tokenizer`, config.selection.reference_tokenizer /
+              config.model.init_tokenizer) or `spiece.model` beside the .npz
+
+A folder `jest-pod export` wrote (it holds guard.MARKER) is read only when that export
+finished: an interrupted one is refused in one line, whatever its kind looks like.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 
 from jest_pod import checkpoint as ckpt_lib
 from jest_pod.data import tokenizer as tokenizer_lib
-from jest_pod.interop import InteropError, big_vision, hf
+from jest_pod.interop import InteropError, big_vision, guard, hf
 from jest_pod.models import build_model, two_tower
 from jest_pod.parallel import sharding as shd
 
@@ -118,11 +122,22 @@ def _is_hf(path: str) -> bool:
       os.path.isfile(os.path.join(path, "model.safetensors")))
 
 
-def _is_big_vision(path: str) -> bool:
+def _is_big_vision_npz(path: str) -> bool:
   if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
     return False
-  with zipfile.ZipFile(path) as z:
-    return any(n.startswith("params/") for n in z.namelist())
+  try:
+    with zipfile.ZipFile(path) as z:
+      return any(n.startswith(("params/img/", "img/", "opt/target/img/")) for n in z.namelist())
+  except (OSError, zipfile.BadZipFile):
+    return False
+
+
+def _is_big_vision(path: str) -> bool:
+  """A big_vision .npz, or a folder holding exactly one (an export's)."""
+  if os.path.isdir(path):
+    npzs = [f for f in os.listdir(path) if f.endswith(".npz")]
+    return len(npzs) == 1 and _is_big_vision_npz(os.path.join(path, npzs[0]))
+  return _is_big_vision_npz(path)
 
 
 def _is_workdir(path: str) -> bool:
@@ -173,10 +188,11 @@ def _load_hf(path: str, tokenizer: Any, step: int | None) -> Loaded:
 
 def _load_big_vision(path: str, tokenizer: Any, step: int | None) -> Loaded:
   del step
-  model_config, params = big_vision.read_npz(path)
+  npz = big_vision.resolve(path)
+  model_config, params = big_vision.read_npz(npz)
   # big_vision's SigLIP captions: canonicalised, sticky EOS (its zero-shot prompts and
   # transformers' converted tokenizers do the same).
-  tok = _tokenizer_beside(path, tokenizer, "siglip", "a big_vision npz")
+  tok = _tokenizer_beside(npz, tokenizer, "siglip", "a big_vision npz")
   return _loaded_public("big_vision", path, model_config, params, model_config["image_size"],
                         model_config["text"]["max_len"], tok)
 
@@ -199,13 +215,16 @@ def kind_of(path: str) -> str:
   """The first kind whose content test accepts `path`; InteropError listing them otherwise."""
   if "://" not in path and not os.path.exists(path):
     raise InteropError(f"checkpoint {path} does not exist")
+  if "://" not in path:
+    guard.check_containing_export(path)  # an interrupted export: refused, whatever it holds
   for name, kind in KINDS.items():
     if kind.detect(path):
       return name
   raise InteropError(
       f"{path} is not a checkpoint jest_pod knows: expected a training workdir (or its "
       "checkpoints/ or a step folder), a Hugging Face SigLIP folder (config.json + "
-      "model.safetensors + spiece.model) or a big_vision .npz with params/img/... keys")
+      "model.safetensors + spiece.model) or a big_vision .npz with params/img/... keys (or a "
+      "folder holding one)")
 
 
 def load(path: str, *, tokenizer: Any = None, step: int | None = None) -> Loaded:
@@ -256,8 +275,9 @@ def load_config(path: str, *, tokenizer: Any = None) -> ml_collections.ConfigDic
     tok = tokenizer_lib.Tokenizer(tokenizer or pre["spiece_path"], text_style=pre["text_style"])
     prep = Preprocessing(pre["image_size"], pre["max_text_len"], tok)
   else:
-    model, _ = big_vision.read_npz(path)
-    tok = _tokenizer_beside(path, tokenizer, "siglip", "a big_vision npz")
+    npz = big_vision.resolve(path)
+    model, _ = big_vision.read_npz(npz)
+    tok = _tokenizer_beside(npz, tokenizer, "siglip", "a big_vision npz")
     prep = Preprocessing(model["image_size"], model["text"]["max_len"], tok)
   return ml_collections.ConfigDict({"model": model, "input": prep.input_config()})
 

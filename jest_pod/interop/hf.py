@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -51,7 +52,7 @@ import numpy as np
 import safetensors.numpy
 import sentencepiece as spm
 
-from jest_pod.interop import InteropError
+from jest_pod.interop import InteropError, guard
 from jest_pod.models import siglip
 
 __all__ = ["InteropError", "read_config", "read_folder", "write_folder"]
@@ -93,6 +94,15 @@ def _read_json(path: str, required: bool = True) -> dict | None:
   return data
 
 
+def _positive_int(value, what: str, path: str) -> int:
+  """A positive int (a JSON 32 or 32.0); anything else is refused naming the key."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+      or value < 1:
+    raise InteropError(f"{path}: {what} is {value!r}, not a positive integer; restore the "
+                       "model's own config.json")
+  return int(value)
+
+
 def _int_size(value, what: str, path: str) -> int:
   """An int, or a square [n, n] / {"height": n, "width": n}."""
   if isinstance(value, dict):
@@ -101,7 +111,7 @@ def _int_size(value, what: str, path: str) -> int:
     if len(value) != 2 or value[0] != value[1] or value[0] is None:
       raise InteropError(f"{path}: {what} {value} is not square; only square images are supported")
     value = value[0]
-  return int(value)
+  return _positive_int(value, what, path)
 
 
 def _model_config(cfg: dict, path: str) -> dict:
@@ -127,27 +137,101 @@ def _model_config(cfg: dict, path: str) -> dict:
     if abs(float(tower["layer_norm_eps"]) - 1e-6) > 1e-12:
       raise InteropError(f"{path}: {name}.layer_norm_eps {tower['layer_norm_eps']}: only 1e-6 "
                          "(SigLIP's) is supported")
-  if int(vision["num_channels"]) != 3:
+  if vision["num_channels"] != 3:
     raise InteropError(f"{path}: vision_config.num_channels {vision['num_channels']}: RGB only")
-  width = int(vision["hidden_size"])
-  projection = int(text["projection_size"] or text["hidden_size"])
-  if projection != width:
-    raise InteropError(f"{path}: text_config.projection_size {projection} differs from the "
-                       f"vision hidden_size {width}: the towers' embeddings cannot be compared")
+  ints = {}
+  for name, tower in (("text_config", text), ("vision_config", vision)):
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+      ints[name, key] = _positive_int(tower[key], f"{name}.{key}", path)
+    heads, width = ints[name, "num_attention_heads"], ints[name, "hidden_size"]
+    if width % heads:
+      raise InteropError(f"{path}: {name}.num_attention_heads {heads} does not divide "
+                         f"{name}.hidden_size {width}; restore the model's own config.json")
+  for key in ("vocab_size", "max_position_embeddings"):
+    ints["text_config", key] = _positive_int(text[key], f"text_config.{key}", path)
+  width = ints["vision_config", "hidden_size"]
+  # (projection = width is checked after the weights: they say which of the two is off)
+  projection = _positive_int(text["projection_size"] or text["hidden_size"],
+                             "text_config.projection_size", path)
+  image_size = _int_size(vision["image_size"], "vision_config.image_size", path)
+  patch = _int_size(vision["patch_size"], "vision_config.patch_size", path)
+  if image_size % patch:
+    raise InteropError(f"{path}: vision_config.image_size {image_size} is not a multiple of "
+                       f"vision_config.patch_size {patch}")
+  v = lambda k: ints["vision_config", k]
+  t = lambda k: ints["text_config", k]
   return {
       "family": "siglip",
-      "image_size": _int_size(vision["image_size"], "vision_config.image_size", path),
-      "embed_dim": width,
-      "image": dict(patch_size=_int_size(vision["patch_size"], "vision_config.patch_size", path),
-                    width=width, depth=int(vision["num_hidden_layers"]),
-                    num_heads=int(vision["num_attention_heads"]),
-                    mlp_dim=int(vision["intermediate_size"])),
-      "text": dict(vocab_size=int(text["vocab_size"]),
-                   max_len=int(text["max_position_embeddings"]),
-                   width=int(text["hidden_size"]), depth=int(text["num_hidden_layers"]),
-                   num_heads=int(text["num_attention_heads"]),
-                   mlp_dim=int(text["intermediate_size"])),
+      "image_size": image_size,
+      "embed_dim": projection,
+      "image": dict(patch_size=patch, width=width, depth=v("num_hidden_layers"),
+                    num_heads=v("num_attention_heads"), mlp_dim=v("intermediate_size")),
+      "text": dict(vocab_size=t("vocab_size"), max_len=t("max_position_embeddings"),
+                   width=t("hidden_size"), depth=t("num_hidden_layers"),
+                   num_heads=t("num_attention_heads"), mlp_dim=t("intermediate_size")),
   }
+
+
+def _layer_count(shapes: dict, tower: str, depth: int, key: str, cfg: str, where: str) -> None:
+  """config.json's num_hidden_layers against the layers the weights hold (no loop over a
+  claimed count: a config saying 10**9 is refused at once)."""
+  prefix = f"{tower}.encoder.layers."
+  found = {int(m.group(1)) for m in (re.match(re.escape(prefix) + r"(\d+)\.", n)
+                                     for n in shapes) if m}
+  n = len(found)
+  gap = next((i for i in range(n) if i not in found), None)
+  if gap is not None:
+    raise InteropError(f"{where}: holds {prefix}{max(found)}.* but no {prefix}{gap}.*: "
+                       "damaged or mixed weights; re-download them")
+  if depth > n:
+    raise InteropError(f"{cfg}: {key} {depth}, but {where} holds {n} layers (no tensor "
+                       f"{prefix}{n}.*): the weights and config.json do not belong together")
+  if depth < n:
+    raise InteropError(f"{cfg}: {key} {depth}, but {where} holds {n} layers ({prefix}{depth}.* "
+                       "is extra): the weights and config.json do not belong together")
+
+
+def _check_against_weights(mc: dict, shapes: dict, cfg: str, where: str) -> None:
+  """Every size config.json gives, against the tensor shapes of the weights' headers, and
+  the parameter count bounded: all before a single array (or name-map entry) exists."""
+  guard.check_param_count(sum(int(np.prod(s, dtype=object)) for s in shapes.values()), where,
+                          "its tensors")
+  im, tx = mc["image"], mc["text"]
+  _layer_count(shapes, "vision_model", im["depth"], "vision_config.num_hidden_layers", cfg, where)
+  _layer_count(shapes, "text_model", tx["depth"], "text_config.num_hidden_layers", cfg, where)
+  grid2 = (mc["image_size"] // im["patch_size"]) ** 2
+  fc1 = lambda tower, depth: (f"{tower}.encoder.layers.0.mlp.fc1.weight" if depth else
+                              "vision_model.head.mlp.fc1.weight")
+  checks = [  # (config key, its value, tensor, axis, what the tensor's axis must be)
+      ("vision_config.hidden_size", im["width"], "vision_model.embeddings.patch_embedding.weight",
+       0, im["width"]),
+      ("vision_config.patch_size", im["patch_size"],
+       "vision_model.embeddings.patch_embedding.weight", 2, im["patch_size"]),
+      ("vision_config.image_size", mc["image_size"],
+       "vision_model.embeddings.position_embedding.weight", 0, grid2),
+      ("vision_config.intermediate_size", im["mlp_dim"], fc1("vision_model", im["depth"]), 0,
+       im["mlp_dim"]),
+      ("text_config.vocab_size", tx["vocab_size"], "text_model.embeddings.token_embedding.weight",
+       0, tx["vocab_size"]),
+      ("text_config.hidden_size", tx["width"], "text_model.embeddings.token_embedding.weight",
+       1, tx["width"]),
+      ("text_config.max_position_embeddings", tx["max_len"],
+       "text_model.embeddings.position_embedding.weight", 0, tx["max_len"]),
+      ("text_config.projection_size", mc["embed_dim"], "text_model.head.weight", 0,
+       mc["embed_dim"]),
+  ]
+  if tx["depth"]:
+    checks.append(("text_config.intermediate_size", tx["mlp_dim"],
+                   fc1("text_model", tx["depth"]), 0, tx["mlp_dim"]))
+  for key, value, tensor, axis, want in checks:
+    shape = shapes.get(tensor)
+    if shape is None:
+      raise InteropError(f"{where}: no tensor {tensor!r}, which config.json's architecture has; "
+                         "the weights and config.json do not belong together")
+    if len(shape) <= axis or shape[axis] != want:
+      raise InteropError(f"{cfg}: {key} {value}, but {where}'s tensor {tensor!r} has shape "
+                         f"{list(shape)}: the weights and config.json do not belong together; "
+                         "restore the model's own config.json")
 
 
 def _preprocessing(folder: str, model_config: dict) -> dict:
@@ -186,9 +270,11 @@ def _preprocessing(folder: str, model_config: dict) -> dict:
     raise InteropError(f"{tok_path}: tokenizer_class {kind!r}: only SiglipTokenizer (its "
                        "canonicalisation and sticky </s>) is supported")
   max_pos = model_config["text"]["max_len"]
-  max_text_len = int(tok.get("model_max_length") or max_pos)
-  if max_text_len > max_pos:  # "unset" is saved as a huge int
+  max_text_len = tok.get("model_max_length") or max_pos
+  if isinstance(max_text_len, (int, float)) and not isinstance(max_text_len, bool) \
+      and max_text_len > max_pos:  # "unset" is saved as a huge int (or 1e30)
     max_text_len = max_pos
+  max_text_len = _positive_int(max_text_len, "model_max_length", tok_path)
   spiece = os.path.join(folder, SPIECE)
   if not os.path.isfile(spiece):
     raise InteropError(f"{spiece}: missing; put the checkpoint's sentencepiece model there "
@@ -210,7 +296,18 @@ def read_config(path: str) -> tuple[dict, dict]:
   if not os.path.isdir(path):
     raise InteropError(f"{path}: not a folder; a Hugging Face SiglipModel is a folder with "
                        f"{CONFIG} and {WEIGHTS}")
-  model_config = _model_config(_read_json(os.path.join(path, CONFIG)), os.path.join(path, CONFIG))
+  guard.check_export_complete(path)
+  cfg = os.path.join(path, CONFIG)
+  model_config = _model_config(_read_json(cfg), cfg)
+  files, where = _weight_files(path)
+  shapes = {}
+  for f in files:
+    shapes.update(_safetensors_shapes(f))
+  _check_against_weights(model_config, shapes, cfg, where)
+  if model_config["embed_dim"] != model_config["image"]["width"]:
+    raise InteropError(f"{cfg}: text_config.projection_size {model_config['embed_dim']} "
+                       f"differs from vision_config.hidden_size {model_config['image']['width']}"
+                       ": the towers' embeddings cannot be compared")
   return model_config, _preprocessing(path, model_config)
 
 
@@ -321,29 +418,97 @@ def name_map(model_config) -> list[_Entry]:
 # ------------------------------------------------------------------------ safetensors
 
 
+# safetensors dtypes and their bytes per element.
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _damaged(path: str, what: str) -> InteropError:
+  return InteropError(f"{path}: not a readable safetensors file ({what}): truncated or "
+                      "damaged; re-download it")
+
+
+def _safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """{tensor: shape} from the file's header alone, each checked against the bytes the file
+  holds (dtype × shape = its byte range, inside the data): nothing is loaded."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      n = int.from_bytes(head, "little") if len(head) == 8 else -1
+      if n < 0 or n > min(size - 8, _MAX_HEADER):
+        raise _damaged(path, f"a header of {n} bytes in a file of {size}")
+      header = json.loads(f.read(n))
+  except OSError as e:
+    raise InteropError(f"{path}: cannot read it ({e.strerror or e}); check the path") from e
+  except (ValueError, UnicodeDecodeError) as e:
+    raise _damaged(path, f"its header is not JSON: {type(e).__name__}") from e
+  if not isinstance(header, dict):
+    raise _damaged(path, "its header is not a JSON object")
+  data = size - 8 - n
+  shapes = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+      ok = (dtype in _ST_BYTES and isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+            and type(begin) is int and type(end) is int and 0 <= begin <= end <= data)
+    except (KeyError, TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise _damaged(path, f"tensor {name!r}: header entry {str(info)[:120]} is not a dtype, "
+                           f"shape and byte range inside its {data} data bytes")
+    claimed = _ST_BYTES[dtype] * int(np.prod(shape, dtype=object))
+    if claimed != end - begin:
+      raise _damaged(path, f"tensor {name!r}: shape {shape} {dtype} is {claimed} bytes, its "
+                           f"byte range {end - begin}")
+    shapes[name] = tuple(shape)
+  return shapes
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except  (SafetensorError, TypeError, OSError)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise InteropError(f"{path}: not a readable safetensors file ({msg}): truncated or "
-                       "damaged; re-download it") from e
+    raise _damaged(path, msg) from e
 
 
-def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
-  """All tensors of the folder (one file, or the shards of an index), and what to name."""
+def _weight_files(folder: str) -> tuple[list[str], str]:
+  """The folder's safetensors files (one, or the shards of an index), and what to name."""
   single = os.path.join(folder, WEIGHTS)
   if os.path.isfile(single):
-    return _load_safetensors(single), single
+    return [single], single
   index_path = os.path.join(folder, WEIGHTS_INDEX)
   index = _read_json(index_path, required=False)
   if index is None:
     raise InteropError(f"{single}: missing (nor {WEIGHTS_INDEX}); this reader takes "
                        "safetensors weights only (save with safe_serialization=True)")
+  weight_map = index.get("weight_map")
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise InteropError(f"{index_path}: no weight_map; re-download it")
+  shards = sorted(set(map(str, weight_map.values())))
+  for shard in shards:
+    # Shard names stay inside the folder: an index cannot make the reader open other files.
+    if os.path.basename(shard) != shard or shard in (".", ".."):
+      raise InteropError(f"{index_path}: weight_map names {shard!r}, not a file of this "
+                         "folder; re-download the index")
+    if not os.path.isfile(os.path.join(folder, shard)):
+      raise InteropError(f"{os.path.join(folder, shard)}: missing ({WEIGHTS_INDEX} names it); "
+                         "download every shard")
+  return [os.path.join(folder, s) for s in shards], index_path
+
+
+def _read_tensors(folder: str) -> tuple[dict[str, np.ndarray], str]:
+  """All tensors of the folder (one file, or the shards of an index), and what to name."""
+  files, where = _weight_files(folder)
   tensors = {}
-  for shard in sorted(set(index.get("weight_map", {}).values())):
-    tensors.update(_load_safetensors(os.path.join(folder, shard)))
-  return tensors, index_path
+  for f in files:
+    tensors.update(_load_safetensors(f))
+  return tensors, where
 
 
 # Buffers some transformers versions save beside the parameters; not weights.

@@ -242,7 +242,8 @@ def main(argv: list[str]) -> int:
     log.error("%s: %s", type(e).__name__, e)
     print(f"jest-pod train: error: {type(e).__name__}: {' '.join(str(e).split())} "
           "(unexpected: rerun with --debug for the traceback and report it). "
-          f"{hooks.last_checkpoint_line(fv.workdir)}", file=sys.stderr)
+          f"{hooks.last_checkpoint_line(fv.workdir, 'remove the cause of that error')}",
+          file=sys.stderr)
     distributed.shutdown()
     return 1
   # A barrier with the other processes, so none races through JAX's atexit teardown

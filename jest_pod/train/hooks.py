@@ -74,6 +74,16 @@ class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def last_good(step: int | None, checkpoints, capital: bool = False) -> str:
+  """'the last good checkpoint is step N in DIR', or that none was saved (never 'step
+  None')."""
+  if step is None:
+    text = f"no checkpoint was saved yet in {checkpoints} (a rerun starts from step 0)"
+  else:
+    text = f"the last good checkpoint is step {step} in {checkpoints}"
+  return text[0].upper() + text[1:] if capital else text
+
+
 class Preemption:
   """SIGTERM (a TPU VM's maintenance or spot reclaim notice) or Ctrl-C → stop at an
   agreed step with a checkpoint.
@@ -159,18 +169,22 @@ def prepare_workdir(workdir) -> epath.Path:
   return path
 
 
-def last_checkpoint_line(workdir) -> str:
-  """What a stopped run leaves to resume from, for the last line of its error."""
+def last_checkpoint_line(workdir, fix: str | None = None) -> str:
+  """What a stopped run leaves to resume from, for the last line of its error. `fix`:
+  what to do before the rerun (e.g. errors.fix_for's "free space on that disk"); None
+  when there is nothing to fix (Ctrl-C)."""
   root = epath.Path(os.path.abspath(workdir) if "://" not in str(workdir) else workdir)
   root = root / "checkpoints"
   try:
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
   except OSError:
     steps = []
+  then = f"{fix}, then rerun" if fix else "rerun"  # never a bare "fix that": say what
   if not steps:
-    return "No checkpoint was saved yet; fix that, then rerun the same command."
+    return (f"No checkpoint was saved yet in {root}; {then} the same command (it starts "
+            "again from step 0).")
   return (f"The last complete checkpoint is step {steps[-1]} in {root} (a save cut short "
-          "is ignored); fix that, then rerun the same command to resume from it.")
+          f"is ignored); {then} the same command to resume from it.")
 
 
 def bad_selection_message(config, bad, good, checkpoints, reference=None) -> str:
@@ -192,9 +206,8 @@ def bad_selection_message(config, bad, good, checkpoints, reference=None) -> str
            "from a copy or retrain it")
   return (f"the selection scores are not finite at step {step} ({shown}) while the loss "
           f"is {loss:.4g}: the reference's embeddings from {where} are damaged, and JEST "
-          "would select on noise. Stopping without saving; the last good checkpoint is "
-          f"step {good} in {checkpoints}. To fix, {fix}; then rerun the same command to "
-          "resume.")
+          f"would select on noise. Stopping without saving; {last_good(good, checkpoints)}. "
+          f"To fix, {fix}; then rerun the same command to resume.")
 
 
 def warn_if_smaller_than_a_batch(config, n: int) -> int | None:
