@@ -11,12 +11,17 @@ def test_demo_smoke_runs_all_stages_and_resumes(tmp_path, capsys):
   argv = ["--scale", "smoke", "--data", data, "--workdir", workdir]
   assert demo.main(argv) == 0
   out = capsys.readouterr().out
-  for k, stage in enumerate(("data", "tokenizer", "reference", "uniform", "jest", "report"), 1):
-    assert f"stage {k}/6 {stage}" in out
+  stages = ("data", "tokenizer", "reference", "reference_cache", "uniform", "jest", "report")
+  for k, stage in enumerate(stages, 1):
+    assert f"stage {k}/7 {stage}" in out
   assert "est. remaining" in out and "zero-shot" in out
   assert os.path.exists(os.path.join(data + "_smoke", "web", "tokenizer.model"))
   results = json.load(open(os.path.join(workdir, "demo_results.json")))
   runs = results["runs"]
+  # JEST read θ* from its cache and scored without decoding its super-batch (two-phase).
+  jest_log = open(os.path.join(workdir, "jest", "metrics.jsonl")).read()
+  assert "time/input_phase2_s" in jest_log
+  assert os.path.exists(os.path.join(workdir, demo.REFERENCE_CACHE, "meta.json"))
   plan = demo.PLANS["smoke"]
   # Same number of training examples for both learners; JEST also scored N per step.
   assert runs["uniform"]["examples"] == runs["jest"]["examples"] == plan.steps * plan.batch
@@ -36,16 +41,23 @@ def test_demo_smoke_runs_all_stages_and_resumes(tmp_path, capsys):
   # A rerun skips every finished stage and rewrites the report.
   assert demo.main(argv) == 0
   out = capsys.readouterr().out
-  for k, stage in enumerate(("data", "tokenizer", "reference", "uniform", "jest"), 1):
-    assert f"stage {k}/6 {stage} skipped (already done)" in out
-  assert "stage 6/6 report done" in out
+  for k, stage in enumerate(stages[:-1], 1):
+    assert f"stage {k}/7 {stage} skipped (already done)" in out
+  assert "stage 7/7 report done" in out
 
   # The public-reference walk-through adds its stages to the finished demo: a SigLIP-family
   # reference, exported to Hugging Face format, used by JEST through its own cache.
+  curves = os.path.join(workdir, "demo_curves.png")
+  with open(curves, "rb") as f:
+    demo_figure = f.read()
   assert demo.main(argv + ["--public-reference"]) == 0
   out = capsys.readouterr().out
-  assert "stage 6/9 siglip_reference done" in out and "stage 7/9 export+cache done" in out
-  assert "stage 9/9 report done" in out and "jest_hf_reference" in out
+  # Its own figure: the demo's is left as it was (issue 32).
+  assert os.path.getsize(os.path.join(workdir, "demo_curves_public_reference.png")) > 1000
+  with open(curves, "rb") as f:
+    assert f.read() == demo_figure
+  assert "stage 7/10 siglip_reference done" in out and "stage 8/10 export+cache done" in out
+  assert "stage 10/10 report done" in out and "jest_hf_reference" in out
   hf = os.path.join(workdir, demo.HF_REFERENCE)
   for name in ("config.json", "model.safetensors", "spiece.model"):
     assert os.path.exists(os.path.join(hf, name)), name

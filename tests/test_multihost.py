@@ -1,8 +1,8 @@
 """The JEST trainer as 2 real processes ("hosts") × 4 CPU devices, joined by
-jax.distributed (gloo): same losses, selected ids and in-training evaluation metrics
-(each host reads half the eval set) as 1 process × 8 devices; SIGTERM
-on one host → one agreed checkpoint, exact resume; SIGKILL → resume from the last
-complete checkpoint.
+jax.distributed (gloo), reading two-phase input: same losses, selected ids and
+in-training evaluation metrics (each host reads half the eval set) as 1 process × 8
+devices; SIGTERM on one host → one agreed checkpoint, exact resume; SIGKILL → resume
+from the last complete checkpoint.
 
 Every child runs in its own process group with a deadline: a process whose peer died
 can sit in a gloo collective for minutes, so on any failure the groups are SIGKILLed.
@@ -21,9 +21,11 @@ import time
 import numpy as np
 import pytest
 
+from jest_pod.data import score_images
 from jest_pod.data.toy import build_toy
+from jest_pod.jest import reference as reference_lib
 from jest_pod.train import main as train_main
-from train_helpers import ROOT, losses, tiny_config
+from train_helpers import ROOT, losses, read_metrics, tiny_config
 
 STEPS = 8
 TIMEOUT = 240  # seconds for one launch of all processes
@@ -40,9 +42,13 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jest_config(toy, tmp_path_factory):
-  """A tiny reference (trained here, 8 devices), then the JEST config that uses it."""
+  """A tiny reference (trained here, 8 devices), then the JEST config that uses it,
+  through its embedding cache and two-phase input (the stores built beside the toy set):
+  each host decodes its share of the selected rows, whichever host scored them."""
   reference = str(tmp_path_factory.mktemp("reference"))
   train_main.train(tiny_config(toy, steps=4), reference)
+  reference_lib.build_cache(toy, reference)
+  score_images.ensure(toy, score_images.Key(16, 4, 4), 12)
   return tiny_config(toy, steps=STEPS, method="joint", reference=reference,
                      log_selected_ids=True,
                      **{"selection.score": "learnability", "selection.filter_ratio": 0.5})
@@ -184,6 +190,8 @@ def two(eval_config, tmp_path_factory):
 
 def test_two_processes_match_one(single, two):
   assert len(losses(two.workdir)) == STEPS
+  for run in (single, two):  # both read two-phase input
+    assert "time/input_phase2_s" in read_metrics(str(run.workdir))[STEPS]
   np.testing.assert_allclose(losses(two.workdir), losses(single.workdir), rtol=2e-4,
                              atol=2e-4)
   ids1, ids2 = single.selected_ids(), two.selected_ids()

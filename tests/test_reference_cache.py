@@ -265,6 +265,6 @@ def test_a_second_builder_beside_the_same_data_is_refused(toy_reference, tmp_pat
   OUTPUT.tmp."""
   toy, ref, _ = toy_reference
   with lockfile.FolderLock(toy, what="data set writer"):
-    with pytest.raises(lockfile.FolderBusy, match=r"is in use by another reference-cache builder or data set writer.*\.lock"):
+    with pytest.raises(lockfile.FolderBusy, match=r"is in use by another store builder or data set writer.*\.lock"):
       reference_lib.build_cache(toy, ref, output=os.path.join(toy, "another_cache"))
   assert not os.path.exists(os.path.join(toy, "another_cache.tmp"))

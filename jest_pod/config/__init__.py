@@ -136,6 +136,10 @@ def _fields() -> _Fields:
   # θ*'s embeddings precomputed by `jest-pod data cache-reference`: a cache folder,
   # '' = DATA/reference_cache when present (checked against `reference`), 'off' = never.
   f("selection.reference_cache", "", WARNS)
+  # Two-phase input (data/two_phase.py): score the super-batch from stored score images
+  # (`jest-pod data score-images`), decode only the B selected records. '' = the ones
+  # beside the data when present, 'off' = decode every scored example, or a folder.
+  f("selection.score_images", "", WARNS)
   # Early-only selection (AJEST): JEST for this fraction of total_steps, then uniform
   # batches of B (the input switches from super-batches; RunSpec.selection_steps).
   f("selection.until", 1.0, BREAKS)
@@ -266,11 +270,18 @@ def host_memory_available() -> int | None:
 # Host memory may hold at most this share of what is available for super-batches; the
 # rest is for the model, XLA and the input's decode buffers.
 HOST_MEMORY_SHARE = 0.8
+# Measured peak RSS over the copies counted below, per super-batch row (issue 32: the count
+# alone said 6 GiB for f = 0.999 at B = 64, and the run took 14 GB). The rest is the
+# batching transient (the N examples and their stacked batch), the scoring pass's working
+# set and the allocator's retained blocks; the table and its command are in
+# tests/test_config.py (test_the_super_batch_estimate_matches_the_measured_peak).
+PEAK_FACTOR = 1.7
 
 
 def super_batch_host_bytes(config, *, process_count: int = 1, cpu_devices: bool = False,
                            worker_count: int = 0) -> tuple[int, int, int]:
-  """(bytes, per-example bytes, batches held) of this host's super-batches in flight.
+  """(bytes, per-example bytes, batches held) of this host's super-batches in flight:
+  rows × per-example × held × PEAK_FACTOR (the measured peak over the copies counted).
 
   Per example: the decoded float32 image (S·S·3·4), int32 tokens, the id/label/source
   columns, the reference-cache rows (JEST), and on CPU devices the device copy too (CPU
@@ -288,7 +299,7 @@ def super_batch_host_bytes(config, *, process_count: int = 1, cpu_devices: bool 
   held = int(config.device_prefetch) + 2
   held += max(worker_count, 0) * int(config.input.get("worker_buffer_size", 2))
   rows = _num_super_batch(config) // max(process_count, 1)
-  return rows * per * held, per, held
+  return int(rows * per * held * PEAK_FACTOR), per, held
 
 
 def check_host_memory(config, *, process_count: int = 1, cpu_devices: bool = False,
@@ -311,7 +322,8 @@ def check_host_memory(config, *, process_count: int = 1, cpu_devices: bool = Fal
             f"(config.device_prefetch={config.device_prefetch} + 2"
             f"{' + input workers' if worker_count > 0 else ''}) at "
             f"{per:,} bytes per example (config.input.image_size={config.input.image_size}"
-            f"{', CPU devices hold a copy' if cpu_devices else ''}) need "
+            f"{', CPU devices hold a copy' if cpu_devices else ''}), × {PEAK_FACTOR:g} for "
+            "the working set measured beside them, need "
             f"{need / 2**30:.1f} GiB of host memory")
   if need <= budget:
     if need > budget / 2:
@@ -319,7 +331,7 @@ def check_host_memory(config, *, process_count: int = 1, cpu_devices: bool = Fal
           "%s, %.0f%% of the %.1f GiB available: the model and XLA need room too",
           figure, 100 * need / available, available / 2**30)
     return
-  rows_fit = int(budget // (per * held)) * max(process_count, 1)
+  rows_fit = int(budget // (per * held * PEAK_FACTOR)) * max(process_count, 1)
   if s.method != "uniform" and rows_fit > b:
     f_max = math.floor((1 - b / rows_fit) * 1e4) / 1e4  # round down: it must fit
     fix = (f"the largest filter_ratio that fits is {f_max:g} (N={rows_fit:,}); lower "
@@ -350,8 +362,26 @@ def _get(config, dotted):
   return node
 
 
+def _nonfinite_floats(tree, prefix=""):
+  """Dotted keys (with [i] for sequence items) of every NaN or ±inf float in `tree`."""
+  items = (tree.items() if isinstance(tree, dict) else
+           ((f"[{i}]", v) for i, v in enumerate(tree)) if isinstance(tree, (list, tuple))
+           else ())
+  for k, v in items:
+    key = f"{prefix}{k}" if str(k).startswith("[") or not prefix else f"{prefix}.{k}"
+    if isinstance(v, float) and not math.isfinite(v):
+      yield key, v
+    elif isinstance(v, (dict, list, tuple)):
+      yield from _nonfinite_floats(v, key)
+
+
 def validate(config) -> None:
   """Raise ValueError naming the key, the bad value and the valid choices."""
+  # Every float must be finite: 1e400 parses as inf, and NaN passes every `<`/`>` check
+  # below, then gives NaN at step 1 far from the cause.
+  for key, value in _nonfinite_floats(config.to_dict()):
+    raise ValueError(f"config.{key}={value!r} is not a finite number (a literal such as 1e400 "
+                     "overflows to inf); set a finite value")
   for key in POSITIVE:
     value = _get(config, key)
     if not isinstance(value, int) or value < 1:
@@ -477,12 +507,56 @@ def _meaning(config_dict) -> dict:
   return flat
 
 
-def check_resume(saved, config) -> None:
+def _switch_step(c) -> int | None:
+  """The step early-only selection switches to uniform batches of B (the input becomes
+  pipeline.SwitchingIterator), or None when the run never switches."""
+  k = _selection_steps(c)
+  return k if 0 < k < int(c.total_steps) else None
+
+
+def _check_switch(saved, config, step: int) -> None:
+  """total_steps and selection.until place the switch (round(until · total_steps)). Before
+  it a resume may move it (the super-batches go on to the new step); once a run reached
+  it, its input reads batches of B from the switch's position on, and a later switch would
+  run "JEST" steps that select a batch from a batch (and count their FLOPs): refused, as
+  is a change between switching and not switching (the saved input state has the other
+  form)."""
+  try:
+    old_config = ml_collections.ConfigDict(saved)
+    old = _switch_step(old_config)
+  except (KeyError, AttributeError, TypeError, ValueError):
+    return  # a config too old to tell: the other checks stand
+  new = _switch_step(config)
+  if old == new or (old is not None and new is not None and step < min(old, new)):
+    return
+  keys = [(k, a, b) for k, a, b in (("total_steps", old_config.total_steps, config.total_steps),
+                            ("selection.until", old_config.selection.get("until", 1.0),
+                             config.selection.until)) if a != b]
+  changed = " and ".join(f"config.{k}: {a!r} → {b!r}" for k, a, b in keys) or "the config"
+
+  def at(s):
+    return f"step {s}" if s is not None else "never"
+  if old is None or new is None:
+    why = (f"the checkpoint's input state (step {step}) is that of a run that "
+           f"{'never switches' if old is None else 'switches'}")
+  else:
+    why = (f"the checkpoint at step {step} is already past step {min(old, new)} (its input "
+           f"reads {'batches of B' if step >= old else 'super-batches'} from there)")
+  raise ValueError(
+      f"{changed} moves the switch from JEST super-batches to uniform batches from "
+      f"{at(old)} to {at(new)}, but {why}; keep config.total_steps={old_config.total_steps} "
+      f"and config.selection.until={old_config.selection.get('until', 1.0)!r}, or start a "
+      "new --workdir")
+
+
+def check_resume(saved, config, *, step: int | None = None) -> None:
   """Refuse to resume a checkpoint written with a config of another meaning.
 
   `saved`: the checkpoint's config. Each changed key is judged by the rule base_config()
   declares for it (resume_rules): BREAKS and undeclared keys raise ValueError listing
   `key: old → new` unless config.allow_config_change names them; WARNS keys are logged.
+  `step`: the checkpoint's step, for the early-selection switch (_check_switch), whose
+  move past that step no allow_config_change makes meaningful.
   """
   old, new = _meaning(saved), _meaning(config)
   rules = resume_rules()
@@ -505,6 +579,8 @@ def check_resume(saved, config) -> None:
     raise ValueError(
         f"{text}Restore those values, use a new --workdir, or allow the change on "
         f"purpose: config.allow_config_change = {tuple(breaking) + tuple(unknown)!r}")
+  if step is not None:
+    _check_switch(saved, config, step)
   logged = {k: d for k, d in diffs.items() if judged[k] != ALLOWED}
   if logged:
     logging.getLogger("jest_pod").warning(

@@ -7,6 +7,7 @@
                       [--overwrite] [--seed S] [--workers N] [--image-size 64 (icons)]
   jest-pod data tokenizer ...        (jest_pod.data.tokenizer)
   jest-pod data cache-reference ...  (jest_pod.jest.reference)
+  jest-pod data score-images ...     (jest_pod.data.score_images: two-phase input's stores)
   jest-pod data verify DIR           (jest_pod.data.verify: shard sizes + sha256)
 """
 
@@ -18,11 +19,12 @@ import logging
 import sys
 
 from jest_pod import errors, lockfile
-from jest_pod.data import builders, ingest, system_packages
+from jest_pod.data import builders, ingest, manifest, score_images, sources, system_packages
 
 DELEGATES = {
     "tokenizer": "jest_pod.data.tokenizer",
     "cache-reference": "jest_pod.jest.reference",
+    "score-images": "jest_pod.data.score_images",
     "verify": "jest_pod.data.verify",
 }
 
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_side=args.max_side, shard_size=args.shard_size, workers=args.workers,
                     overwrite=args.overwrite, image_format=args.image_format,
                     follow_symlinks=args.follow_symlinks, max_image_bytes=args.max_image_bytes)
+      score_images.ensure_shipped(args.output)  # two-phase input's, for the shipped configs
     else:
       # Options only some builders take (`build` refuses them for the others).
       extra = {} if args.image_size is None else {"image_size": args.image_size}
@@ -118,7 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jest-pod data {args.command}: error: {_failure(args.command, e, args.output)}",
           file=sys.stderr)
     return 1
+  print(_summary(args.command, args.output))
   return 0
+
+
+def _summary(command: str, output: str) -> str:
+  """The last line of a successful ingest/build: what the folder now holds, and where (a
+  build that found its set complete wrote nothing, so "holds", not "wrote")."""
+  def counts(folder):
+    m = manifest.read(folder)
+    return f"{m['num_examples']} examples in {len(m['shards'])} shard(s)"
+  if manifest.is_complete(output):
+    return (f"jest-pod data {command}: done: {output} holds {counts(output)}; train on it "
+            f"with config.input.data={output}")
+  sets = sources.sets(output)  # a pool's root (build demo): one data set per folder
+  return (f"jest-pod data {command}: done: {output} holds "
+          + ", ".join(f"{name}/ ({counts(folder)})" for name, folder in sets.items())
+          + (f"; the configs take it as data={output}" if "web" in sets else ""))
 
 
 if __name__ == "__main__":

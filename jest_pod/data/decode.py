@@ -101,6 +101,11 @@ def _pil_rgb8(data: bytes) -> np.ndarray:
 def to_array(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
   """Image bytes -> float32 [size, size, 3] in [-1, 1]. Raises TooManyPixels above
   `max_pixels`, ValueError on bytes that no decoder reads."""
+  return to_float(to_pixels(data, size, max_pixels))
+
+
+def to_pixels(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
+  """Image bytes -> uint8 RGB [size, size, 3] (what `to_array` scales to [-1, 1])."""
   w, h, fmt = header_size(data)
   if max_pixels is not None and w * h > max_pixels:
     raise TooManyPixels(f"{w}x{h} image exceeds max_pixels={max_pixels}")
@@ -119,6 +124,12 @@ def to_array(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarra
     shrink = min(a.shape[:2]) >= 2 * size
     a = cv2.resize(a, (size, size),
                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-  out = np.divide(a, np.float32(127.5), dtype=np.float32)
+  return a
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+  """uint8 RGB → float32 in [-1, 1], the towers' input (the one conversion, so stored
+  uint8 score images become the same bits as a decode)."""
+  out = np.divide(pixels, np.float32(127.5), dtype=np.float32)
   out -= np.float32(1.0)
   return out

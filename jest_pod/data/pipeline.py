@@ -119,13 +119,21 @@ class _Decode(grain.transforms.Map):
 
   def __init__(self, image_size: int, max_text_len: int,
                tokenizer: tokenizer_lib.Tokenizer, source_ids: Sequence[dict],
-               max_pixels: int = MAX_PIXELS):
+               max_pixels: int = MAX_PIXELS, phase1: frozenset = None):
     self.image_size, self.max_text_len = image_size, max_text_len
     self.max_pixels = int(max_pixels)
     self.tokenizer = tokenizer
     self.source_ids = [dict(d) for d in source_ids]  # per component: name -> global id
+    # Two-phase input's phase 1 (`phase1`: the records its stores could not make rows
+    # of): no record is read here (data/two_phase.py); those records are skipped as a
+    # failed read or decode would be, so the super-batches are the ones of a full read.
+    self.phase1 = phase1
 
   def map(self, element):
+    if self.phase1 is not None:
+      if element["index"] in self.phase1:
+        return {"bad": "unreadable_or_undecodable", "index": element["index"]}
+      return {"index": np.int64(element["index"])}
     if isinstance(element["raw"], sources.Unreadable):  # already logged by _SafeSource
       return {"bad": element["raw"].reason, "index": element["index"]}
     try:
@@ -210,13 +218,15 @@ class _HostBlocks(grain.MapDataset):
 
 
 def train_map_dataset(input_config, *, seed: int, process_index: int,
-                      process_count: int, block: int = 1, offset: int = 0) -> grain.MapDataset:
+                      process_count: int, block: int = 1, offset: int = 0,
+                      phase1: frozenset | None = None) -> grain.MapDataset:
   """This host's infinite, shuffled, decoded examples (before `prefetch.SkipBad` and batching).
 
   With block = 1, position k is global position offset + process_index + k·process_count;
   with block = b (what training uses), host p reads the p-th block of b rows of every
   global batch of b·process_count, from global position `offset`. Exposed for tests and
-  for computing what any position holds without iterating to it.
+  for computing what any position holds without iterating to it. `phase1` (two-phase
+  input, phase 1: data/two_phase.py): read no record, skip those records.
   """
   comps = sources.components(input_config)
   tok = tokenizer_lib.resolve(input_config)
@@ -229,7 +239,10 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
     pool = sources.pool_indices(len(source), input_config.get("pool_size", 0), spec)
     if pool is not None:
       source = sources.PoolSource(source, pool)
-    ds = grain.MapDataset.source(source).map_with_index(_Tag(c, len(source), pool))
+    # Phase 1 reads no record: positions only, shuffled exactly as the records would be.
+    ds = (grain.MapDataset.range(len(source)) if phase1 is not None
+          else grain.MapDataset.source(source))
+    ds = ds.map_with_index(_Tag(c, len(source), pool))
     datasets.append(ds.shuffle(seed=_component_seed(seed, c)).repeat())
   if len(datasets) == 1:
     ds = datasets[0]
@@ -240,19 +253,22 @@ def train_map_dataset(input_config, *, seed: int, process_index: int,
   else:
     ds = _HostBlocks(ds, process_index, process_count, block, offset)
   return ds.map(_Decode(input_config.image_size, input_config.max_text_len, tok, source_ids,
-                        input_config.get("max_pixels", MAX_PIXELS)))
+                        input_config.get("max_pixels", MAX_PIXELS), phase1))
 
 
 def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
                         process_index: int | None = None,
                         process_count: int | None = None,
-                        offset: int = 0) -> grain.DatasetIterator:
+                        offset: int = 0,
+                        phase1: frozenset | None = None) -> grain.DatasetIterator:
   """Infinite iterator of host batches of global_batch_size / process_count examples,
   from global position `offset` of the shuffled stream on.
 
   Batches: image f32 [b, S, S, 3] in [-1, 1], text i32 [b, L], label i32 [b],
   source i32 [b], index i64 [b], skipped i32 [b]. `get_state()`/`set_state()` restore
-  exactly (same worker_count required). process_index/count default to JAX's.
+  exactly (same worker_count required). process_index/count default to JAX's. With
+  `phase1` (phase 1 of two-phase input: the records to skip) batches hold only `index`
+  and `skipped`, of the same records as without it.
   """
   decode.retain_freed_memory()  # per-image and per-batch blocks: reuse, do not remap
   pi, pc = _process(process_index, process_count)
@@ -261,7 +277,7 @@ def make_train_iterator(input_config, *, global_batch_size: int, seed: int,
                      f"{pc} processes: each host must read the same number of examples")
   b = global_batch_size // pc
   ds = train_map_dataset(input_config, seed=seed, process_index=pi, process_count=pc,
-                         block=b, offset=offset)
+                         block=b, offset=offset, phase1=phase1)
   workers = resolve_worker_count(input_config.get("worker_count", 0))
   # Threads decode ahead; a buffer of ~2 batches keeps memory bounded at large images.
   ahead = min(2 * b, 1024)

@@ -19,17 +19,24 @@ shard-aligned block, so no two hosts write the same shard: record i lives at row
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import time
 import zlib
 
+import grain
 import jax
 import numpy as np
 import tensorstore as ts
 from jax.experimental import multihost_utils
 
+from jest_pod import lockfile
 from jest_pod.data import sources
+
+log = logging.getLogger("jest_pod")
 
 CACHE_DIR = "reference_cache"
 META = "meta.json"
@@ -65,17 +72,26 @@ def join(path: str, name: str) -> str:
 
 def read_meta(path: str) -> dict | None:
   """meta.json of the cache at `path`, or None when there is none (missing/incomplete);
-  ReferenceCacheError naming the file when it does not parse."""
+  ReferenceCacheError naming the file when it is torn (does not parse, or is not a JSON
+  object with a `format`). That error is also logged as a warning, in one line: a caller
+  that falls back when no cache is found (`default_path`) then still says why the cache
+  beside the data was not used."""
   if is_local(path) and not os.path.isdir(path):
     return None
   r = ts.KvStore.open(_kvstore(path)).result().read(META).result()
   if r.state != "value":
     return None
   try:
-    return json.loads(bytes(r.value).decode())
+    meta = json.loads(bytes(r.value).decode())
+    if not isinstance(meta, dict) or "format" not in meta:
+      raise ValueError(f"a JSON {type(meta).__name__} without a 'format'")
   except ValueError as e:
-    raise ReferenceCacheError(f"{join(path, META)} is damaged ({e}); delete {path} and "
-                              "rebuild it with `jest-pod data cache-reference`") from e
+    why = " ".join(str(e).split())[:160]
+    message = (f"{join(path, META)} is damaged ({why}), so the cache is not used; delete "
+               f"{path} and rebuild it with `jest-pod data cache-reference`")
+    logging.getLogger("jest_pod").warning("%s", message)
+    raise ReferenceCacheError(message) from e
+  return meta
 
 
 def build_path(data_dir: str, output: str | None) -> str:
@@ -103,20 +119,45 @@ def default_path(data_dir: str) -> str | None:
     return None
 
 
-def row_checksums(image: np.ndarray, text: np.ndarray) -> np.ndarray:
-  """crc32 of each row's image and text bytes (bf16 as stored): uint32 [rows]."""
-  image, text = np.ascontiguousarray(image), np.ascontiguousarray(text)
-  return np.array([zlib.crc32(t.tobytes(), zlib.crc32(i.tobytes()))
-                   for i, t in zip(image, text)], np.uint32)
+@contextlib.contextmanager
+def builder_lock(folder: str):
+  """One store builder at a time in a data set folder, and none while the data set is
+  rewritten (its writers hold the same FOLDER/.lock): two would interleave OUTPUT.tmp.
+  Process 0 holds it; gs:// has no atomic create, so no lock there."""
+  if jax.process_index() or not is_local(folder):
+    yield
+    return
+  os.makedirs(folder, exist_ok=True)
+  with lockfile.FolderLock(folder, kind="folder", what="store builder or data set writer",
+                           fix="Wait for it to finish"):
+    yield
+
+
+def row_checksums(*arrays: np.ndarray) -> np.ndarray:
+  """crc32 of each row's bytes, array after array, as stored (for the reference cache:
+  image then text, bf16): uint32 [rows]."""
+  arrays = [np.ascontiguousarray(a) for a in arrays]
+  out = np.empty(len(arrays[0]), np.uint32)
+  for r in range(len(out)):
+    crc = 0
+    for a in arrays:
+      crc = zlib.crc32(a[r].tobytes(), crc)
+    out[r] = crc
+  return out
+
+
+def reference_arrays(dim: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The reference cache's arrays: {name: (row shape, dtype)}."""
+  return {"image": ((dim,), "bfloat16"), "text": ((dim,), "bfloat16")}
 
 
 def _spec(path: str, name: str) -> dict:
   return {"driver": "zarr3", "kvstore": _kvstore(join(path, name))}
 
 
-def _create(path: str, rows: int, dim: int) -> None:
-  shapes = {"image": ([rows, dim], "bfloat16"), "text": ([rows, dim], "bfloat16"),
-            "check": ([rows], "uint32")}
+def _create(path: str, rows: int, arrays: dict) -> None:
+  shapes = {name: ([rows, *row], dtype) for name, (row, dtype) in arrays.items()}
+  shapes["check"] = ([rows], "uint32")
   for name, (shape, dtype) in shapes.items():
     spec = _spec(path, name)
     chunk = [SHARD_ROWS] + shape[1:]
@@ -131,15 +172,16 @@ def _create(path: str, rows: int, dim: int) -> None:
     ts.open(spec, create=True, delete_existing=True).result()
 
 
-def _open(path: str, cache_bytes: int = 64 << 20):
+def _open(path: str, names=ARRAYS, rebuild: str = "jest-pod data cache-reference",
+          what: str = "reference cache", cache_bytes: int = 64 << 20):
   # One context: the pool caches shard indices (16 bytes per row) and recent rows.
   ctx = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
   try:
     return tuple(ts.open(_spec(path, name), open=True, context=ctx).result()
-                 for name in ARRAYS + ("check",))
+                 for name in (*names, "check"))
   except ValueError as e:
-    raise ReferenceCacheError(f"reference cache {path} cannot be opened ({e}); rebuild it "
-                              "with `jest-pod data cache-reference`") from e
+    raise ReferenceCacheError(f"{what} {path} cannot be opened ({e}); rebuild it "
+                              f"with `{rebuild}`") from e
 
 
 def _barrier(name: str) -> None:
@@ -155,9 +197,11 @@ class Writer:
   one is deleted first, so readers see "incomplete" while rewriting).
   """
 
-  def __init__(self, output: str, num_examples: int, dim: int, *, process_index: int,
-               process_count: int):
-    self.output = output
+  def __init__(self, output: str, num_examples: int, arrays: dict, *, process_index: int,
+               process_count: int, fmt: str = FORMAT):
+    """`arrays`: {name: (row shape, dtype)} (`reference_arrays(dim)` for the cache);
+    `fmt` the format recorded in meta.json (readers check it)."""
+    self.output, self.names, self.fmt = output, tuple(arrays), fmt
     self.process_index, self.process_count = process_index, process_count
     per_host = -(-num_examples // process_count)
     self.rows_per_process = (per_host if process_count == 1
@@ -169,24 +213,46 @@ class Writer:
         os.makedirs(self.work)
       elif read_meta(output) is not None:
         ts.KvStore.open(_kvstore(output)).result().delete(META).result()
-      _create(self.work, process_count * self.rows_per_process, dim)
+      _create(self.work, process_count * self.rows_per_process, arrays)
     _barrier("reference_cache:created")
-    self._image, self._text, self._check = _open(self.work)
+    *self._arrays, self._check = _open(self.work, self.names)
     self._base = process_index * self.rows_per_process
     self._futures = []
+    self._pending, self._written = [], 0  # rows appended, not yet written (whole shards)
 
   @property
   def layout(self) -> dict:
     return {"process_count": self.process_count, "rows_per_process": self.rows_per_process,
             "shard_rows": SHARD_ROWS}
 
-  def write(self, offset: int, image: np.ndarray, text: np.ndarray) -> None:
-    """This host's rows [offset, offset + n) (bf16 [n, d] each), with their checksums."""
-    lo, hi = self._base + offset, self._base + offset + len(image)
-    self._futures += [self._image[lo:hi].write(image), self._text[lo:hi].write(text),
-                      self._check[lo:hi].write(row_checksums(image, text))]
+  def write(self, offset: int, *values: np.ndarray) -> None:
+    """This host's rows [offset, offset + n) of each array (in `arrays` order, as stored:
+    bf16 [n, d] image and text for the cache), with their checksums."""
+    lo, hi = self._base + offset, self._base + offset + len(values[0])
+    self._futures += [a[lo:hi].write(v) for a, v in zip(self._arrays, values)]
+    self._futures.append(self._check[lo:hi].write(row_checksums(*values)))
+
+  def append(self, *values: np.ndarray) -> None:
+    """This host's next rows (in `arrays` order); written a whole shard at a time, so
+    each stored shard is written once (`flush` writes the rest)."""
+    self._pending.append(values)
+    if sum(len(v[0]) for v in self._pending) >= SHARD_ROWS:
+      self._write_pending(whole_shards=True)
+
+  def _write_pending(self, whole_shards: bool) -> None:
+    if not self._pending:
+      return
+    values = [np.concatenate(v) for v in zip(*self._pending)]
+    n = len(values[0])
+    m = (n // SHARD_ROWS) * SHARD_ROWS if whole_shards else n
+    if m:
+      self.write(self._written, *(v[:m] for v in values))
+      self._written += m
+    self._pending = [tuple(v[m:] for v in values)] if m < n else []
 
   def flush(self) -> None:
+    """Writes the appended rows still buffered and waits for every write."""
+    self._write_pending(whole_shards=False)
     for f in self._futures:
       f.result()
     self._futures = []
@@ -197,7 +263,7 @@ class Writer:
     self.flush()
     _barrier("reference_cache:written")
     if self.process_index == 0:
-      meta = {"format": FORMAT, "layout": self.layout, **meta}
+      meta = {"format": self.fmt, "layout": self.layout, **meta}
       ts.KvStore.open(_kvstore(self.work)).result().write(
           META, json.dumps(meta, indent=1).encode()).result()
       if is_local(self.output):  # swap: a crash leaves the old cache or the new
@@ -217,34 +283,107 @@ class Writer:
 class Store:
   """A complete cache, rows read on demand and verified against their checksums."""
 
-  def __init__(self, path: str, meta: dict, rebuild: str):
-    if meta.get("format") != FORMAT:
-      raise ReferenceCacheError(f"reference cache {path} has another format "
+  def __init__(self, path: str, meta: dict, rebuild: str, *, names=ARRAYS,
+               fmt: str = FORMAT, what: str = "reference cache",
+               error: type = ReferenceCacheError):
+    self._error = error  # raised for a store of another format or a damaged row
+    if meta.get("format") != fmt:
+      raise error(f"{what} {path} has another format "
                                 f"({meta.get('format', '?')}); rebuild it with `{rebuild}`")
-    self.path, self.meta, self._rebuild = path, meta, rebuild
+    self.path, self.meta, self._rebuild, self._what = path, meta, rebuild, what
     self.num_examples = int(meta["num_examples"])
-    self.dim = int(meta["dim"])
+    self.dim = meta.get("dim")
     self._pc = int(meta["layout"]["process_count"])
     self._rows = int(meta["layout"]["rows_per_process"])
-    self._image, self._text, self._check = _open(path)
+    *self._arrays, self._check = _open(path, names, rebuild, what)
 
   def rows_of(self, index: np.ndarray) -> np.ndarray:
     """Source indices → storage rows (meta["layout"])."""
     index = np.asarray(index, np.int64)
     if index.size and (index.min() < 0 or index.max() >= self.num_examples):
-      raise IndexError(f"reference cache {self.path}: index out of [0, {self.num_examples})")
+      raise IndexError(f"{self._what} {self.path}: index out of [0, {self.num_examples})")
     return (index % self._pc) * self._rows + index // self._pc
 
-  def lookup(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices [b] (int64) → (image [b, d], text [b, d]) float32; reads b rows and
-    refuses the cache if any row's bytes differ from its checksum."""
+  def read(self, index: np.ndarray) -> list[np.ndarray]:
+    """Source indices [b] (int64) → each array's rows as stored; reads b rows and refuses
+    the store if any row's bytes differ from its checksum."""
     rows = self.rows_of(np.asarray(index).reshape(-1))
-    fi, ft, fc = (a[rows].read() for a in (self._image, self._text, self._check))
-    image, text, check = fi.result(), ft.result(), fc.result()
-    bad = np.flatnonzero(row_checksums(image, text) != check)
+    futures = [a[rows].read() for a in (*self._arrays, self._check)]
+    *values, check = (f.result() for f in futures)
+    bad = np.flatnonzero(row_checksums(*values) != check)
     if bad.size:
-      raise ReferenceCacheError(
-          f"reference cache {self.path} is damaged: {bad.size} of {len(rows)} rows read "
+      raise self._error(
+          f"{self._what} {self.path} is damaged: {bad.size} of {len(rows)} rows read "
           f"(first: record {int(np.asarray(index).reshape(-1)[bad[0]])}) differ from their "
           f"checksums. Rebuild it with `{self._rebuild}`")
+    return values
+
+  def lookup(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices [b] (int64) → (image [b, d], text [b, d]) float32 (the reference
+    cache's rows), verified."""
+    image, text = self.read(index)
     return np.asarray(image, np.float32), np.asarray(text, np.float32)
+
+
+class _RowOf(grain.transforms.Map):
+  """Host position k → (record p + k·P, its row or None)."""
+
+  def __init__(self, source, process_index: int, process_count: int, row):
+    self.source, self.pi, self.pc, self.row = source, process_index, process_count, row
+
+  def map(self, k):
+    i = self.pi + int(k) * self.pc
+    raw = self.source[i]
+    try:
+      out = None if isinstance(raw, sources.Unreadable) else self.row(raw)
+    except Exception:  # pylint: disable=broad-except  (the record is listed in meta["bad"])
+      out = None
+    return i, out
+
+
+def build_rows(data_dir: str, output: str, arrays: dict, row, *, fmt: str, what: str,
+               meta: dict, batch_size: int = 256) -> list[int]:
+  """A store of one row per record of `data_dir`: `row(raw record bytes)` → a tuple of
+  the `arrays`' rows (as stored), or raises for a record that cannot be made into one (its
+  row is zeros and its index goes to meta["bad"]). Call it on every process: host p
+  builds records p::P (decoded on 4 threads), logging progress with an ETA; meta.json
+  (`meta` + num_examples, bad, seconds) is written last. Returns the bad indices."""
+  t_start = time.perf_counter()
+  pi, pc = jax.process_index(), jax.process_count()
+  n = int(sources.fingerprint(data_dir)["num_examples"])
+  source, _ = sources.open_source(data_dir)
+  mine = len(range(pi, n, pc))
+  blank = tuple(np.zeros(shape, dtype) for shape, dtype in arrays.values())
+  writer = Writer(output, n, arrays, process_index=pi, process_count=pc, fmt=fmt)
+  bad, done = [], 0
+  t0 = last_log = time.perf_counter()
+  try:
+    ds = grain.MapDataset.range(mine).map(_RowOf(source, pi, pc, row)).batch(
+        batch_size, batch_fn=list)
+    for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)):
+      bad += [i for i, out in batch if out is None]
+      rows = [blank if out is None else out for _, out in batch]
+      writer.append(*(np.stack([r[a] for r in rows]) for a in range(len(arrays))))
+      done += len(batch)
+      now = time.perf_counter()
+      if now - last_log >= 10.0 and pi == 0:
+        rate = done / (now - t0)
+        log.info("%s: %d/%d records (this host; %d hosts), %.0f records/s, ETA %.0fs",
+                 what, done, mine, pc, rate, (mine - done) / max(rate, 1e-9))
+        last_log = now
+    writer.flush()
+    if pc > 1:  # every host's bad records, into the one meta.json
+      counts = multihost_utils.process_allgather(np.array([len(bad)], np.int64))
+      padded = np.full(int(np.max(counts)), -1, np.int64)
+      padded[:len(bad)] = bad
+      bad = [int(i) for i in np.asarray(multihost_utils.process_allgather(padded)).ravel()
+             if i >= 0]
+    writer.commit({**meta, "num_examples": n, "bad": sorted(bad),
+                   "seconds": round(time.perf_counter() - t_start, 2)})
+  except BaseException:
+    writer.abort()  # a failed build leaves no half-written folder behind
+    raise
+  if pi == 0:
+    log.info("%s: %d records (%d could not be read or decoded) in %.1fs → %s", what, n,
+             len(bad), time.perf_counter() - t_start, output)
+  return sorted(bad)

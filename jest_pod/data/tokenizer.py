@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from jest_pod.data import sources
+from jest_pod.data import reference_cache as store_lib
+from jest_pod.data import sources, token_rows
 from jest_pod.data.input_config import cfg_get
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -267,4 +268,8 @@ def main(argv: list[str]) -> int:
     json.dump(info, f, indent=2)
   print(f"wrote {path}: vocab_size={tok.vocab_size} from {len(captions)} captions, "
         f"sha256={tok.sha256[:16]}…")
+  if sources.is_folder(args.data):  # phase 1 of two-phase input reads these (JEST runs)
+    rows = token_rows.build(args.data, tok, token_rows.SHIPPED_TEXT_LEN,
+                            lock=store_lib.builder_lock(args.data))
+    print(f"wrote {rows}: the captions as {token_rows.SHIPPED_TEXT_LEN} tokens each")
   return 0

@@ -3,13 +3,20 @@
   jest-pod demo [--data data/demo] [--workdir workdirs/demo] [--quick]
 
 Stages (each resumable; a finished one is skipped, so Ctrl-C and rerun continues):
-  1. data       `jest-pod data build demo` into --data (a no-op when built)
-  2. tokenizer  sentencepiece on the web pool's captions (vocab ≤ the model's 1024)
+  1. data       `jest-pod data build demo` into --data (a no-op when built; with the web
+                pool's score images)
+  2. tokenizer  sentencepiece on the web pool's captions (vocab ≤ the model's 1024; with
+                the captions' token rows)
   3. reference  configs/reference.py on the curated set → WORKDIR/reference
-  4. uniform    configs/siglip.py on the web pool → WORKDIR/uniform
-  5. jest       configs/jest.py (joint, learnability, f=0.8, Flexi-JEST: score at 2p,
-                train half at p, half at 2p) → WORKDIR/jest
-  6. report     table + WORKDIR/demo_results.json + WORKDIR/demo_curves.png
+  4. reference_cache  θ*'s embeddings of the web pool, once → WORKDIR/reference_cache
+  5. uniform    configs/siglip.py on the web pool → WORKDIR/uniform
+  6. jest       configs/jest.py (joint, learnability, f=0.8, Flexi-JEST: score at 2p,
+                train half at p, half at 2p) → WORKDIR/jest, by the cheapest exact path:
+                θ* from its cache and two-phase input (the super-batch scored from its
+                score images and token rows, only the B selected records decoded)
+  7. report     table + WORKDIR/demo_results.json + WORKDIR/demo_curves.png
+XLA's compiled programs persist in WORKDIR/jax_cache (JAX's compilation cache), so a
+rerun, and any stage that compiles what an earlier one did, pays compilation once.
 
 `--public-reference` adds the path a user of a public SigLIP takes, with a reference of
 the SigLIP family trained here (no public weights can be downloaded offline):
@@ -18,7 +25,8 @@ the SigLIP family trained here (no public weights can be downloaded offline):
   cache             `jest-pod data cache-reference --reference WORKDIR/siglip_reference_hf`
                     (its own tokenizer style and preprocessing) → WORKDIR/..._hf_cache
   jest_hf_reference configs/jest.py with that folder as the reference, through the cache
-and the report puts that JEST run next to the one with the usual reference.
+and the report puts that JEST run next to the one with the usual reference, in its own
+figure (WORKDIR/demo_curves_public_reference.png; the demo's demo_curves.png is kept).
 
 Both learners start from the same initialisation (same seed and towers) and train on the
 same number of examples (steps × B); the zero-shot (eval_fashion) and retrieval
@@ -49,7 +57,7 @@ import jax
 
 from jest_pod import config as config_lib
 from jest_pod import runinfo
-from jest_pod.data import builders, reference_cache
+from jest_pod.data import builders, reference_cache, score_images, token_rows
 from jest_pod.data import tokenizer as tok_lib
 from jest_pod.evaluators import base as evaluators_base
 from jest_pod.experiments import plot
@@ -158,6 +166,9 @@ def load_config(name: str, arg: str, plan: Plan):
   return c
 
 
+# The reference's embedding cache of the web pool, under WORKDIR (beside its reference:
+# another demo's reference in the same --data would otherwise refuse it).
+REFERENCE_CACHE = "reference_cache"
 # The public-reference walk-through's folders under WORKDIR.
 HF_REFERENCE = "siglip_reference_hf"
 HF_CACHE = "siglip_reference_hf_cache"
@@ -173,6 +184,8 @@ def run_configs(plan: Plan, data: str, workdir: str, public_reference: bool = Fa
       "uniform": load_config("siglip.py", f"{common},steps={plan.steps}", plan),
       "jest": load_config("jest.py", jest.format(ref_dir), plan),
   }
+  # θ*'s embeddings, computed once (stage "reference_cache"): the cheapest exact path.
+  out["jest"].selection.reference_cache = os.path.join(workdir, REFERENCE_CACHE)
   if public_reference:
     out["siglip_reference"] = load_config(
         "reference.py", f"{common},steps={plan.reference_steps},family=siglip", plan)
@@ -192,6 +205,18 @@ def public_reference_stage(workdir: str, data: str) -> str:
     os.replace(tmp, hf_dir)
   if reference_cache.read_meta(cache) is None:
     reference_lib.build_cache(os.path.join(data, "web"), hf_dir, output=cache)
+  return cache
+
+
+def reference_cache_stage(workdir: str, data: str) -> str:
+  """θ*'s embeddings of the web pool, once (JEST then runs no reference pass), and the
+  stores two-phase input reads (built with the data and the tokenizer; here for data
+  built by an older version): the JEST stage scores without decoding its super-batch."""
+  web, cache = os.path.join(data, "web"), os.path.join(workdir, REFERENCE_CACHE)
+  if reference_cache.read_meta(cache) is None:
+    reference_lib.build_cache(web, os.path.join(workdir, "reference"), output=cache)
+  for line in score_images.ensure(web, score_images.SHIPPED, token_rows.SHIPPED_TEXT_LEN):
+    print(f"[demo] {line}", flush=True)
   return cache
 
 
@@ -299,6 +324,12 @@ def _plot(workdir: str, runs: dict, path: str) -> str:
 _JEST_REFERENCE = {"jest": "reference", "jest_hf_reference": "siglip_reference"}
 
 
+def curves_name(runs) -> str:
+  """Each variant its own figure: --public-reference must not overwrite the demo's."""
+  return ("demo_curves_public_reference.png" if "jest_hf_reference" in runs
+          else "demo_curves.png")
+
+
 def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
   """Prints the table; writes WORKDIR/demo_results.json and WORKDIR/demo_curves.png."""
   runs = {name: _summarise(name, os.path.join(workdir, name), configs[name])
@@ -359,7 +390,7 @@ def report(plan: Plan, workdir: str, configs: dict, timings: dict) -> dict:
       else:
         notes.append(f"{jest} did not reach uniform's final {short} ({u[short]:.3f}) "
                      "within the run")
-  png = _plot(workdir, runs, os.path.join(workdir, "demo_curves.png"))
+  png = _plot(workdir, runs, os.path.join(workdir, curves_name(runs)))
   results = {"plan": dataclasses.asdict(plan), "runs": runs,
              "reaches_uniform": reach,
              "table": table, "notes": notes, "stage_seconds": timings,
@@ -412,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
       json.dump(want, f, indent=2)
   devices = args.devices if args.devices >= 0 else (2 if (os.cpu_count() or 1) >= 2 else 1)
   set_cpu_devices(devices)
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # compiled once across stages and reruns
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
   train_hooks.setup_logging()
   logging.getLogger("jest_pod.data").setLevel(logging.INFO)
@@ -421,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
   est = {"data": 1.0 if data_built else _DATA_SECONDS.get(plan.limit, 10.0),
          "tokenizer": 0.0 if os.path.exists(tok_path) else 5.0,
          "reference": _RUN_OVERHEAD + plan.reference_steps * _SEC_PER_STEP["reference"],
+         REFERENCE_CACHE: 0.0 if reference_cache.read_meta(
+             os.path.join(workdir, REFERENCE_CACHE)) else 20.0,
          "uniform": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["uniform"],
          "jest": _RUN_OVERHEAD + plan.steps * _SEC_PER_STEP["jest"]}
   runs = ["reference", "uniform", "jest"]
@@ -473,6 +509,14 @@ def main(argv: list[str] | None = None) -> int:
   for k, (name, _) in enumerate(progress.stages[2:-1], start=2):
     run_dir = os.path.join(workdir, name)
     progress.start(k, run_dir if name in configs else "")
+    if name == REFERENCE_CACHE:
+      t = time.time()
+      cached = reference_cache.read_meta(run_dir) is not None
+      reference_cache_stage(workdir, data)
+      if not cached:
+        record(name, time.time() - t)
+      progress.finish(skipped=cached)
+      continue
     if name == "export+cache":
       t = time.time()
       cached = os.path.exists(os.path.join(workdir, HF_CACHE, "meta.json"))

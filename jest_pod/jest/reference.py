@@ -23,7 +23,6 @@ is one more subclass here plus a branch in `open_reference`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -38,7 +37,6 @@ from jax.experimental import multihost_utils
 
 from jest_pod import checkpoint
 from jest_pod import embed
-from jest_pod import lockfile
 from jest_pod.data import manifest
 from jest_pod.data import pipeline
 from jest_pod.data import reference_cache as store_lib
@@ -258,22 +256,6 @@ def open_reference(config, mesh, learner: formats.Preprocessing, *,
 # -------------------------------------------------------------------------- build
 
 
-@contextlib.contextmanager
-def _locked(output: str):
-  """One builder at a time beside a data set, and none while the data set is rewritten
-  (its writers hold the same FOLDER/.lock): two would interleave OUTPUT.tmp. Process 0
-  holds it; gs:// has no atomic create, so no lock there."""
-  if jax.process_index() or not store_lib.is_local(output):
-    yield
-    return
-  parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  with lockfile.FolderLock(parent, kind="folder",
-                           what="reference-cache builder or data set writer",
-                           fix="Wait for it to finish"):
-    yield
-
-
 def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: int = 256,
                 output: str | None = None, tokenizer: Any = None) -> str:
   """Embeds every record of `data_dir` with the reference, at the reference's own
@@ -296,8 +278,10 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
   n = int(data["num_examples"])
   mine = len(range(pi, n, pc))
   dim = int(loaded.config.model.embed_dim)
-  with _locked(output):
-    writer = store_lib.Writer(output, n, dim, process_index=pi, process_count=pc)
+  with store_lib.builder_lock(os.path.dirname(os.path.abspath(output))
+                              if store_lib.is_local(output) else output):
+    writer = store_lib.Writer(output, n, store_lib.reference_arrays(dim), process_index=pi,
+                              process_count=pc)
 
     batches = pipeline.make_eval_iterator(
         data_dir, batch_size=batch_size, image_size=prep.image_size,
@@ -306,31 +290,23 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
     embedded = embed.embed_stream(embed.encode_fn_for(model, image=True, text=True),
                                   loaded.params, batches, local_mesh,
                                   device_keys=("image", "text"))
-    buf_img, buf_txt, written, real, done = [], [], 0, 0, 0
+    real, done = 0, 0
     t0 = last_log = time.perf_counter()
-
-    def flush(upto_all: bool):
-      nonlocal buf_img, buf_txt, written
-      if not buf_img:
-        return
-      img, txt = np.concatenate(buf_img), np.concatenate(buf_txt)
-      m = len(img) if upto_all else (len(img) // store_lib.SHARD_ROWS) * store_lib.SHARD_ROWS
-      if m:  # whole shards only, until the end: each stored shard is written once
-        writer.write(written, img[:m], txt[:m])
-        written += m
-      buf_img, buf_txt = [img[m:]], [txt[m:]]
-
     try:
       for out in embedded:  # rows [:batch_size] are the batch's, in order
         take = min(batch_size, mine - done)
         if take <= 0:
           break
         real += int(out["mask"][:take].sum())
-        buf_img.append(out["image"][:take].astype(ml_dtypes.bfloat16))
-        buf_txt.append(out["text"][:take].astype(ml_dtypes.bfloat16))
+        if not (np.isfinite(out["image"][:take]).all() and np.isfinite(out["text"][:take]).all()):
+          # A NaN row would pass into the cache and stop JEST only at its first step.
+          raise ReferenceCacheError(
+              f"{loaded.describe()} gives non-finite embeddings of {data_dir} (batch "
+              f"{done // batch_size}): its parameters are damaged or diverged; no cache was "
+              "written — use a sound reference checkpoint")
+        writer.append(out["image"][:take].astype(ml_dtypes.bfloat16),
+                      out["text"][:take].astype(ml_dtypes.bfloat16))
         done += take
-        if sum(map(len, buf_img)) >= store_lib.SHARD_ROWS:
-          flush(False)
         now = time.perf_counter()
         if now - last_log >= LOG_EVERY_S and pi == 0:
           rate = done / (now - t0)
@@ -338,7 +314,6 @@ def build_cache(data_dir: str, reference: str | formats.Loaded, *, batch_size: i
                    "(all hosts ≈ %.0f), ETA %.0fs", done, mine, pc, rate, rate * pc,
                    (mine - done) / max(rate, 1e-9))
           last_log = now
-      flush(True)
       writer.flush()
       embed_seconds = time.perf_counter() - t0
 
@@ -394,8 +369,14 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   distributed.initialize()
   try:
-    build_cache(args.data, args.reference, batch_size=args.batch_size, output=args.output,
-                tokenizer=args.tokenizer)
+    out = build_cache(args.data, args.reference, batch_size=args.batch_size,
+                      output=args.output, tokenizer=args.tokenizer)
+    if jax.process_index() == 0:  # the summary line: what was written, and where
+      meta = store_lib.read_meta(out) or {}
+      print(f"wrote reference cache {out}: {args.reference}'s embeddings of "
+            f"{meta.get('num_examples')} examples of {args.data}"
+            + ("" if args.output is None else
+               f"; point config.selection.reference_cache at {out}"))
   except (ReferenceCacheError, InteropError, checkpoint.CheckpointError,
           tokenizer_lib.TokenizerError, manifest.ManifestError, FileNotFoundError) as e:
     print(f"jest-pod data cache-reference: error: {e}", file=sys.stderr)

@@ -87,11 +87,20 @@ class JestStep:
                       else None)
     self._learner = (jax.jit(make_embed_fn(model, score_patch))
                      if self.uses_learner else None)
+    # Two-phase input: the super-batch's `score_image`s at the base patch give the pass
+    # at `score_patch` on the full images (data/score_images.py).
+    self._learner_base = jax.jit(make_embed_fn(model, None)) if self.uses_learner else None
     self._select = jax.jit(make_select_fn(config, mesh, config.batch_size))
 
   def learner_embeddings(self, params, super_batch):
-    """The learner's Embeddings of the super-batch at the score patch (None if unused)."""
-    return self._learner(params, super_batch) if self._learner else None
+    """The learner's Embeddings of the super-batch at the score patch (None if unused),
+    from its score images when the super-batch carries them (two-phase input)."""
+    if not self._learner:
+      return None
+    if "score_image" in super_batch:
+      return self._learner_base(params, {"image": super_batch["score_image"],
+                                         "text": super_batch["text"]})
+    return self._learner(params, super_batch)
 
   def reference_embeddings(self, super_batch):
     """θ*'s Embeddings of the super-batch (None if neither the score nor distillation

@@ -42,6 +42,26 @@ def pi_resize_kernel(kernel, new_patch: int):
   return (m @ flat).reshape(new_patch, new_patch, *kernel.shape[2:])
 
 
+def score_image(images: np.ndarray, base_patch: int, score_patch: int) -> np.ndarray:
+  """The image whose forward pass at the base patch equals the PI-resized pass at
+  `score_patch` on `images` (float32 [b, S, S, c] → [b, S·p0/s, S·p0/s, c]).
+
+  A token at patch s is ⟨y, M ω⟩ = ⟨Mᵀ y, ω⟩ (M = pi_resize_matrix(p0, s)), so each s×s
+  block y becomes the p0×p0 block Mᵀ y — B⁺y, the least-squares downsample — and the
+  grid, hence the position embeddings, stay the same. Flexi-JEST's scoring pass then
+  needs (p0/s)² of the pixels: what the host stores and reads for every scored example.
+  """
+  b, h, w, c = images.shape
+  s, p0 = score_patch, base_patch
+  if h % s or w % s:
+    raise ValueError(f"image size {h}x{w} is not divisible by the score patch {s}")
+  m = pi_resize_matrix(p0, s)  # [s², p0²]
+  blocks = images.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+  z = np.einsum("bgxkc,kn->bgxnc", blocks.reshape(b, h // s, w // s, s * s, c), m)
+  z = z.reshape(b, h // s, w // s, p0, p0, c).transpose(0, 1, 3, 2, 4, 5)
+  return z.reshape(b, h // s * p0, w // s * p0, c).astype(np.float32)
+
+
 def resize_posemb(posemb, grid: int):
   """[1, g0*g0, width] position embeddings → [1, grid*grid, width], bilinear."""
   g0 = int(round(posemb.shape[1] ** 0.5))

@@ -18,6 +18,8 @@ from jest_pod.data import sources
 from jest_pod.jest import step as jest_lib
 from jest_pod.parallel import distributed
 from jest_pod.parallel import ids as ids_lib
+from jest_pod.parallel import sharding as shd
+from jest_pod.train import feed
 from jest_pod.train import flops as flops_lib
 from jest_pod.train import hooks
 from jest_pod.train import writers
@@ -30,10 +32,13 @@ class Selector:
   (config.selection.until), else the batch as read (uniform); θ*'s embeddings of it as
   the teacher when distilling. The key of step s is fold_in(select_rng, s): exact resume."""
 
-  def __init__(self, config, spec, model, mesh, reference, select_rng):
+  def __init__(self, config, spec, model, mesh, reference, select_rng, phase2=None):
     self._spec, self._reference, self._rng = spec, reference, select_rng
     self._jest = (jest_lib.JestStep(config, model, mesh, score_patch=spec.score_patch,
                                     reference=reference) if spec.selecting else None)
+    # Two-phase input: the selected records' images, decoded on the host after selection.
+    self.phase2 = phase2
+    self._rows = shd.batch_sharding(mesh)
 
   def selecting(self, step: int) -> bool:
     return self._jest is not None and step < self._spec.selection_steps
@@ -45,8 +50,24 @@ class Selector:
       return super_batch, {}, teacher, {}
     key = jax.random.fold_in(self._rng, step)
     if sample:  # part by part, with barriers: the time split
-      return self._jest.timed_call(params, super_batch, key)
-    return (*self._jest(params, super_batch, key), {})
+      batch, metrics, teacher, times = self._jest.timed_call(params, super_batch, key)
+    else:
+      (batch, metrics, teacher), times = self._jest(params, super_batch, key), {}
+    if self.phase2 is not None:
+      t = time.perf_counter()
+      batch = {**batch, "image": self._decode_selected(batch["index"])}
+      if sample:
+        times["phase2"] = time.perf_counter() - t
+    return batch, metrics, teacher, times
+
+  def _decode_selected(self, index):
+    """Phase 2: the selected rows' global ids (device → host, the step's one sync), this
+    host's share of them decoded, put back on the devices as the batch's images."""
+    ids = ids_lib.host_ids(index)
+    b = len(ids) // jax.process_count()
+    share = ids[jax.process_index() * b:(jax.process_index() + 1) * b]
+    images = self.phase2.read(share)
+    return feed.to_global({"image": images}, self._rows)["image"]
 
 
 class StepTimer:
@@ -57,9 +78,12 @@ class StepTimer:
   every `split_every` (and the second step of a run) runs part by part with barriers.
   """
 
-  def __init__(self, prefetcher, *, start: int, split_every: int, train_seconds: float):
+  def __init__(self, prefetcher, *, start: int, split_every: int, train_seconds: float,
+               phase2=None):
     self.clock = hooks.TrainTimer(train_seconds)
     self._prefetcher, self._start, self._every = prefetcher, start, split_every
+    self._phase2 = phase2  # two-phase input's reader: its decode time is input time too
+    self._phase2_at = (0.0, 0)
     self._window = None  # (t, batches, wait, produce) after the first step
     self._sampled_s, self._sampled_n = 0.0, 0
     self._t_sample = None
@@ -89,6 +113,8 @@ class StepTimer:
       jax.block_until_ready(state)
       p = self._prefetcher
       self._window = (time.perf_counter(), p.batches, p.wait_seconds, p.produce_seconds)
+      if self._phase2 is not None:
+        self._phase2_at = (self._phase2.seconds, self._phase2.calls)
 
   def scalars(self, batch_size: int) -> dict[str, float]:
     """Rate and time fields of a log record (perf: no device sync)."""
@@ -100,8 +126,17 @@ class StepTimer:
     out = {"progress/steps_per_sec": rate, "progress/examples_per_sec": rate * batch_size}
     if steps:
       out["time/step_s"] = elapsed / steps
-      out["time/input_s"] = (p.produce_seconds - produce0) / steps  # input thread per batch
+      # The host's input per step: the input thread's (phase 1 with two-phase input) ...
+      out["time/input_s"] = (p.produce_seconds - produce0) / steps
       out["time/input_wait_fraction"] = (p.wait_seconds - wait0) / elapsed
+      if self._phase2 is not None and self._phase2.calls > self._phase2_at[1]:
+        # ... plus decoding the selected records (phase 2, in the loop's thread)
+        phase2 = ((self._phase2.seconds - self._phase2_at[0])
+                  / (self._phase2.calls - self._phase2_at[1]))
+        out["time/input_phase1_s"] = out["time/input_s"]
+        out["time/input_phase2_s"] = phase2
+        out["time/input_s"] += phase2
+        out["data/phase2_replaced"] = self._phase2.replaced
     total = sum(self.split.values())
     for part, seconds in self.split.items():  # from the last sampled step
       out[f"time/{part}_s"] = seconds
@@ -221,19 +256,23 @@ class NanGuard:
               f"previous one. Otherwise: {hint}")
     raise hooks.TrainingDiverged(
         f"loss is {bad[1]} (parameter norm {bad[2]}) at step {bad[0]}; stopping "
-        f"without saving. The last good checkpoint is step {good} in {self._dir}. {hint}")
+        f"without saving. {hooks.last_good(good, self._dir, capital=True)}. {hint}")
 
 
 def maybe_eval(evaluators, done: int, total_steps: int, params, *, preemption, reporter,
-               clock: hooks.TrainTimer, preempted: bool) -> bool:
+               clock: hooks.TrainTimer, preempted: bool,
+               guard: NanGuard | None = None) -> bool:
   """Runs the evaluations due at step `done`; returns whether the run must stop and save
   (`preempted` already, or a notice that interrupted an evaluation). Their time is left
-  out of the training wall-clock."""
+  out of the training wall-clock. `guard.check()` runs before the first of them: a
+  non-finite state is never evaluated (it raises TrainingDiverged instead)."""
   for ev in evaluators:
     if preempted:  # a notice during an earlier evaluation: save now, skip the rest
       break
     if done % ev.every_steps and done != total_steps:
       continue
+    if guard is not None:  # NaN parameters would log a score, not a divergence
+      guard.check()
     t = time.perf_counter()
     try:  # a long evaluation must not outlast a preemption notice
       results = ev.run(params, should_stop=lambda: preemption.requested)

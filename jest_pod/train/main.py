@@ -26,8 +26,9 @@ from jest_pod import errors
 from jest_pod import evaluators as evaluators_lib
 from jest_pod import runinfo
 from jest_pod.data import pipeline
+from jest_pod.data import two_phase as two_phase_lib
 from jest_pod.data import tokenizer as tokenizer_lib
-from jest_pod.data.input_config import DEVICE_KEYS
+from jest_pod.data.input_config import DEVICE_KEYS, MAX_PIXELS
 from jest_pod.interop import formats
 from jest_pod.jest import reference as reference_lib
 from jest_pod.models import build_model
@@ -74,7 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise
     raise errors.StorageError(
         f"writing the run to {workdir} failed: {message}. "
-        f"{hooks.last_checkpoint_line(workdir)}") from e
+        f"{hooks.last_checkpoint_line(workdir, errors.fix_for(e, str(workdir)))}") from e
   finally:
     lock.release()
 
@@ -101,7 +102,11 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
   hooks.warn_if_smaller_than_a_batch(config, spec.super_batch)
   tokenizer = tokenizer_lib.resolve(config.input)
   tokenizer_lib.check_vocab(tokenizer, config.model.text["vocab_size"])
-  data_iter = _train_iterator(config, spec)
+  reference = (reference_lib.open_reference(
+      config, mesh, formats.Preprocessing(spec.image_size, spec.text_len, tokenizer),
+      missing=config_lib.missing_reference_message(config)) if spec.needs_reference else None)
+  phase1 = _two_phase(config, spec, reference, tokenizer)
+  data_iter = _train_iterator(config, spec, phase1=phase1.bad if phase1 else None)
 
   # ---------------------------------------------------------------- model and state
   model = build_model(config.model)
@@ -113,10 +118,10 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
   start, state = _restore_or_init(config, workdir, checkpointer, data_iter, state, state_sh, tx)
 
   # ---------------------------------------------------------------- JEST step
-  reference = (reference_lib.open_reference(
-      config, mesh, formats.Preprocessing(spec.image_size, spec.text_len, tokenizer),
-      missing=config_lib.missing_reference_message(config)) if spec.needs_reference else None)
-  select = loop.Selector(config, spec, model, mesh, reference, select_rng)
+  phase2 = (two_phase_lib.SelectedReader(config.input.data, spec.image_size,
+                                         config.input.get("max_pixels", MAX_PIXELS))
+            if phase1 else None)
+  select = loop.Selector(config, spec, model, mesh, reference, select_rng, phase2=phase2)
   train_step = step_lib.jit_train_step(config, model, tx, schedule, mesh, state_sh)
   flops = flops_lib.run_flops(config, reference)
   if primary:
@@ -126,15 +131,16 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
   # ---------------------------------------------------------------- loop
   preemption = hooks.Preemption(every=config.preemption_check_every)
   preemption.install()
-  prefetcher = feed.DevicePrefetcher(data_iter, _to_device(mesh, reference),
+  prefetcher = feed.DevicePrefetcher(data_iter, _to_device(mesh, reference, phase1),
                                      depth=config.device_prefetch)
   timer = loop.StepTimer(prefetcher, start=start, split_every=config.time_split_every,
-                         train_seconds=data_iter.train_seconds if start else 0.0)
+                         train_seconds=data_iter.train_seconds if start else 0.0,
+                         phase2=phase2)
   reporter = loop.Reporter(workdir, primary, start=start, flops=flops, config=config,
                            clock=timer.clock)
   guard = loop.NanGuard(config, checkpointer, ckpt_lib.checkpoint_dir(workdir), start=start,
                         reference=reference)
-  _log_start(config, spec, flops, start)
+  _log_start(config, spec, flops, start, workdir)
 
   with _closing(prefetcher, preemption, checkpointer, reporter.writer):
     for step in range(start, config.total_steps):
@@ -163,7 +169,7 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
                        (batch, super_batch) if select.selecting(step) else None)
       preempted = loop.maybe_eval(evaluators, done, config.total_steps, state["params"],
                                   preemption=preemption, reporter=reporter,
-                                  clock=timer.clock, preempted=preempted)
+                                  clock=timer.clock, preempted=preempted, guard=guard)
       if preempted or saving:  # the consumed batch's iterator state, with the train seconds
         checkpointer.save(done, state,
                           prefetcher.state.with_values(train_seconds=timer.clock.seconds),
@@ -190,15 +196,33 @@ def _setup(config, spec, workdir, primary):
   return mesh
 
 
-def _to_device(mesh, reference):
-  """Host batch → global device arrays (in the prefetch thread), with θ*'s host-side rows
-  (the cache's look-up) for selection or distillation."""
+def _to_device(mesh, reference, phase1=None):
+  """Host batch → global device arrays (in the prefetch thread), with phase 1's rows
+  (two-phase input: the token rows and score images of the super-batch) and θ*'s
+  host-side rows (the cache's look-up) for selection or distillation."""
   rows = shd.batch_sharding(mesh)
-  if reference is None:
-    return lambda host_batch: feed.to_global(host_batch, rows)
-  return lambda host_batch: feed.to_global(
-      {**host_batch, **reference.host_inputs(host_batch)}, rows,
-      DEVICE_KEYS + reference.device_keys)
+  extras = [x for x in (phase1, reference) if x is not None]
+  keys = DEVICE_KEYS + sum((x.device_keys for x in extras), ())
+
+  def to_device(host_batch):
+    for x in extras:
+      host_batch = {**host_batch, **x.host_inputs(host_batch)}
+    return feed.to_global(host_batch, rows, keys)
+
+  return to_device
+
+
+def _two_phase(config, spec, reference, tokenizer):
+  """Phase 1's stores when the run reads two-phase input (data/two_phase.py), else None;
+  logged either way."""
+  phase1, why = two_phase_lib.plan(config, spec, reference, tokenizer)
+  if phase1:
+    log.info("two-phase input: the super-batch of %d comes from %s; only the %d selected "
+             "records are read and decoded", spec.super_batch, phase1.describe(),
+             spec.batch_size)
+  elif why != "not selecting":
+    log.info("two-phase input off (%s): every scored example is read and decoded", why)
+  return phase1
 
 
 def _stopped(checkpointer, preemption, done, last, where):
@@ -209,13 +233,17 @@ def _stopped(checkpointer, preemption, done, last, where):
   return {**last, "preempted": True, "interrupted": preemption.interrupted}
 
 
-def _train_iterator(config, spec):
+def _train_iterator(config, spec, phase1=None):
   """The training input: super-batches of N, or with early-only selection
-  (config.selection.until) N while JEST selects and B after; skips counted."""
+  (config.selection.until) N while JEST selects and B after; skips counted. With two-phase
+  input (`phase1`: the records it skips) the super-batches are record indices only."""
   def make_iterator(global_batch, offset=0):
+    # Only the selecting phase (offset 0, N rows) reads two-phase; uniform batches decode.
+    selecting = offset == 0 and global_batch == spec.super_batch
     return pipeline.make_train_iterator(
         config.input, global_batch_size=global_batch, seed=config.seed, offset=offset,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        phase1=phase1 if selecting else None)
 
   switching = 0 < spec.selection_steps < config.total_steps
   return feed.SkipCounter(
@@ -230,7 +258,8 @@ def _restore_or_init(config, workdir, checkpointer, data_iter, state, state_sh, 
   config.model.init_from's weights when set."""
   saved_step = checkpointer.readable_config_step()
   if saved_step:
-    config_lib.check_resume(ckpt_lib.load_config(checkpointer.step_dir(saved_step)), config)
+    config_lib.check_resume(ckpt_lib.load_config(checkpointer.step_dir(saved_step)), config,
+                            step=saved_step)
   abstract = state_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
   start, restored = checkpointer.restore_latest(abstract, data_iter)
   if start:
@@ -243,10 +272,12 @@ def _restore_or_init(config, workdir, checkpointer, data_iter, state, state_sh, 
   return 0, state
 
 
-def _log_start(config, spec, flops, start):
+def _log_start(config, spec, flops, start, workdir):
+  # Named by its workdir, not its method: a reference run is not "training uniform".
   s = config.selection
-  log.info("training %s%s%s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
-           f"{s.method} ({s.score}, f={s.filter_ratio:g})" if spec.selecting else s.method,
+  log.info("training %s: %s%s%s: steps %d→%d, B=%d, N=%d, %.3g FLOPs/step (%.3g amortised)",
+           workdir, f"{s.method} selection ({s.score}, f={s.filter_ratio:g})"
+           if spec.selecting else "no selection (every example of each batch)",
            f", uniform from step {spec.selection_steps}" if "after_selection" in flops else "",
            f", distilling from θ* ({config.distill.kind}, weight {config.distill.weight:g})"
            if spec.distill else "", start, config.total_steps, spec.batch_size,

@@ -32,7 +32,7 @@ from PIL import Image
 
 from jest_pod.data import ingest as ingest_lib
 from jest_pod.data import manifest as manifest_lib
-from jest_pod.data import records
+from jest_pod.data import records, score_images, sources
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,15 @@ def build(name: str, output: str, **kwargs) -> list[dict]:
     raise ValueError(f"the {name} builder takes no "
                      + ", ".join("--" + k.replace("_", "-") for k in unknown))
   with ingest_lib.lock_output(output):  # a second build into the same folder stops here
-    return builder(output, **kwargs)
+    manifests = builder(output, **kwargs)
+  # What a JEST run of the shipped configs reads to score (two-phase input), for every
+  # training set of the build; after the build's lock, which the store's builder takes too.
+  sets = ([output] if sources.exists(output) else
+          [spec for set_name, spec in sources.sets(output).items()
+           if not set_name.startswith("eval_")])
+  for spec in sets:
+    score_images.ensure_shipped(spec)
+  return manifests
 
 
 def build_collection(name: str, load, output: str, limit: int | None, overwrite: bool,

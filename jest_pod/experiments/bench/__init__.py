@@ -4,6 +4,8 @@
   data       Grain pipeline throughput per host; 2^33-record start-up and memory
   load       public-format SigLIP checkpoints (B/16, So400m/14): load time, peak memory;
              cache-reference throughput with an imported reference
+  score-images  the stored forms of JEST's score images: bytes, host CPU, fidelity, and
+             the overlap of the selection with exact scoring
   selection  joint selection time and memory vs super-batch size on the mesh
   step       JEST step time split vs a uniform step at the same B; measured vs modelled FLOPs
 
@@ -14,6 +16,7 @@ import importlib
 import sys
 
 WHAT = {"data": "jest_pod.experiments.bench.data", "load": "jest_pod.experiments.bench.load",
+        "score-images": "jest_pod.experiments.bench.score_images",
         "selection": "jest_pod.experiments.bench.selection",
         "step": "jest_pod.experiments.bench.step"}
 ALL = ("step", "selection")

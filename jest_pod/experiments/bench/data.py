@@ -6,7 +6,14 @@
    of this process and its worker processes / wall seconds) and examples per CPU second;
 2. the 2^33-record virtual pipeline: start-up (fresh process: imports + build + first
    batch) and its peak RSS;
-3. the time to restore an iterator at position 1e9 vs at 0 and read one batch.
+3. the time to restore an iterator at position 1e9 vs at 0 and read one batch;
+4. with --jest F[,F...] (a data set folder): the host CPU per *trained* example of a
+   uniform step (B decoded), a JEST step reading every scored example (N = B / (1 − f)
+   decoded), and a JEST step with two-phase input (phase 1: N positions, their token rows
+   and score images, θ*'s cache rows with --reference-cache; phase 2: B records decoded),
+   at worker_count 0; and the cores per accelerator that each implies at --rate trained
+   examples/s (930: the best public CLIP trainer's per H100). The stores are built first
+   when missing (`jest-pod data score-images`).
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ import sys
 import tempfile
 import time
 
-from jest_pod.data import input_config, pipeline, tokenizer, virtual
+import numpy as np
+
+from jest_pod.data import input_config, pipeline, reference_cache, score_images, token_rows
+from jest_pod.data import tokenizer, two_phase, virtual
 
 _STARTUP_SCRIPT = """
 import json, resource, sys, time
@@ -103,6 +113,62 @@ def _restore_time(config, batch: int, position: int, repeats: int = 5) -> float:
   return statistics.median(times)
 
 
+def _cpu_per_step(next_step, steps: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    next_step()
+  c = _cpu_seconds()
+  for _ in range(steps):
+    next_step()
+  return (_cpu_seconds() - c) / steps
+
+
+def _jest_input(args, config) -> list[tuple[str, float, float]]:
+  """(row, f, CPU seconds per trained example) for uniform and JEST's two input paths."""
+  key = score_images.Key(args.image_size, args.patch, args.score_patch)
+  for line in score_images.ensure(args.data, key, args.max_text_len, args.tokenizer or None):
+    print(f"built {line}")
+  tok = tokenizer.resolve(config)
+  phase1 = two_phase.Phase1(
+      token_rows.open_store(token_rows.path_for(args.data, tok, args.max_text_len),
+                            data_dir=args.data, tokenizer=tok, text_len=args.max_text_len,
+                            rebuild=""),
+      score_images.open_store(score_images.path_for(args.data, key), data_dir=args.data,
+                              key=key))
+  cache = (reference_cache.Store(args.reference_cache,
+                                 reference_cache.read_meta(args.reference_cache), "")
+           if args.reference_cache else None)
+  reader = two_phase.SelectedReader(args.data, args.image_size)
+  config.worker_count, config.max_text_len = 0, args.max_text_len
+  b = args.batch
+  it = pipeline.make_train_iterator(config, global_batch_size=b, seed=0)
+  rows = [("uniform (B decoded)", 0.0, _cpu_per_step(lambda: next(it), args.steps) / b)]
+  for f in args.jest:
+    n = int(round(b / (1 - f)))
+    full = pipeline.make_train_iterator(config, global_batch_size=n, seed=0)
+
+    def full_step():
+      batch = next(full)
+      if cache:
+        cache.lookup(batch["index"])
+
+    light = pipeline.make_train_iterator(config, global_batch_size=n, seed=0,
+                                         phase1=phase1.bad)
+    pick = np.random.default_rng(0)
+
+    def two_phase_step():
+      batch = next(light)
+      phase1.host_inputs(batch)
+      if cache:
+        cache.lookup(batch["index"])
+      reader.read(pick.choice(batch["index"], b, replace=False))
+
+    rows.append(("JEST, every scored example decoded", f,
+                 _cpu_per_step(full_step, args.steps) / b))
+    rows.append(("JEST, two-phase input", f, _cpu_per_step(two_phase_step, args.steps) / b))
+  reader.close()
+  return rows
+
+
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="jest-pod bench data", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +183,21 @@ def main(argv: list[str]) -> int:
                  help="worker counts to measure, comma-separated; auto = -1 (resolved)")
   p.add_argument("--no-virtual", action="store_true",
                  help="skip the 2^33-record start-up / restore figures")
+  p.add_argument("--jest", default="", help="filter ratios, e.g. 0.8,0.9: host CPU per "
+                 "trained example, uniform vs JEST's input paths (needs --data)")
+  p.add_argument("--patch", type=int, default=score_images.SHIPPED.base_patch,
+                 help="--jest: the learner's base patch")
+  p.add_argument("--score-patch", type=int, default=score_images.SHIPPED.score_patch,
+                 help="--jest: the patch it scores at")
+  p.add_argument("--max-text-len", type=int, default=token_rows.SHIPPED_TEXT_LEN)
+  p.add_argument("--reference-cache", default="",
+                 help="--jest: θ*'s cache of --data, looked up for every scored example")
+  p.add_argument("--rate", type=float, default=930.0,
+                 help="--jest: trained examples/s per accelerator, for the cores it implies")
   args = p.parse_args(argv)
+  args.jest = [float(f) for f in args.jest.split(",") if f.strip()]
+  if args.jest and not args.data:
+    p.error("--jest needs --data (a data set folder)")
 
   workdir = tempfile.mkdtemp(prefix="jest_pod_bench_data_")
   vtok = _virtual_tokenizer(workdir)
@@ -130,6 +210,14 @@ def main(argv: list[str]) -> int:
         f"{args.image_size}², {args.repeats}×{args.steps} batches after {args.warmup} "
         f"warm-up, {pipeline.usable_cpus()} usable CPUs, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  if args.jest:
+    rows = _jest_input(args, config)
+    print(f"\n{'input path':<36} {'f':>5} {'host CPU µs / trained example':>30} "
+          f"{'× uniform':>10} {'cores at ' + format(args.rate, 'g') + '/s':>14}")
+    for name, f, cpu in rows:
+      print(f"{name:<36} {f:>5.2f} {cpu * 1e6:>30.0f} {cpu / rows[0][2]:>10.2f} "
+            f"{cpu * args.rate:>14.2f}")
+    return 0
   rows = []
   for w in _parse_workers(args.workers):
     config.worker_count = w
