@@ -17,13 +17,16 @@ def test_bench_step_runs_the_real_loop_and_prints_the_comparison(tmp_path, capsy
                      "--xla-check"]) == 0
   out = capsys.readouterr().out
   assert "B=16 N=80" in out and "1-step run" in out and "embeddings cached" in out
-  for label in ("step (s, real loop)", "input (s/batch, thread)", "examples/s (trained)",
+  assert "two-phase input" in out
+  for label in ("step (s, real loop)", "input (s/batch, all phases)", "examples/s (trained)",
                 "split: selection (s)", "split: train (s)", "FLOPs/step (amortised)"):
     assert re.search(rf"^{re.escape(label)}\s+\S+\s+\S+", out, re.M), label
   ratio = re.search(r"^JEST / uniform step time: ([\d.]+)", out, re.M)
   assert ratio and float(ratio.group(1)) > 0
-  # The JEST run's split has all four parts; uniform's has the train step only.
+  # The JEST run's split has all its parts; uniform's has the train step only. JEST read
+  # two-phase input: phase 2 decoded the selected records.
   assert re.search(r"^split: scoring \(s\)\s+-\s+[\d.]+", out, re.M)
+  assert re.search(r"^  phase 2 \(selected\)\s+-\s+[\d.]+", out, re.M)
   # XLA's count of the train step is within 25% of the model's (measured: 3-4%).
   xla = re.search(r"XLA/model ([\d.]+)", out)
   assert xla and 0.75 < float(xla.group(1)) < 1.25

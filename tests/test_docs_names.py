@@ -193,3 +193,26 @@ def test_the_rule_catches_stale_names_and_leaves_prose_alone():
                "z/0shot/<set>_top1", "DIR/manifest.json", "jest-pod data verify DIR",
                "model.apply({'params': p}, image)", "gs://"):
     assert check(fine) is None, fine
+
+
+def _cells(section: str, first: str) -> list[str]:
+  """The cells after the first of the table row of `section` that starts with `first`."""
+  rows = [line for line in section.splitlines() if line.startswith(f"| {first} |")]
+  assert len(rows) == 1, (first, rows)
+  return [c.strip().strip("*") for c in rows[0].split("|")[2:-1]]
+
+
+def test_the_readmes_two_demo_tables_are_one_runs_figures():
+  """The demo's table and the public-reference walk-through's repeat uniform, JEST and the
+  reference from one demo run, so they cannot disagree (they once gave JEST 0.535 and
+  0.544)."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  demo = text[text.index("## What the demo shows"):]
+  demo = demo[:demo.index("\n## ", 3)]
+  public = text[text.index("**Shown offline on the CPU**"):]
+  public = public[:public.index("![")]
+  assert _cells(demo, "uniform")[:3] == _cells(public, "uniform")[:3]
+  assert _cells(demo, "JEST")[:3] == _cells(public, "JEST, the demo's reference")[:3]
+  assert (_cells(demo, "reference (curated)")[:3]
+          == _cells(public, "the demo's reference (FlexiViT, curated)")[:3])

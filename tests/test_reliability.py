@@ -101,22 +101,27 @@ DAMAGE = {
 }
 
 
+def _restore_latest(run, config, target):
+  """(step, state) the trainer's restore finds in `run` (its fallback included)."""
+  data_iter = feed.SkipCounter(
+      pipeline.make_train_iterator(config.input, global_batch_size=32, seed=0))
+  checkpointer = ckpt_lib.Checkpointer(run, every_steps=2, keep=3)
+  try:
+    return checkpointer.restore_latest(target, data_iter)
+  finally:
+    checkpointer.close()
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_restore_detects_damage_and_falls_back(base_run, abstract, tmp_path, caplog, damage):
   config, target = abstract
   run = _copy(base_run, tmp_path)
   damage_fn, message = DAMAGE[damage]
   damage_fn(f"{run}/checkpoints/4")
-  data_iter = feed.SkipCounter(
-      pipeline.make_train_iterator(config.input, global_batch_size=32, seed=0))
-  checkpointer = ckpt_lib.Checkpointer(run, every_steps=2, keep=3)
-  try:
-    step, state = checkpointer.restore_latest(target, data_iter)
-  finally:
-    checkpointer.close()
+  step, state = _restore_latest(run, config, target)
   assert step == 2 and int(state["step"]) == 2
   assert [n for n in os.listdir(f"{run}/checkpoints") if n.startswith("4.corrupt-")]
-  assert f"checkpoints/4 cannot be restored: " in caplog.text and message in caplog.text
+  assert "checkpoints/4 cannot be restored: " in caplog.text and message in caplog.text
 
 
 def _rewrite_state(step_dir, change, *, new_digest=False):
@@ -166,13 +171,7 @@ def test_the_digest_sees_a_reordered_leaf(base_run, abstract, tmp_path, caplog, 
                      r"differ from the digest .*(embedding|head)") as e:
     ckpt_lib.load_params(run)
   assert "\n" not in str(e.value)
-  data_iter = feed.SkipCounter(
-      pipeline.make_train_iterator(config.input, global_batch_size=32, seed=0))
-  checkpointer = ckpt_lib.Checkpointer(run, every_steps=2, keep=3)
-  try:
-    step, _ = checkpointer.restore_latest(target, data_iter)
-  finally:
-    checkpointer.close()
+  step, _ = _restore_latest(run, config, target)
   assert step == 2 and "differ from the digest" in caplog.text
 
 

@@ -19,7 +19,7 @@ from jest_pod.data import pipeline, score_images, token_rows, two_phase
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.score_images import Key
 from jest_pod.models import build_model
-from jest_pod.models.vit import score_image
+from jest_pod.flexi import score_image
 from jest_pod.train import main as train_main
 from helpers_data import write_dataset
 from train_helpers import ROOT, losses, read_metrics, tiny_config

@@ -41,7 +41,7 @@ from jest_pod.data import decode, records, sources, token_rows
 from jest_pod.data import reference_cache as store_lib
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.input_config import MAX_PIXELS
-from jest_pod.models.vit import score_image
+from jest_pod.flexi import score_image
 from jest_pod.parallel import distributed
 
 log = logging.getLogger("jest_pod")
@@ -134,10 +134,6 @@ class ScoreImages:
     (rows,) = self.store.read(index)
     return to_float(rows)
 
-  def host_inputs(self, host_batch) -> dict[str, np.ndarray]:
-    """The super-batch's score images, for the input thread."""
-    return {"score_image": self.lookup(host_batch["index"])}
-
 
 def open_store(path: str, *, data_dir: str, key: Key,
                max_pixels: int = MAX_PIXELS) -> ScoreImages:
@@ -145,14 +141,8 @@ def open_store(path: str, *, data_dir: str, key: Key,
   build command unless they are complete and were built from the same records (shard
   checksums), for the same key and image-size limit."""
   cmd = build_command(data_dir, key, output=None if path == path_for(data_dir, key) else path)
-  try:
-    meta = store_lib.read_meta(path)
-  except store_lib.ReferenceCacheError as e:
-    raise ScoreImagesError(f"score images {path}: {e}; rebuild them with `{cmd}`") from e
-  if meta is None:
-    what = ("are incomplete (no meta.json: their build did not finish)"
-            if not store_lib.is_local(path) or os.path.isdir(path) else "do not exist")
-    raise ScoreImagesError(f"score images {path} {what}; build them with `{cmd}`")
+  meta = store_lib.complete_meta(path, what="score images", rebuild=cmd,
+                                 error=ScoreImagesError)
   diffs = []
   if meta.get("key") != dataclasses.asdict(key):
     diffs.append(f"built for {meta.get('key')}, this run needs {dataclasses.asdict(key)}")

@@ -19,7 +19,6 @@ configs' caption length; `jest-pod data score-images --max-text-len L` any other
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 
@@ -87,15 +86,8 @@ def open_store(path: str, *, data_dir: str, tokenizer, text_len: int,
   """The token rows at `path`; TokenRowsError naming `rebuild` (the command that builds
   them) unless complete and built from the same records with the same tokenizer and
   caption length."""
-  try:
-    meta = store_lib.read_meta(path)
-  except store_lib.ReferenceCacheError as e:
-    raise TokenRowsError(f"token rows {path}: {e}; rebuild them with `{rebuild}`") from e
-  if meta is None:
-    what = ("are incomplete (no meta.json: their build did not finish)"
-            if not store_lib.is_local(path) or os.path.isdir(path)
-            else "do not exist")
-    raise TokenRowsError(f"token rows {path} {what}; build them with `{rebuild}`")
+  meta = store_lib.complete_meta(path, what="token rows", rebuild=rebuild,
+                                 error=TokenRowsError)
   diffs = []
   if meta.get("tokenizer_sha256") != tokenizer.sha256 or meta.get("text_len") != text_len:
     diffs.append(f"built with tokenizer {str(meta.get('tokenizer_sha256'))[:16]}… and length "

@@ -8,28 +8,12 @@ Position embeddings are stored on the base grid and bilinearly resized to the ne
 Flexi-JEST scores at patch 2p (a quarter of the tokens) and trains at p and 2p.
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jest_pod.flexi import pi_resize_matrix
 from jest_pod.models.layers import Tower
-
-
-@functools.lru_cache(maxsize=None)
-def pi_resize_matrix(old: int, new: int) -> np.ndarray:
-  """[new², old²] matrix M such that w_new = M @ w_old (flattened p×p kernels).
-
-  M = pinv(Bᵀ), B the bilinear resize of an old×old patch to new×new.
-  """
-  basis = np.eye(old * old, dtype=np.float32).reshape(old * old, old, old)
-  # A constant of the model: computed eagerly even when first asked for under jit.
-  with jax.ensure_compile_time_eval():
-    resize = jax.vmap(lambda e: jax.image.resize(e, (new, new), "bilinear", antialias=False))
-    b = np.asarray(resize(basis)).reshape(old * old, new * new).T  # [new², old²]
-  return np.linalg.pinv(b.T).astype(np.float32)
 
 
 def pi_resize_kernel(kernel, new_patch: int):
@@ -40,26 +24,6 @@ def pi_resize_kernel(kernel, new_patch: int):
   m = jnp.asarray(pi_resize_matrix(old, new_patch))
   flat = kernel.reshape(old * old, -1)
   return (m @ flat).reshape(new_patch, new_patch, *kernel.shape[2:])
-
-
-def score_image(images: np.ndarray, base_patch: int, score_patch: int) -> np.ndarray:
-  """The image whose forward pass at the base patch equals the PI-resized pass at
-  `score_patch` on `images` (float32 [b, S, S, c] → [b, S·p0/s, S·p0/s, c]).
-
-  A token at patch s is ⟨y, M ω⟩ = ⟨Mᵀ y, ω⟩ (M = pi_resize_matrix(p0, s)), so each s×s
-  block y becomes the p0×p0 block Mᵀ y — B⁺y, the least-squares downsample — and the
-  grid, hence the position embeddings, stay the same. Flexi-JEST's scoring pass then
-  needs (p0/s)² of the pixels: what the host stores and reads for every scored example.
-  """
-  b, h, w, c = images.shape
-  s, p0 = score_patch, base_patch
-  if h % s or w % s:
-    raise ValueError(f"image size {h}x{w} is not divisible by the score patch {s}")
-  m = pi_resize_matrix(p0, s)  # [s², p0²]
-  blocks = images.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
-  z = np.einsum("bgxkc,kn->bgxnc", blocks.reshape(b, h // s, w // s, s * s, c), m)
-  z = z.reshape(b, h // s, w // s, p0, p0, c).transpose(0, 1, 3, 2, 4, 5)
-  return z.reshape(b, h // s * p0, w // s * p0, c).astype(np.float32)
 
 
 def resize_posemb(posemb, grid: int):

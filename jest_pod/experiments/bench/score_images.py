@@ -38,7 +38,7 @@ from jest_pod.interop import formats
 from jest_pod.jest import reference as reference_lib
 from jest_pod.jest import selection
 from jest_pod.models import build_model
-from jest_pod.models.vit import score_image
+from jest_pod.flexi import score_image
 from jest_pod.parallel import sharding as shd
 
 

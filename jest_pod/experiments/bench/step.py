@@ -1,7 +1,8 @@
 """`jest-pod bench step`: the real training loop, uniform vs JEST at the same B.
 
   jest-pod bench step [--config configs/jest.py:runlocal | RUN_WORKDIR] [--data DIR]
-                      [--steps 20] [--reference-cache on|off] [--xla-check]
+                      [--steps 20] [--reference-cache on|off] [--two-phase on|off]
+                      [--xla-check]
                       [--set KEY=VALUE ...]
 
 --config takes a config file or a JEST run's workdir (its saved config: bench that run's
@@ -13,10 +14,12 @@ prefetch and JEST step — for --steps steps of a uniform config and of the JEST
   step (s)           wall time per step over all steps after the first (compilation),
                      with input and compute overlapped as in a run
   examples/s         trained examples per second (B / step)
-  input (s/batch)    the input thread's time to read, decode and transfer one batch
+  input (s/batch)    the host's input time per step: the input thread's (read, decode,
+                     look up, transfer) and, with two-phase input (README), decoding the
+                     selected records after selection (phase 2), each shown
   input wait         share of the loop's time spent waiting for the input
   split              one sampled step run part by part (scoring, reference, selection,
-                     train), each waited for
+                     phase 2, train), each waited for
   FLOPs/step         the analytic model (jest_pod/train/flops.py), charged (reference
                      forward on every scored example) and amortised (reference cache)
   model FLOPs/s, MFU amortised FLOPs per step / step time, and / the device's peak
@@ -47,7 +50,7 @@ import ml_collections
 
 from jest_pod import checkpoint
 from jest_pod import config as config_lib
-from jest_pod.data import pipeline, reference_cache, sources, toy
+from jest_pod.data import pipeline, reference_cache, score_images, sources, toy
 from jest_pod.jest import reference as reference_lib
 from jest_pod.models import build_model
 from jest_pod.parallel import sharding as shd
@@ -73,6 +76,10 @@ def _parse(argv):
   p.add_argument("--data", default=None, help="data set folder (default: the config's, else toy data)")
   p.add_argument("--steps", type=int, default=20, help="steps per run (the first is compilation)")
   p.add_argument("--reference-cache", choices=("on", "off"), default="on")
+  p.add_argument("--two-phase", choices=("on", "off"), default="on",
+                 help="JEST scores from score images and token rows, decoding only the "
+                      "selected records (built first when missing; needs the cache); off: "
+                      "every scored example is decoded")
   p.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
   p.add_argument("--xla-check", action="store_true")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -195,6 +202,14 @@ def main(argv):
     else:
       config.selection.reference_cache = "off"
 
+  if args.two_phase == "off":
+    config.selection.score_images = "off"
+  elif config.selection.reference_cache != "off" and sources.is_folder(config.input.data):
+    key = score_images.Key(spec.image_size, int(config.model.image["patch_size"]),
+                           spec.score_patch)
+    score_images.ensure(config.input.data, key, spec.text_len, config.input.tokenizer or None)
+    ref_note += ", two-phase input"
+
   dev = jax.devices()[0]
   print(f"devices: {jax.device_count()} x {dev.platform} ({dev.device_kind}); B="
         f"{spec.batch_size} N={spec.super_batch} "
@@ -233,12 +248,14 @@ def format_table(results, batch_size, peak) -> str:
   lines = ["", row("", ["uniform", "JEST"])]
   step = {k: r[0].get("time/step_s") for k, r in results.items()}
   for label, key, fmt in (("step (s, real loop)", "time/step_s", ".4f"),
-                          ("input (s/batch, thread)", "time/input_s", ".4f"),
+                          ("input (s/batch, all phases)", "time/input_s", ".4f"),
+                          ("  phase 1 (thread)", "time/input_phase1_s", ".4f"),
+                          ("  phase 2 (selected)", "time/input_phase2_s", ".4f"),
                           ("input wait (share)", "time/input_wait_fraction", ".1%")):
     lines.append(row(label, [cell(results[k][0].get(key), fmt) for k in results]))
   lines.append(row("examples/s (trained)", [cell(batch_size / step[k] if step[k] else None,
                                                  ".1f") for k in results]))
-  for part in ("scoring", "reference", "selection", "train"):
+  for part in ("scoring", "reference", "selection", "phase2", "train"):
     lines.append(row(f"split: {part} (s)", [cell(results[k][0].get(f"time/{part}_s"), ".4f")
                                             for k in results]))
   for view in ("charged", "amortised"):
