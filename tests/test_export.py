@@ -184,3 +184,15 @@ def test_the_refusals_example_fits_the_run(method, example):
   with pytest.raises(export.ExportError) as e:
     export.check_exportable(_flexivit(method))
   assert example in str(e.value) and "config.model.family=siglip" in str(e.value)
+
+
+def test_a_model_with_non_finite_parameters_is_not_exported(src, tmp_path):
+  """Before: export wrote NaN weights with exit 0 (issue 32, item 5)."""
+  loaded = formats.load(src)
+  leaf = loaded.params["img"]["embedding"]["kernel"]
+  leaf.reshape(-1)[3] = float("nan")
+  out = str(tmp_path / "out")
+  with pytest.raises(export.ExportError, match=r"parameter .*img.*embedding.*kernel.* holds 1 "
+                     r"non-finite values .*nothing was written"):
+    export.export(loaded, "hf", out)
+  assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if "export" in n]

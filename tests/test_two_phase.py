@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jest_pod import config as config_lib
-from jest_pod.data import pipeline, score_images, token_rows, two_phase
+from jest_pod.data import pipeline, score_images, token_rows, two_phase, verify
 from jest_pod.data import tokenizer as tokenizer_lib
 from jest_pod.data.score_images import Key
 from jest_pod.models import build_model
@@ -184,6 +184,11 @@ def test_a_damaged_score_image_row_is_refused_naming_the_rebuild(pool, tmp_path)
   with pytest.raises(score_images.ScoreImagesError, match=(
       r"score images .* is damaged: 1 of \d+ rows.*jest-pod data score-images --data")):
     store.lookup(np.arange(256))
+  # `jest-pod data verify` reads every row of every store and names the damaged one.
+  said = verify.verify_stores(copy)
+  assert "is damaged: 1 of" in said[score_images.path_for(copy, KEY)]
+  assert said[token_rows.path_for(copy, tokenizer_lib.resolve({"data": copy}), TEXT_LEN)] == (
+      "ok (256 rows)")
 
 
 def test_stale_or_missing_stores_are_named_with_the_command_that_builds_them(pool, tmp_path):
@@ -198,6 +203,8 @@ def test_stale_or_missing_stores_are_named_with_the_command_that_builds_them(poo
   with pytest.raises(score_images.ScoreImagesError, match=(
       r"do not match this run: built from other records.*jest-pod data score-images")):
     score_images.open_store(score_images.path_for(copy, KEY), data_dir=copy, key=KEY)
+  assert all("built from other records" in v and "jest-pod data score-images" in v
+             for v in verify.verify_stores(copy).values())
   tok = tokenizer_lib.resolve({"data": copy})
   with pytest.raises(token_rows.TokenRowsError, match="built from other records.*REBUILD"):
     token_rows.open_store(token_rows.path_for(copy, tok, TEXT_LEN), data_dir=copy,

@@ -1,6 +1,10 @@
-"""Storage of the reference cache: θ*'s embeddings of every record of one data set.
+"""The row store: one row per record of a data set, beside it, verified row by row — θ*'s
+embedding cache (this module's paths and format), and two-phase input's score images and
+token rows (score_images.py, token_rows.py) are stores of this kind (`Writer`, `Store`,
+`build_rows`: any arrays of fixed row shape). Local stores are read straight from their
+shard files (`_LocalRows`), others through tensorstore.
 
-What the rows mean (which reference, which preprocessing) is jest/reference.py's
+What the cache's rows mean (which reference, which preprocessing) is jest/reference.py's
 business; this module only stores and verifies them. A cache folder (local or gs://):
 
   image/, text/   zarr v3 arrays (tensorstore), bfloat16 [rows, d]; shards of SHARD_ROWS

@@ -13,6 +13,10 @@ Exit 0 if every shard is intact, 1 listing each bad shard and what to do.
 Training never needs this to run: records it cannot read from a damaged shard are
 skipped and counted (`sources._SafeSource`), while a missing shard stops it before step 1;
 this tells you which shards to restore.
+
+Then the stores two-phase input reads beside the data (DIR/score_images/*, DIR/token_rows/*):
+each must be complete, built from these records (the manifest's checksums), and every row
+must match its crc32; a stale or damaged one is named with the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from concurrent import futures
 
 from array_record.python import array_record_module
 
+import numpy as np
+
 from jest_pod import errors
 from jest_pod.data import manifest as manifest_lib
+from jest_pod.data import reference_cache as store_lib
+from jest_pod.data import score_images, sources, token_rows
 
 CHUNK = 4 << 20  # read size: large enough that hashing, not the syscall, dominates
 
@@ -143,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jest-pod data verify: error: {e}", file=sys.stderr)
     return 1
   n = len(manifest_lib.read(args.dir, check_files=False)["shards"])
+  stores = verify_stores(args.dir) if not bad else {}
+  for path, said in stores.items():
+    print(f"  {path}: {said}")
   if not bad:
-    print(f"{args.dir}: all {n} shards match the manifest")
-    return 0
+    print(f"{args.dir}: all {n} shards match the manifest"
+          + (f"; {sum(v.startswith('ok') for v in stores.values())} of {len(stores)} "
+             "two-phase stores are sound" if stores else ""))
+    return 1 if any(not v.startswith("ok") for v in stores.values()) else 0
   print(f"{args.dir}: {len(bad)} of {n} shards do not match the manifest:")
   for f, problems in sorted(bad.items()):
     print(f"  {f}: " + "; ".join(problems))
@@ -154,6 +167,42 @@ def main(argv: list[str] | None = None) -> int:
           "or re-ingest the data set with --overwrite to rewrite it.")
   print(_footer(bad, args.dir))
   return 1
+
+
+def verify_stores(data_dir: str) -> dict[str, str]:
+  """{store folder: "ok (N rows)" or what is wrong with it and the command that rebuilds
+  it} for the two-phase stores beside `data_dir`; every row is read and checked."""
+  kinds = {score_images.DIR: ("score images", score_images.FORMAT, score_images.NAMES),
+           token_rows.DIR: ("token rows", token_rows.FORMAT, token_rows.NAMES)}
+  fingerprint, out = sources.fingerprint(data_dir), {}
+  for sub, (what, fmt, names) in kinds.items():
+    root = os.path.join(data_dir, sub)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+      path = os.path.join(root, name)
+      if not os.path.isdir(path) or name.endswith((".tmp", ".old")):
+        continue
+      try:
+        meta = store_lib.complete_meta(path, what=what, rebuild=_rebuild(data_dir, sub))
+        cmd = _rebuild(data_dir, sub, meta)
+        if meta.get("fingerprint") != fingerprint:
+          out[path] = (f"built from other records (the data set was rebuilt); rebuild it "
+                       f"with `{cmd}`")
+          continue
+        store = store_lib.Store(path, meta, cmd, names=names, fmt=fmt, what=what)
+        n = int(meta["num_examples"])
+        for lo in range(0, n, store_lib.SHARD_ROWS):
+          store.read(np.arange(lo, min(n, lo + store_lib.SHARD_ROWS)))
+        out[path] = f"ok ({n} rows)"
+      except store_lib.ReferenceCacheError as e:
+        out[path] = str(e)
+  return out
+
+
+def _rebuild(data_dir: str, sub: str, meta: dict | None = None) -> str:
+  if sub == score_images.DIR and meta and "key" in meta:
+    return score_images.build_command(data_dir, score_images.Key(**meta["key"]))
+  length = (meta or {}).get("text_len", token_rows.SHIPPED_TEXT_LEN)
+  return f"jest-pod data score-images --data {data_dir} --max-text-len {length}"
 
 
 def _footer(bad: dict[str, list[str]], data_dir: str) -> str:

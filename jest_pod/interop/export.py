@@ -165,6 +165,12 @@ def export(loaded, fmt: str, output: str, *, scan: bool = False,
   model_config = loaded.config.model.to_dict()
   loop = dict(model_config, scan_layers=False)
   params = jax.tree.map(np.asarray, formats.params_for(loaded, loop))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):  # never write a NaN model
+    if not np.isfinite(leaf).all():
+      raise ExportError(f"{loaded.path}: parameter {jax.tree_util.keystr(path)} holds "
+                        f"{int((~np.isfinite(leaf)).sum())} non-finite values (the run "
+                        "diverged or the file is damaged); nothing was written: export an "
+                        "earlier, sound step (--step)")
   prep = loaded.preprocessing
   parent, base = os.path.split(os.path.abspath(output))
   os.makedirs(parent, exist_ok=True)
