@@ -142,7 +142,7 @@ def _train(config: ml_collections.ConfigDict, spec: config_lib.RunSpec,
                         reference=reference)
   _log_start(config, spec, flops, start, workdir)
 
-  with _closing(prefetcher, preemption, checkpointer, reporter.writer):
+  with _closing(prefetcher, preemption, checkpointer, reporter.writer, phase2):
     for step in range(start, config.total_steps):
       done = step + 1
       host_batch, super_batch = next(prefetcher)
@@ -285,21 +285,23 @@ def _log_start(config, spec, flops, start, workdir):
 
 
 @contextlib.contextmanager
-def _closing(prefetcher, preemption, checkpointer, writer):
-  """Stops the input thread, the signal handlers, Orbax and the writer when the loop
-  ends. Already failing (a NaN, a full disk, a second Ctrl-C): finish what Orbax writes
-  without letting its own error hide the first one."""
+def _closing(prefetcher, preemption, checkpointer, writer, phase2=None):
+  """Stops the input thread (and phase 2's decode threads), the signal handlers, Orbax
+  and the writer when the loop ends. Already failing (a NaN, a full disk, a second
+  Ctrl-C): finish what Orbax writes without letting its own error hide the first one."""
+  threads = [prefetcher.close] + ([phase2.close] if phase2 else [])
   try:
     yield
   except BaseException:
     preemption.uninstall()
-    for close in (prefetcher.close, checkpointer.close, writer.flush):
+    for close in (*threads, checkpointer.close, writer.flush):
       try:
         close()
       except Exception as e:  # pylint: disable=broad-except
         log.debug("while stopping: %s", e)
     raise
-  prefetcher.close()
+  for close in threads:
+    close()
   preemption.uninstall()
   checkpointer.close()
   writer.flush()
