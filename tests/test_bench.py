@@ -1,8 +1,9 @@
-"""`jest-pod bench`: the step split and the selection scaling table run and print sane rows."""
+"""`jest-pod bench`: the step split, the selection scaling table, the score-image forms and JEST's input paths run and print sane rows."""
 
 import json
 import os
 import re
+import shutil
 
 from jest_pod.experiments import bench
 
@@ -67,3 +68,26 @@ def test_bench_step_set_refuses_an_unknown_key(capsys):
   assert bench.main(["step", "--set", "input.no_such_key=1"]) == 2
   assert "config.input.no_such_key does not exist" in capsys.readouterr().err
   assert bench.main(["step", "--set", "input.worker_count"]) == 2
+
+
+def test_bench_score_images_and_data_jest_measure_the_stored_forms_and_input_paths(
+    toy, tmp_path, capsys):
+  """`bench score-images` (forms, fidelity, pick overlap) and `bench data --jest` (host CPU
+  per trained example) run on a toy set; exact forms keep every pick."""
+  data = str(tmp_path / "toy")
+  shutil.copytree(toy, data)
+  assert bench.main(["score-images", "--data", data, "--image-size", "16", "--patch", "4",
+                     "--score-patch", "8", "--batch", "16", "--batches", "1"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split()[0]: line.split() for line in out.splitlines()
+          if line.split() and line.split()[0] in ("float32", "float16", "thumbnail")}
+  assert float(rows["float32"][-1]) == 1.0 and float(rows["float16"][-2]) > 0.9999
+  assert float(rows["thumbnail"][-3]) < float(rows["float16"][-3])  # min cosine
+  assert bench.main(["data", "--data", data, "--jest", "0.8", "--image-size", "16",
+                     "--patch", "4", "--score-patch", "8", "--max-text-len", "12",
+                     "--batch", "16", "--steps", "2", "--no-virtual"]) == 0
+  out = capsys.readouterr().out
+  assert "built score images" in out and "built token rows" in out
+  for row in ("uniform (B decoded)", "JEST, every scored example decoded",
+              "JEST, two-phase input"):
+    assert row in out, out

@@ -148,10 +148,7 @@ def main(argv):
     images = batch["image"]
     exact = np.asarray(embed(params, images, args.score_patch))
     ztxt = np.asarray(model.apply({"params": params}, None, batch["text"])[1])
-    ref = None
-    if cache:
-      ri, rt = cache.store.lookup(batch["index"])
-      ref = selection.Embeddings(ri, rt, np.float32(cache._t), np.float32(cache._b))  # pylint: disable=protected-access
+    ref = cache.embeddings(cache.host_inputs(batch)) if cache else None
     want = set(pick(exact, ztxt, ref, k).tolist())
     for name, (make, read) in forms(key).items():
       t = time.process_time()
