@@ -1,4 +1,5 @@
-"""`jest-pod bench`: the step split, the selection scaling table, the score-image forms and JEST's input paths run and print sane rows."""
+"""`jest-pod bench`: the step split, the selection scaling table, the score-image forms and
+JEST's input paths run and print sane rows."""
 
 import json
 import os
