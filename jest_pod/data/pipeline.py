@@ -119,7 +119,7 @@ class _Decode(grain.transforms.Map):
 
   def __init__(self, image_size: int, max_text_len: int,
                tokenizer: tokenizer_lib.Tokenizer, source_ids: Sequence[dict],
-               max_pixels: int = MAX_PIXELS, phase1: frozenset = None):
+               max_pixels: int = MAX_PIXELS, phase1: frozenset | None = None):
     self.image_size, self.max_text_len = image_size, max_text_len
     self.max_pixels = int(max_pixels)
     self.tokenizer = tokenizer

@@ -369,13 +369,16 @@ class Store:
     """Source indices [b] (int64) → each array's rows as stored; reads b rows and refuses
     the store if any row's bytes differ from its checksum."""
     rows = self.rows_of(np.asarray(index).reshape(-1))
-    try:
-      if self._local is None:
-        raise ValueError("not local")
-      *values, check = (a.read(rows) for a in self._local)
-    except (ValueError, OSError, IndexError):  # gs://, or not the layout it expects
+    values = None
+    if self._local is not None:
+      try:
+        values = [a.read(rows) for a in self._local]
+      except (ValueError, OSError, IndexError):  # not the layout it expects
+        values = None
+    if values is None:  # gs://, or tensorstore reads what the shortcut could not
       futures = [a[rows].read() for a in (*self._arrays, self._check)]
-      *values, check = (f.result() for f in futures)
+      values = [f.result() for f in futures]
+    *values, check = values
     bad = np.flatnonzero(row_checksums(*values) != check)
     if bad.size:
       raise self._error(
